@@ -1,0 +1,66 @@
+"""Config loading: defaults < YAML < overrides, strict keys and types, cross-field validation."""
+import pytest
+
+from trime_dist.config import ConfigError, TrainConfig, load_config, validate_train_config
+from trime_dist.engine import build_ds_config, inverse_sqrt_factor
+
+
+def test_precedence(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  n_layers: 5\n  d_model: 64\noptim:\n  lr: 0.01\n")
+    cfg = load_config(TrainConfig, str(y), ["model.n_layers=7", "objective.name=trime_ext"])
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.optim.lr, cfg.objective.name) == (7, 64, 0.01, "trime_ext")
+    assert cfg.model.n_heads == TrainConfig().model.n_heads
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.n_layerz=3", "model.n_layerz"),
+    ("model.n_layers=two", "model.n_layers"),
+    ("optim=3", "OptimConfig"),
+    ("nokey", "key.path=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(TrainConfig, None, [override])
+
+
+def test_unknown_yaml_key_names_file(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("run:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match="run.max_stepz.*|bad.yaml"):
+        load_config(TrainConfig, str(y))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(TrainConfig, str(tmp_path / "missing.yaml"))
+
+
+def _valid(**over):
+    cfg = load_config(TrainConfig, None, ["data.train=x"] + [f"{k}={v}" for k, v in over.items()])
+    return cfg
+
+
+def test_cross_field_checks():
+    validate_train_config(_valid(), world_size=2)
+    with pytest.raises(ConfigError, match="data.global_batch_size.*2 x 8"):
+        validate_train_config(_valid(**{"data.global_batch_size": 24}), world_size=2)
+    with pytest.raises(ConfigError, match="objective.name.*allowed"):
+        validate_train_config(_valid(**{"objective.name": "trime"}), world_size=1)
+    with pytest.raises(ConfigError, match="model.d_model"):
+        validate_train_config(_valid(**{"model.n_heads": 3}), world_size=1)
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
+        validate_train_config(_valid(**{"deepspeed.zero_stage": 4}), world_size=1)
+
+
+def test_deepspeed_json_follows_config():
+    cfg = _valid(**{"data.global_batch_size": 64, "data.micro_batch_size": 4, "deepspeed.zero_stage": 3,
+                    "deepspeed.precision": "bf16"})
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+
+
+def test_inverse_sqrt_schedule():
+    assert inverse_sqrt_factor(0, 10) == pytest.approx(0.1)
+    assert inverse_sqrt_factor(9, 10) == pytest.approx(1.0)
+    assert inverse_sqrt_factor(39, 10) == pytest.approx(0.5)

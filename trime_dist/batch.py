@@ -1,0 +1,24 @@
+"""The micro-batch a rank trains on: segments of one group, with the metadata memory masks need."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] long: tokens[:, :-1] of each segment, padded with pad id
+    targets: torch.Tensor    # [B, T] long: tokens[:, 1:], IGNORE_INDEX at padding
+    stream: torch.Tensor     # [B] long: id of the token stream the segment was cut from
+    order: torch.Tensor      # [B] long: index of the segment within its stream (consecutive = +1)
+    segment: torch.Tensor    # [B] long: position of the segment in its group (unique in the global batch)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.targets, self.stream, self.order, self.segment)))
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())

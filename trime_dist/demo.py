@@ -1,0 +1,114 @@
+"""`trime demo`: the whole pipeline on the built-in corpus, on CPU with 2 ranks, ending in a table.
+
+Every stage runs as the command a user would type (printed before it runs), so the demo doubles
+as a worked example. Stages whose outputs are complete are skipped, so a rerun resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from trime_dist.io_utils import atomic_write_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="directory for the corpus, shards, runs and results")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks for every distributed stage")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training run")
+    parser.add_argument("--config", default=None, help="training config (default: configs/tiny.yaml of the repo)")
+    parser.add_argument("--seed", type=int, default=1234, help="corpus and training seed")
+    parser.add_argument("--scale", type=float, default=1.0, help="corpus size multiplier")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (trime, mpiexec, deepspeed)."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.path.exists(path) else name
+
+
+def run_stage(title: str, cmd: list[str], done_marker: str | None = None) -> float:
+    """Print and run one stage's command; skip it when its completion marker exists."""
+    if done_marker and os.path.exists(done_marker):
+        print(f"\n== {title}: done already ({done_marker})", flush=True)
+        return 0.0
+    print(f"\n== {title}\n$ {shlex.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
+    subprocess.run(cmd, check=True, env=env)
+    return time.perf_counter() - start
+
+
+def default_config() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "configs", "tiny.yaml")
+
+
+def train_cmd(args, name: str, objective: str, train_dir: str, extra: list[str] = ()) -> list[str]:
+    out = os.path.join(args.out, "runs", name)
+    overrides = [f"objective.name={objective}", f"data.train={train_dir}",
+                 f"data.valid={os.path.join(args.out, 'data', 'valid')}", f"run.out_dir={out}",
+                 f"run.max_steps={args.steps}", f"run.seed={args.seed}", *extra]
+    return [_bin("deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(_port()),
+            _bin("trime"), "train", "--config", args.config or default_config(), *overrides]
+
+
+def _port() -> int:
+    from trime_dist.distributed import free_port
+
+    return free_port()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.fresh and os.path.isdir(args.out):
+        import shutil
+
+        shutil.rmtree(args.out)
+    data = os.path.join(args.out, "data")
+    corpus = os.path.join(args.out, "corpus")
+    mpi = [_bin("mpiexec"), "-n", str(args.ranks)]
+    run_stage("built-in corpus", [_bin("trime"), "corpus", "--out", corpus, "--seed", str(args.seed),
+                                  "--scale", str(args.scale)], os.path.join(corpus, "DONE"))
+    run_stage("prepare train split (BPE tokenizer trained here)",
+              mpi + [_bin("trime"), "prepare", "--input", os.path.join(corpus, "train"), "--output",
+                     os.path.join(data, "train"), "--seq-len", "128", "--vocab-size", "2000"],
+              os.path.join(data, "train", "manifest.json"))
+    for split in ("valid", "test"):
+        run_stage(f"prepare {split} split (same tokenizer)",
+                  mpi + [_bin("trime"), "prepare", "--input", os.path.join(corpus, split), "--output",
+                         os.path.join(data, split), "--seq-len", "128",
+                         "--tokenizer", os.path.join(data, "train", "tokenizer.json")],
+                  os.path.join(data, split, "manifest.json"))
+    runs = {
+        "ce": train_cmd(args, "ce", "ce", os.path.join(data, "train")),
+        "trime_local": train_cmd(args, "trime_local", "trime_local", os.path.join(data, "train")),
+    }
+    for name, cmd in runs.items():
+        run_stage(f"train {name} with {args.ranks} DeepSpeed ranks", cmd,
+                  os.path.join(args.out, "runs", name, "summary.json"))
+    return print_table(args.out, list(runs))
+
+
+def print_table(out: str, names: list[str]) -> int:
+    """Validation perplexity at the start and the end of each run; written to results.json too."""
+    rows = []
+    for name in names:
+        with open(os.path.join(out, "runs", name, "summary.json")) as f:
+            summary = json.load(f)
+        start, final = summary.get("start") or {}, summary["final"]
+        rows.append({"run": name, "steps": summary["steps"],
+                     "start_ppl": start.get("valid_ce_ppl"), "final_ce_ppl": final["valid_ce_ppl"],
+                     "final_memory_ppl": final["valid_memory_ppl"]})
+    atomic_write_json(os.path.join(out, "results.json"), rows)
+    print("\nValidation perplexity (built-in corpus, held-out documents)")
+    print(f"{'run':<14}{'steps':>7}{'start':>10}{'no memory':>12}{'with memory':>13}")
+    for r in rows:
+        print(f"{r['run']:<14}{r['steps']:>7}{r['start_ppl'] or float('nan'):>10.2f}"
+              f"{r['final_ce_ppl']:>12.2f}{r['final_memory_ppl']:>13.2f}")
+    print(f"\n(results written to {os.path.join(out, 'results.json')})")
+    return 0
