@@ -36,7 +36,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = ""              # prepared (or grouped) shard directory for training
-    valid: str = ""              # prepared shard directory for validation ('' = none)
+    valid: Optional[str] = None  # prepared shard directory for validation (empty = none)
     micro_batch_size: int = 8    # segments per rank per forward pass
     global_batch_size: int = 16  # segments per optimizer step, over all ranks and accumulation
     placement: str = "contiguous"  # how a group is dealt to ranks: contiguous | interleaved

@@ -88,8 +88,14 @@ def check_layout(cfg: TrainConfig, train_data, world_size: int) -> None:
         if method not in (None, "consecutive"):
             raise ValueError(f"objective.name=trime_long needs consecutive segments, but {cfg.data.train} holds "
                              f"{method!r} groups; use shards from `trime prepare` or `trime group --method consecutive`")
-        if cfg.data.placement == "interleaved" and cfg.data.micro_batch_size * world_size < 2:
-            raise ValueError("data.placement=interleaved needs at least 2 segments per group")
+        if cfg.data.placement == "contiguous" and cfg.data.micro_batch_size < 2:
+            raise ValueError("objective.name=trime_long with data.placement=contiguous keeps memory on each rank, "
+                             "but data.micro_batch_size=1 leaves one segment per rank: nothing earlier to remember. "
+                             "Use data.placement=interleaved (memory gathered across ranks) or a larger "
+                             "data.micro_batch_size")
+        if world_size * cfg.data.micro_batch_size < 2:
+            raise ValueError("objective.name=trime_long needs at least 2 consecutive segments per global batch: "
+                             "raise data.micro_batch_size")
 
 
 def add_log_file(path: str) -> None:
