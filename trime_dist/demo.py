@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = os.path.join(args.out, "corpus")
     mpi = [_bin("mpiexec"), "-n", str(args.ranks)]
     run_stage("built-in corpus", [_bin("trime"), "corpus", "--out", corpus, "--seed", str(args.seed),
-                                  "--scale", str(args.scale)], os.path.join(corpus, "DONE"))
+                                  "--scale", str(args.scale)], os.path.join(corpus, "corpus.json"))
     run_stage("prepare train split (BPE tokenizer trained here)",
               mpi + [_bin("trime"), "prepare", "--input", os.path.join(corpus, "train"), "--output",
                      os.path.join(data, "train"), "--seq-len", "128", "--vocab-size", "2000"],

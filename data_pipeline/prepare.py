@@ -1,0 +1,374 @@
+"""`trime prepare`: tokenize text files into segment shards (docs/FORMATS.md), as MPI ranks.
+
+Rank 0 trains (or loads) the tokenizer and broadcasts it; each rank owns a contiguous block of
+the sorted input files and writes its own shards; rank 0 writes manifest.json last. Reruns
+reuse finished shards; a complete output with other settings is refused unless --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from data_pipeline import shards
+from data_pipeline.segmenter import Segmenter, stream_id
+from data_pipeline.text_input import FORMATS, expand_inputs, iter_documents
+from data_pipeline.tokenizer import KINDS, UNK
+from trime_dist.io_utils import atomic_write_json, atomic_write_text, read_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = ".prepare-state.json"       # rank 0: settings + tokenizer of the run in progress
+RANK_RECORD = ".prepare-r{rank:03d}.json"  # each rank: its finished shard entries
+DOC_BATCH = 64                           # documents per tokenizer call
+
+
+@dataclass
+class PrepareConfig:
+    input: list[str] = field(default_factory=list, metadata={"help": "input files or directories"})
+    output: str = field(default="", metadata={"help": "output shard directory"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per segment L"})
+    tokenizer_kind: str = field(default="bpe", metadata={"help": "tokenizer to train", "choices": KINDS})
+    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "use this tokenizer.json instead of training"})
+    tokenizer_sample_mb: float = field(default=256.0, metadata={"help": "MiB of text (spread over files) to train on"})
+    stream_per_document: bool = field(default=False, metadata={"help": "each document is its own stream"})
+    format: str = field(default="auto", metadata={
+        "help": "text: blank-line separated docs; file: one doc per file; wikitext: ' = Title = ' headings; "
+                "jsonl: a 'text' field per line; auto: by extension and content", "choices": FORMATS})
+    shard_segments: int = field(default=2000, metadata={"help": "segments per shard"})
+    overwrite: bool = field(default=False, metadata={"help": "start from scratch, replacing an existing output"})
+
+
+# ----------------------------------------------------------------------------- one rank's work
+
+def rank_files(files: list[str], rank: int, world: int) -> list[int]:
+    """Indices of the contiguous block of `files` owned by `rank` (balanced by bytes)."""
+    sizes = np.array([max(os.path.getsize(f), 1) for f in files], dtype=np.float64)
+    ends = np.cumsum(sizes)  # [F]
+    # file i goes to the rank whose byte range holds the file's midpoint
+    owner = np.minimum(((ends - sizes / 2) / ends[-1] * world).astype(int), world - 1)
+    return [i for i in range(len(files)) if owner[i] == rank]
+
+
+def doc_token_ids(path: str, fmt: str, tok, eod_id: int, pbar) -> Iterator[np.ndarray]:
+    """Each document's token ids followed by <eod>, int32 [n + 1], in file order."""
+    from data_pipeline.tokenizer import encode_docs
+
+    docs = iter_documents(path, fmt)
+    while batch := list(itertools.islice(docs, DOC_BATCH)):
+        for ids in encode_docs(tok, batch):
+            yield np.array(ids + [eod_id], dtype=np.int32)
+        pbar.update(sum(len(d.encode("utf-8")) for d in batch))
+
+
+def tokenize_file(path: str, file_index: int, cfg: PrepareConfig, tok, eod_id: int,
+                  writer: shards.SegmentShardWriter, pbar) -> dict[str, int]:
+    """Cut one file's documents into segments of one stream (or one per document with
+    --stream-per-document) and hand them to `writer`; returns counts {docs, streams}."""
+    streams, seg, sid = 0, None, None
+
+    def end_stream():
+        for index, start, tokens in seg.finish():
+            writer.add(sid, index, start, tokens)
+
+    docs = unknown = 0
+    unk_id = tok.token_to_id(UNK)  # only char tokenizers have one
+    for docs, ids in enumerate(doc_token_ids(path, cfg.format, tok, eod_id, pbar), start=1):
+        if unk_id is not None:
+            unknown += int((ids == unk_id).sum())
+        if seg is None or cfg.stream_per_document:
+            if seg is not None:
+                end_stream()
+            seg, sid, streams = Segmenter(cfg.seq_len), stream_id(file_index, streams), streams + 1
+        for index, start, tokens in seg.push(ids):
+            writer.add(sid, index, start, tokens)
+    if seg is not None:
+        end_stream()
+    if unknown:
+        log.warning("%s: %d characters not in the char tokenizer became %s (decoding will not give the text "
+                    "back; raise --tokenizer-sample-mb)", path, unknown, UNK)
+    return {"docs": docs, "streams": streams}
+
+
+def process_rank(cfg: PrepareConfig, files: list[str], rank: int, world: int, tok_json: str) -> dict[str, Any]:
+    """Write this rank's shards; returns {"shards": entries, "docs", "streams", "seconds"}."""
+    from tqdm import tqdm
+
+    from data_pipeline.tokenizer import EOD, tokenizer_from_str
+
+    tok = tokenizer_from_str(tok_json)
+    mine = rank_files(files, rank, world)
+    writer = shards.SegmentShardWriter(cfg.output, rank, cfg.shard_segments)  # imports webdataset
+    counts = {"docs": 0, "streams": 0}
+    t0 = time.time()
+    with tqdm(total=sum(os.path.getsize(files[i]) for i in mine), unit="B", unit_scale=True,
+              desc=f"prepare rank {rank}", position=rank, leave=False, mininterval=1.0) as pbar:
+        for i in mine:
+            for k, v in tokenize_file(files[i], i, cfg, tok, tok.token_to_id(EOD), writer, pbar).items():
+                counts[k] += v
+    entries = writer.close()
+    result = {"shards": entries, **counts, "seconds": time.time() - t0}
+    tokens = sum(e["tokens"] for e in entries)
+    log.info("rank %d: %d files, %d docs, %d streams, %d segments, %d tokens, %.0f tokens/s (%d shards, %d reused)",
+             rank, len(mine), counts["docs"], counts["streams"], sum(e["segments"] for e in entries), tokens,
+             tokens / max(result["seconds"], 1e-9), len(entries), sum(e["reused"] for e in entries))
+    return result
+
+
+def reuse_rank_record(cfg: PrepareConfig, rank: int, fingerprint: dict) -> Optional[dict]:
+    """This rank's finished result from an earlier run with the same settings, if its shards verify."""
+    path = os.path.join(cfg.output, RANK_RECORD.format(rank=rank))
+    if not os.path.isfile(path):
+        return None
+    record = read_json(path, "prepare rank record")
+    if record.get("fingerprint") != fingerprint:
+        return None
+    try:
+        for entry in record["result"]["shards"]:
+            shards.verify_shard(entry, cfg.output)
+    except (ValueError, FileNotFoundError) as e:
+        log.warning("rank %d: redoing work, an earlier shard does not verify: %s", rank, e)
+        return None
+    log.info("rank %d: reusing %d finished shards", rank, len(record["result"]["shards"]))
+    return record["result"]
+
+
+# ----------------------------------------------------------------------------- rank 0: plan
+
+def settings_of(cfg: PrepareConfig, files: list[str], world: int) -> dict[str, Any]:
+    """Everything that determines the output; a complete output with other settings is refused."""
+    s = dataclasses.asdict(cfg)
+    for k in ("input", "output", "overwrite", "tokenizer"):
+        s.pop(k)
+    if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
+        raise FileNotFoundError(f"tokenizer file not found: {cfg.tokenizer}")
+    s["tokenizer_file_sha256"] = sha256_file(cfg.tokenizer) if cfg.tokenizer else None
+    s["inputs"] = [[f, quick_fingerprint(f)] for f in files]
+    s["world_size"] = world
+    return s
+
+
+def quick_fingerprint(path: str, edge: int = 1 << 20) -> str:
+    """sha256 of (size, first MiB, last MiB): notices edited inputs without reading whole corpora."""
+    h = hashlib.sha256(str(os.path.getsize(path)).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        f.seek(max(0, os.path.getsize(path) - edge))
+        h.update(f.read(edge))
+    return h.hexdigest()
+
+
+def clear_output(out: str) -> None:
+    """Remove what an earlier prepare wrote (only our own file names)."""
+    names = [shards.MANIFEST, shards.TOKENIZER_FILE, STATE_FILE]
+    paths = [os.path.join(out, n) for n in names] + glob.glob(os.path.join(out, "shard-r*-*.tar")) \
+        + glob.glob(os.path.join(out, ".prepare-r*.json"))
+    for p in paths:
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def check_existing(cfg: PrepareConfig, settings: dict) -> bool:
+    """True if the output is already complete with these settings; clears stale outputs."""
+    out = cfg.output
+    state_path = os.path.join(out, STATE_FILE)
+    if cfg.overwrite:
+        clear_output(out)
+    elif os.path.isfile(os.path.join(out, shards.MANIFEST)):
+        old = shards.read_manifest(out).get("settings") or {}
+        # a different number of ranks gives the same segments: a complete output stays valid
+        diff = sorted(k for k in set(settings) | set(old) if old.get(k) != settings.get(k) and k != "world_size")
+        if diff:
+            raise ValueError(f"{out} already holds prepared shards made with other settings "
+                             f"(differ: {', '.join(diff)}); use --overwrite or another --output")
+        try:
+            for entry in shards.read_manifest(out)["shards"]:
+                shards.verify_shard(entry, out)
+            return True
+        except (ValueError, FileNotFoundError) as e:
+            log.warning("redoing the damaged part of %s: %s", out, e)
+            os.remove(os.path.join(out, shards.MANIFEST))
+            if old.get("world_size") != settings["world_size"]:
+                clear_output(out)  # other ranks, other shard names: start clean
+    elif os.path.isfile(state_path) and read_json(state_path).get("settings") != settings:
+        clear_output(out)  # an interrupted run with other settings: nothing of it is reusable
+    return False
+
+
+def sample_texts(files: list[str], cfg: PrepareConfig) -> Iterator[str]:
+    """Documents from every file, at most tokenizer_sample_mb / len(files) MiB per file."""
+    per_file = cfg.tokenizer_sample_mb * 2**20 / len(files)
+    for f in files:
+        taken = 0
+        for doc in iter_documents(f, cfg.format):
+            yield doc
+            taken += len(doc)
+            if taken >= per_file:
+                break
+
+
+def make_tokenizer(cfg: PrepareConfig, files: list[str], settings: dict) -> str:
+    """tokenizer.json text: --tokenizer (copied byte for byte, so splits share one sha256), else the
+    one of an interrupted run, else trained now on a sample of the inputs."""
+    from data_pipeline.tokenizer import build_tokenizer, load_tokenizer
+
+    out_tok = os.path.join(cfg.output, shards.TOKENIZER_FILE)
+    state_path = os.path.join(cfg.output, STATE_FILE)
+    if cfg.tokenizer:
+        load_tokenizer(cfg.tokenizer)  # validates
+        tok_json = _read_text(cfg.tokenizer)
+    elif os.path.isfile(state_path) and os.path.isfile(out_tok) \
+            and read_json(state_path).get("tokenizer_sha256") == sha256_file(out_tok):
+        log.info("reusing %s from the interrupted run", out_tok)
+        tok_json = _read_text(out_tok)
+    else:
+        t0 = time.time()
+        tok = build_tokenizer(cfg.tokenizer_kind, sample_texts(files, cfg), cfg.vocab_size)
+        log.info("trained %s tokenizer (%d tokens) in %.1fs", cfg.tokenizer_kind, tok.get_vocab_size(),
+                 time.time() - t0)
+        tok_json = tok.to_str(pretty=True)
+    if not os.path.isfile(out_tok) or _read_text(out_tok) != tok_json:
+        atomic_write_text(out_tok, tok_json)
+    atomic_write_json(state_path, {"settings": settings, "tokenizer_sha256": sha256_file(out_tok)})
+    return tok_json
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def build_manifest(cfg: PrepareConfig, files: list[str], settings: dict, results: list[dict]) -> dict:
+    """docs/FORMATS.md manifest ("tokens" counts targets), plus "documents" and the "settings" of the run."""
+    from data_pipeline.tokenizer import tokenizer_info
+
+    entries = [{k: v for k, v in e.items() if k != "reused"} for r in results for e in r["shards"]]
+    info = tokenizer_info(os.path.join(cfg.output, shards.TOKENIZER_FILE))
+    return {
+        "format": shards.SEGMENTS_FORMAT, "seq_len": cfg.seq_len,
+        "tokenizer": {"file": shards.TOKENIZER_FILE, **info},
+        "stream_mode": "document" if cfg.stream_per_document else "file",
+        "segments": sum(e["segments"] for e in entries), "tokens": sum(e["tokens"] for e in entries),
+        "streams": sum(r["streams"] for r in results), "documents": sum(r["docs"] for r in results),
+        "shards": entries, "inputs": files, "created_by": "trime prepare",
+        "world_size": len(results), "settings": settings,
+    }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def _error_of(e: Exception, prefix: str = "") -> tuple[bool, str]:
+    return isinstance(e, FileNotFoundError), prefix + str(e)
+
+
+def _raise_error(error: tuple[bool, str]) -> None:
+    from data_pipeline import mpi
+
+    raise mpi.agreed((FileNotFoundError if error[0] else ValueError)(error[1]))
+
+
+def _collective_check(error: Optional[tuple[bool, str]]) -> None:
+    """Raise the same error on every rank if any rank failed (so no rank waits in a collective)."""
+    from data_pipeline import mpi
+
+    errors = mpi.gather(error)
+    first = mpi.bcast(next((e for e in errors if e), None) if errors is not None else None)
+    if first:
+        _raise_error(first)
+
+
+def _plan(cfg: PrepareConfig, world: int) -> dict:
+    """Rank 0: validate inputs and output, fix the tokenizer; the plan is broadcast."""
+    files = expand_inputs(cfg.input)
+    settings = settings_of(cfg, files, world)
+    if check_existing(cfg, settings):
+        return {"done": True, "files": files}
+    os.makedirs(cfg.output, exist_ok=True)
+    return {"done": False, "files": files, "settings": settings, "tok_json": make_tokenizer(cfg, files, settings)}
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run the stage on every rank of the MPI world (or alone); returns the manifest."""
+    from data_pipeline import mpi
+
+    if not cfg.input or not cfg.output:
+        raise ValueError("prepare needs --input and --output")
+    if cfg.seq_len < 1 or cfg.shard_segments < 1:
+        raise ValueError(f"--seq-len and --shard-segments must be >= 1 (got {cfg.seq_len}, {cfg.shard_segments})")
+    rank, world = mpi.rank(), mpi.size()
+    plan, error = None, None
+    if rank == 0:
+        try:
+            plan = _plan(cfg, world)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            error = _error_of(e)
+    plan = mpi.bcast(plan if error is None else {"error": error})
+    if "error" in plan:
+        _raise_error(plan["error"])
+    if plan["done"]:
+        log.info("%s is already complete with these settings; nothing to do", cfg.output)
+        return shards.read_manifest(cfg.output)
+    result, error = None, None
+    fingerprint = {"settings": plan["settings"],
+                   "tokenizer_sha256": hashlib.sha256(plan["tok_json"].encode("utf-8")).hexdigest()}
+    try:
+        result = reuse_rank_record(cfg, rank, fingerprint)
+        if result is None:
+            result = process_rank(cfg, plan["files"], rank, world, plan["tok_json"])
+            atomic_write_json(os.path.join(cfg.output, RANK_RECORD.format(rank=rank)),
+                              {"fingerprint": fingerprint, "result": result})
+    except (ValueError, FileNotFoundError, OSError) as e:
+        error = _error_of(e, f"rank {rank}: " if world > 1 else "")
+    _collective_check(error)
+    results = mpi.gather(result)
+    mpi.barrier()
+    manifest, error = None, None
+    if rank == 0:
+        try:
+            manifest = finish(cfg, plan, results)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            error = _error_of(e)
+    final = mpi.bcast({"error": error} if error else {"manifest": manifest})
+    if "error" in final:
+        _raise_error(final["error"])
+    return final["manifest"]
+
+
+def finish(cfg: PrepareConfig, plan: dict, results: list[dict]) -> dict:
+    """Rank 0, after every rank is done: write manifest.json (last) and log the summary."""
+    manifest = build_manifest(cfg, plan["files"], plan["settings"], results)
+    for stale in glob.glob(os.path.join(cfg.output, ".*.tmp")):  # left by a killed writer; all ranks are done
+        os.remove(stale)
+    shards.write_manifest(cfg.output, manifest)
+    seconds = max(r["seconds"] for r in results)
+    log.info("prepare done: %d docs, %d streams, %d segments, %d tokens, %.0f tokens/s over %d ranks -> %s",
+             manifest["documents"], manifest["streams"], manifest["segments"], manifest["tokens"],
+             manifest["tokens"] / max(seconds, 1e-9), len(results), cfg.output)
+    return manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from trime_dist.cli_utils import add_dataclass_flags
+
+    add_dataclass_flags(parser, PrepareConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trime_dist.cli_utils import dataclass_from_flags
+
+    from data_pipeline import mpi
+
+    cfg = dataclass_from_flags(PrepareConfig, args)
+    with mpi.abort_on_error():
+        prepare(cfg)
+    return 0
