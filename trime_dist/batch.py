@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -15,9 +16,11 @@ class Batch:
     stream: torch.Tensor     # [B] long: id of the token stream the segment was cut from
     order: torch.Tensor      # [B] long: index of the segment within its stream (consecutive = +1)
     segment: torch.Tensor    # [B] long: position of the segment in its group (unique in the global batch)
+    group_tokens: Optional[int] = None  # non-pad targets of the whole group (all ranks), when known
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.targets, self.stream, self.order, self.segment)))
+        tensors = (self.input_ids, self.targets, self.stream, self.order, self.segment)
+        return Batch(*(t.to(device) for t in tensors), group_tokens=self.group_tokens)
 
     @property
     def n_tokens(self) -> int:

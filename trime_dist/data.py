@@ -152,7 +152,7 @@ def group_to_batch(group: Group, rows: np.ndarray) -> Batch:
     return Batch(
         input_ids=tokens[:, :-1].contiguous(), targets=targets,
         stream=torch.from_numpy(group.stream[rows]), order=torch.from_numpy(group.order[rows]),
-        segment=torch.from_numpy(rows.astype(np.int64)))
+        segment=torch.from_numpy(rows.astype(np.int64)), group_tokens=int(group.lengths.sum()))
 
 
 @dataclass

@@ -76,7 +76,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
 
     from data_pipeline import shards
     from trime_dist.checkpoint import load_model
-    from trime_dist.distributed import barrier, init_distributed
+    from trime_dist.distributed import barrier, broadcast_object, init_distributed
 
     env = init_distributed()
     if cfg.threads > 0:
@@ -87,10 +87,15 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
         return read_json(os.path.join(cfg.out, META_FILE), "datastore metadata")
     model, _, info = load_model(cfg.model)
     manifest = shards.read_manifest(cfg.data)
-    plan = _resolve_plan(cfg, model, info, manifest, env.world_size) if env.rank == 0 else None
-    from trime_dist.distributed import broadcast_object
-
+    plan = None
+    if env.rank == 0:
+        try:
+            plan = _resolve_plan(cfg, model, info, manifest, env.world_size)
+        except (ValueError, FileNotFoundError) as e:
+            plan = {"error": str(e)}  # every rank stops with the message instead of waiting at a barrier
     plan = broadcast_object(plan)
+    if "error" in plan:
+        raise ValueError(plan["error"])
     parts = build.plan_parts(int(manifest["segments"]), plan["part_segments"])
     mine = [p for p in parts if p.index % env.world_size == env.rank]
     _encode_step(cfg, model, manifest, mine)
@@ -165,7 +170,10 @@ def _train_step(cfg, parts: list, offsets: list[int], total: int) -> None:
         return
     if total == 0:
         raise ValueError(f"{cfg.data}: no targets to store")
-    sample = build.sample_keys(cfg.out, parts, offsets, total, cfg.train_sample, cfg.seed)   # [n, D]
+    if build.dsi.needs_training(cfg.factory):
+        sample = build.sample_keys(cfg.out, parts, offsets, total, cfg.train_sample, cfg.seed)   # [n, D]
+    else:  # Flat: nothing to learn, the "trained" index is just the empty one
+        sample = np.zeros((0, int(read_json(build.part_paths(cfg.out, parts[0])["info"])["dim"])), np.float32)
     build.dsi.train_index(cfg.factory, sample, path, cfg.seed)
     log.info("index: trained %s on %d keys", cfg.factory, len(sample))
     build.maybe_exit("train")
@@ -259,7 +267,9 @@ class Datastore:
     def index(self, nprobe: int):
         """The faiss index (loaded once, memory-mapped), with nprobe set."""
         if self._index is None:
-            self._index = build.dsi.load_search_index(os.path.join(self.path, self.meta["index"]), nprobe)
+            # on-disk lists are memory-mapped by faiss itself; IO_FLAG_MMAP on top of them crashes faiss 1.15
+            self._index = build.dsi.load_search_index(os.path.join(self.path, self.meta["index"]), nprobe,
+                                                      mmap=not self.meta["ondisk"])
         build.dsi.set_nprobe(self._index, nprobe)
         return self._index
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from trime_dist import distributed as tdist
 from trime_dist.batch import IGNORE_INDEX, Batch
-from trime_dist.objectives import (TokenMeta, build_memory_mask, check_layout, trime_nll,
-                                   trime_nll_tiled_with_count)
+from trime_dist.objectives import (TokenMeta, build_memory_mask, check_layout, combine_vocab_and_memory,
+                                   memory_lse_local, memory_lse_tiled, trime_nll)
 
 PLACEMENTS = ("contiguous", "interleaved")
 
@@ -77,37 +77,48 @@ def micro_batch_loss(logits: torch.Tensor, memory_keys: torch.Tensor, batch: Bat
     vocab_logits = logits.reshape(B * T, V)                                          # [N, V]
     targets = batch.targets.reshape(B * T).to(logits.device)                         # [N]
     valid = targets != IGNORE_INDEX                                                  # [N]
-    stat_dtype = torch.promote_types(logits.dtype, torch.float32)  # never softmax in bf16
-    with torch.no_grad():
-        ce_sum = F.cross_entropy(vocab_logits.to(stat_dtype), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    if layout is None:
-        nll = F.cross_entropy(vocab_logits.to(stat_dtype), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        n_allowed = torch.zeros_like(targets)
+    if layout is None:  # plain CE: the fused kernel
+        nll = F.cross_entropy(vocab_logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                              ignore_index=IGNORE_INDEX, reduction="none")
+        ce, n_allowed = nll, torch.zeros_like(targets)
+    elif not tiled:  # the dense reference, for tests and comparisons
+        nll, ce, n_allowed = _dense_nll(vocab_logits, targets, memory_keys.reshape(B * T, -1), batch, layout,
+                                        use_local, gather, gather_grad, temperature)
     else:
         check_layout(layout)
-        queries = memory_keys.reshape(B * T, -1)                                     # [N, D]
-        meta = token_meta(batch)
-        keys, key_labels, key_meta = _memory(queries, targets, meta, gather, gather_grad)
-        nll, n_allowed = _nll(vocab_logits, targets, queries, keys, key_labels, meta, key_meta,
-                              layout, use_local, temperature, tiled, tile_size)
+        if layout == "local" and not gather:
+            # Memory stays inside each segment: segment-batched [B, T, T] blocks, no metadata needed.
+            lse_all, lse_pos, n_allowed = memory_lse_local(memory_keys, batch.targets.to(logits.device),
+                                                           temperature, IGNORE_INDEX)
+        else:
+            queries = memory_keys.reshape(B * T, -1)                                 # [N, D]
+            meta = token_meta(batch)
+            keys, key_labels, key_meta = _memory(queries, targets, meta, gather, gather_grad)
+            lse_all, lse_pos, n_allowed = memory_lse_tiled(queries, keys, targets, key_labels, meta, key_meta,
+                                                           layout, use_local, temperature, IGNORE_INDEX,
+                                                           tile_size)
+        nll, ce = combine_vocab_and_memory(vocab_logits, targets, lse_all, lse_pos, IGNORE_INDEX)
+        n_allowed = torch.where(valid, n_allowed, torch.zeros_like(n_allowed))
     n_tokens = valid.sum()
-    global_tokens = tdist.all_reduce_sum(n_tokens.detach()).clamp(min=1)
+    # Every rank reads the whole group, so the loader usually knows the global count: no collective.
+    global_tokens = batch.group_tokens if batch.group_tokens is not None else \
+        int(tdist.all_reduce_sum(n_tokens.detach()))
+    global_tokens = max(global_tokens, 1)
     nll_sum = nll.sum()
     # DeepSpeed averages gradients over W ranks, so scale by W to get the global per-token mean.
     loss = nll_sum / global_tokens * tdist.get_world_size()
     memory_size = float(n_allowed.sum()) / max(int(n_tokens), 1)
-    return LossOutput(loss=loss, nll_sum=nll_sum.detach(), ce_sum=ce_sum, n_tokens=n_tokens,
+    return LossOutput(loss=loss, nll_sum=nll_sum.detach(), ce_sum=ce.detach().sum(), n_tokens=n_tokens,
                       memory_size=memory_size)
 
 
-def _nll(vocab_logits, targets, queries, keys, key_labels, meta, key_meta, layout, use_local,
-         temperature, tiled, tile_size):
-    """(nll [N], n_allowed [N]) by the tiled path or the dense reference."""
-    if tiled:
-        return trime_nll_tiled_with_count(vocab_logits, targets, queries, keys, key_labels, meta,
-                                          key_meta, layout, use_local, temperature, IGNORE_INDEX,
-                                          tile_size)
+def _dense_nll(vocab_logits, targets, queries, batch, layout, use_local, gather, gather_grad, temperature):
+    """(nll [N], ce [N], n_allowed [N]) with the dense reference `trime_nll` and an explicit mask."""
+    check_layout(layout)
+    meta = token_meta(batch)
+    keys, key_labels, key_meta = _memory(queries, targets, meta, gather, gather_grad)
     mask = build_memory_mask(meta, key_meta, layout, use_local)                     # [N, M]
     nll = trime_nll(vocab_logits, targets, queries, keys, key_labels, mask, temperature, IGNORE_INDEX)
+    ce = combine_vocab_and_memory(vocab_logits, targets, None, None, IGNORE_INDEX)[1]
     n_allowed = (mask & (key_labels != IGNORE_INDEX)[None, :]).sum(1)
-    return nll, torch.where(targets != IGNORE_INDEX, n_allowed, torch.zeros_like(n_allowed))
+    return nll, ce, torch.where(targets != IGNORE_INDEX, n_allowed, torch.zeros_like(n_allowed))

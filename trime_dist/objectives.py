@@ -204,16 +204,45 @@ def _sparse_lse(sim: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return row_max + torch.log(sums)  # empty rows: -inf + log(0) = -inf
 
 
+def _block_ranges(meta_t: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """[n_blocks, 2, 4] per-block min and max of (segment, position, stream, order), one host sync."""
+    n = meta_t.shape[0]
+    pad = (-n) % tile_size
+    if pad:  # repeat the last row: it does not widen the range
+        meta_t = torch.cat([meta_t, meta_t[-1:].expand(pad, -1)])
+    blocks = meta_t.view(-1, tile_size, 4)                                           # [n_blocks, tile, 4]
+    return torch.stack([blocks.amin(1), blocks.amax(1)], 1).cpu()
+
+
+def _may_share_memory(q_range: torch.Tensor, k_range: torch.Tensor, layout: str, use_local: bool) -> bool:
+    """Conservative test from metadata ranges: False only if no (query, key) pair of the two blocks
+    can be allowed, so the block's mask and matmul can be skipped (most blocks in local/long)."""
+    (q_lo, q_hi), (k_lo, k_hi) = q_range, k_range
+    segments_overlap = bool(q_lo[0] <= k_hi[0]) and bool(k_lo[0] <= q_hi[0])
+    if layout == "ext":
+        return True
+    local_possible = segments_overlap and bool(k_lo[1] < q_hi[1])
+    if layout == "local":
+        return local_possible
+    streams_overlap = bool(q_lo[2] <= k_hi[2]) and bool(k_lo[2] <= q_hi[2])
+    return local_possible or (streams_overlap and bool(k_lo[3] < q_hi[3]))
+
+
 def _blocks(queries, keys, targets, key_labels, query_meta_t, key_meta_t, layout, use_local,
             scale, tile_size, ignore_index, dtype):
     """Yield (q0, k0, sim [n, m], allowed [n, m], positive [n, m]) for every block with memory."""
     N, M = queries.shape[0], keys.shape[0]
+    if N == 0 or M == 0:
+        return
     key_valid = key_labels != ignore_index                                           # [M]
+    q_ranges, k_ranges = _block_ranges(query_meta_t, tile_size), _block_ranges(key_meta_t, tile_size)
     for q0 in range(0, N, tile_size):
         q_meta = TokenMeta.unstack(query_meta_t[q0:q0 + tile_size])
         q_block = queries[q0:q0 + tile_size].to(dtype)                               # [n, d]
         t_block = targets[q0:q0 + tile_size]                                         # [n]
         for k0 in range(0, M, tile_size):
+            if not _may_share_memory(q_ranges[q0 // tile_size], k_ranges[k0 // tile_size], layout, use_local):
+                continue
             k_meta = TokenMeta.unstack(key_meta_t[k0:k0 + tile_size])
             allowed = build_memory_mask(q_meta, k_meta, layout, use_local)           # [n, m]
             allowed &= key_valid[None, k0:k0 + tile_size]
@@ -224,22 +253,11 @@ def _blocks(queries, keys, targets, key_labels, query_meta_t, key_meta_t, layout
             yield q0, k0, sim, allowed, positive
 
 
-def trime_nll_tiled(vocab_logits: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor,
-                    keys: torch.Tensor, key_labels: torch.Tensor, query_meta: TokenMeta,
-                    key_meta: TokenMeta, layout: str, use_local: bool = True,
-                    temperature: float = 1.0, ignore_index: int = -100,
-                    tile_size: int = 1024) -> torch.Tensor:
-    """[N] TRIME NLL exactly as `trime_nll` with mask = build_memory_mask(query_meta, key_meta, ...),
-    but in tile_size×tile_size blocks: peak memory O(N·d + tile²), never the N×M matrix."""
-    return trime_nll_tiled_with_count(vocab_logits, targets, queries, keys, key_labels, query_meta,
-                                      key_meta, layout, use_local, temperature, ignore_index, tile_size)[0]
-
-
-def trime_nll_tiled_with_count(vocab_logits, targets, queries, keys, key_labels, query_meta, key_meta,
-                               layout, use_local=True, temperature=1.0, ignore_index=-100,
-                               tile_size=1024):
-    """(nll [N], n_allowed [N] long): `trime_nll_tiled` plus each query's number of memory entries."""
-    _check_shapes(vocab_logits, targets, queries, keys, key_labels)
+def memory_lse_tiled(queries, keys, targets, key_labels, query_meta: TokenMeta, key_meta: TokenMeta,
+                     layout: str, use_local: bool = True, temperature: float = 1.0,
+                     ignore_index: int = -100, tile_size: int = 1024):
+    """(lse_all [N], lse_pos [N], n_allowed [N]): log Σ exp(s_ij) over each query's allowed memory
+    entries, and over those whose label is the query's target (-inf when empty), in tiles."""
     check_layout(layout)
     if len(query_meta) != queries.shape[0] or len(key_meta) != keys.shape[0]:
         raise ValueError(f"query_meta/key_meta lengths {len(query_meta)}/{len(key_meta)} do not match "
@@ -247,15 +265,67 @@ def trime_nll_tiled_with_count(vocab_logits, targets, queries, keys, key_labels,
     if tile_size < 1:
         raise ValueError(f"tile_size must be >= 1, got {tile_size}")
     scale = 1.0 / (math.sqrt(queries.shape[1]) * temperature)
-    lse_mem_all, lse_mem_pos, n_allowed = _TiledMemoryLSE.apply(
-        queries, keys, targets, key_labels, query_meta.stack(), key_meta.stack(),
-        layout, use_local, scale, tile_size, ignore_index)                           # [N] each
+    return _TiledMemoryLSE.apply(queries, keys, targets, key_labels, query_meta.stack(), key_meta.stack(),
+                                 layout, use_local, scale, tile_size, ignore_index)
+
+
+def memory_lse_local(queries: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                     ignore_index: int = -100):
+    """The local layout's (lse_all, lse_pos, n_allowed), each [B*T], with segment-batched matmuls.
+
+    queries [B, T, d] are also the keys, targets [B, T] also the key labels. Memory of (b, i) is
+    (b, j < i): a strictly lower-triangular [B, T, T] block per segment, so nothing outside the
+    segments' own blocks is computed (the paper's local memory, like causal attention).
+    """
+    B, T, d = queries.shape
+    dtype = _compute_dtype(queries)
+    q = queries.to(dtype)
+    sim = torch.bmm(q, q.transpose(1, 2)) / (math.sqrt(d) * temperature)           # [B, T, T]
+    earlier = torch.ones(T, T, dtype=torch.bool, device=q.device).tril(-1)         # [T, T]: j < i
+    allowed = earlier[None] & (targets != ignore_index)[:, None, :]                 # [B, T, T]
+    positive = allowed & (targets[:, None, :] == targets[:, :, None])               # [B, T, T]
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
+    lse_all = _rowwise_lse(torch.where(allowed, sim, neg_inf))
+    lse_pos = _rowwise_lse(torch.where(positive, sim, neg_inf))
+    n_allowed = allowed.sum(-1)
+    return lse_all.reshape(B * T), lse_pos.reshape(B * T), n_allowed.reshape(B * T)
+
+
+def _rowwise_lse(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim that is -inf (with zero, not NaN, gradient) for all -inf rows."""
+    empty = x.amax(-1, keepdim=True) == float("-inf")                                # [..., 1]
+    safe = torch.where(empty, torch.zeros_like(x), x)
+    lse = torch.logsumexp(safe, -1)
+    return torch.where(empty[..., 0], torch.full_like(lse, float("-inf")), lse)
+
+
+def combine_vocab_and_memory(vocab_logits: torch.Tensor, targets: torch.Tensor, lse_all: torch.Tensor,
+                             lse_pos: torch.Tensor, ignore_index: int = -100):
+    """(nll [N], ce [N]): TRIME NLL from the vocabulary logits and the memory log-sum-exps, and the
+    plain cross-entropy of the same logits (it shares the vocabulary log-sum-exp)."""
     valid_query = targets != ignore_index                                            # [N]
     safe_targets = torch.where(valid_query, targets, torch.zeros_like(targets))
-    logits = vocab_logits.to(lse_mem_all.dtype)                                      # [N, V]
+    logits = vocab_logits.to(_compute_dtype(vocab_logits))                           # [N, V]
+    vocab_lse = torch.logsumexp(logits, 1)                                           # [N]
+    target_logit = logits.gather(1, safe_targets[:, None])[:, 0]                     # [N]
+    zero = torch.zeros_like(vocab_lse)
+    ce = torch.where(valid_query, vocab_lse - target_logit, zero)
+    if lse_all is None:
+        return ce, ce
     # log(vocab sum + memory sum); the vocabulary term is finite, so logaddexp's grads are too.
-    log_denominator = torch.logaddexp(torch.logsumexp(logits, 1), lse_mem_all)       # [N]
-    log_numerator = torch.logaddexp(logits.gather(1, safe_targets[:, None])[:, 0], lse_mem_pos)
-    nll = log_denominator - log_numerator
-    n_allowed = torch.where(valid_query, n_allowed, torch.zeros_like(n_allowed))
-    return torch.where(valid_query, nll, torch.zeros_like(nll)), n_allowed
+    nll = torch.logaddexp(vocab_lse, lse_all.to(vocab_lse.dtype)) - \
+        torch.logaddexp(target_logit, lse_pos.to(vocab_lse.dtype))
+    return torch.where(valid_query, nll, zero), ce
+
+
+def trime_nll_tiled(vocab_logits: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor,
+                    keys: torch.Tensor, key_labels: torch.Tensor, query_meta: TokenMeta,
+                    key_meta: TokenMeta, layout: str, use_local: bool = True,
+                    temperature: float = 1.0, ignore_index: int = -100,
+                    tile_size: int = 1024) -> torch.Tensor:
+    """[N] TRIME NLL exactly as `trime_nll` with mask = build_memory_mask(query_meta, key_meta, ...),
+    but in tile_size×tile_size blocks: peak memory O(N·d + tile²), never the N×M matrix."""
+    _check_shapes(vocab_logits, targets, queries, keys, key_labels)
+    lse_all, lse_pos, _ = memory_lse_tiled(queries, keys, targets, key_labels, query_meta, key_meta, layout,
+                                           use_local, temperature, ignore_index, tile_size)
+    return combine_vocab_and_memory(vocab_logits, targets, lse_all, lse_pos, ignore_index)[0]

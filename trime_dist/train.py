@@ -127,7 +127,8 @@ def train_step(engine, batches, cfg: TrainConfig, state: TrainState, world_size:
     start = time.perf_counter()
     totals = torch.zeros(3, dtype=torch.float64)  # nll_sum, ce_sum, tokens (this rank)
     memory_sizes, epoch, layout = [], 0, None
-    for _ in range(grad_accum_steps(cfg, world_size)):
+    accum = grad_accum_steps(cfg, world_size)
+    for micro_step in range(accum):
         batch, epoch = next(batches)
         layout, use_local = step_objective(cfg, state.step, epoch)
         logits, memory_keys = engine(batch.input_ids)
@@ -136,15 +137,17 @@ def train_step(engine, batches, cfg: TrainConfig, state: TrainState, world_size:
             gather=layout is not None and needs_gather(layout, cfg.data.placement),
             gather_grad=cfg.memory.gather_grad, temperature=cfg.objective.temperature,
             tiled=cfg.memory.tiled, tile_size=cfg.memory.tile_size)
-        micro = all_reduce_sum(torch.stack([out.nll_sum.double(), out.ce_sum.double(), out.n_tokens.double()]))
-        if not math.isfinite(float(micro[0])):
-            raise FloatingPointError(
-                f"non-finite loss at step {state.step + 1} (epoch {epoch}); stopping without saving, the last "
-                f"good checkpoint in {cfg.run.out_dir}/checkpoints is intact. Try a lower optim.lr or "
-                "deepspeed.precision=fp32")
-        totals += micro
+        totals += torch.stack([out.nll_sum.double(), out.ce_sum.double(), out.n_tokens.double()])
         memory_sizes.append(out.memory_size)
         engine.backward(out.loss)
+        if micro_step == accum - 1:
+            # One collective per optimizer step, before the update: every rank sees a NaN anywhere.
+            totals = all_reduce_sum(totals)
+            if not math.isfinite(float(totals[0])):
+                raise FloatingPointError(
+                    f"non-finite loss at step {state.step + 1} (epoch {epoch}); stopping without saving, the "
+                    f"last good checkpoint in {cfg.run.out_dir}/checkpoints is intact. Try a lower optim.lr "
+                    "or deepspeed.precision=fp32")
         engine.step()
     elapsed = time.perf_counter() - start
     state.step += 1
