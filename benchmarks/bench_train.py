@@ -45,7 +45,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks/results_train.json"))
+    p.add_argument("--out", default=os.path.join(REPO, "runs/benchmarks/train.json"))
     p.add_argument("overrides", nargs="*")
     args, _ = p.parse_known_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
     return args
@@ -128,6 +128,7 @@ def report(args, variants, results):
     print(f"trime_local overhead (CE time / ... ): step-time ratio {med['ce'] / med['trime_local']:.3f} "
           "(target <= 1.10)")
     print(f"trime_ext gathered step-time ratio vs CE: {med['ce'] / med['trime_ext (gathered)']:.3f} (target <= 1.15)")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"tokens_per_s": med, "runs": results}, f, indent=2)
 

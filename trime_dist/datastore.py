@@ -11,7 +11,8 @@ import argparse
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_flags(b, DatastoreConfig)
     i = sub.add_parser("info", help="print a datastore's metadata")
     i.add_argument("path", help="datastore directory")
+    for p in (b, i):
+        p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,9 +85,6 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
         build.dsi.set_threads(cfg.threads)
-    if os.path.isfile(os.path.join(cfg.out, META_FILE)):
-        log.info("%s is complete already (%s exists)", cfg.out, META_FILE)
-        return read_json(os.path.join(cfg.out, META_FILE), "datastore metadata")
     model, _, info = load_model(cfg.model)
     manifest = shards.read_manifest(cfg.data)
     plan = None
@@ -96,6 +96,9 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     plan = broadcast_object(plan)
     if "error" in plan:
         raise ValueError(plan["error"])
+    if os.path.isfile(os.path.join(cfg.out, META_FILE)):  # same plan (checked above): nothing to do
+        log.info("%s is complete already (%s exists)", cfg.out, META_FILE)
+        return read_json(os.path.join(cfg.out, META_FILE), "datastore metadata")
     parts = build.plan_parts(int(manifest["segments"]), plan["part_segments"])
     mine = [p for p in parts if p.index % env.world_size == env.rank]
     _encode_step(cfg, model, manifest, mine)
@@ -105,7 +108,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     if env.rank == 0:
         _train_step(cfg, parts, offsets, total)
     barrier()
-    _add_step(cfg, mine, offsets, parts)
+    _add_step(cfg, mine, offsets)
     barrier()
     meta = None
     if env.rank == 0:
@@ -137,7 +140,7 @@ def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> di
             plan["part_segments"] = old.get("part_segments", part_segments)
         diff = sorted(k for k in plan if old.get(k) != plan[k])
         if diff:
-            raise ValueError(f"{path}: an unfinished build with different {', '.join(diff)} "
+            raise ValueError(f"{path}: a build with different {', '.join(diff)} "
                              f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}) is in this directory; "
                              "use another --out or delete it")
         log.info("resuming the build in %s", cfg.out)
@@ -157,8 +160,11 @@ def _encode_step(cfg, model, manifest: dict, mine: list) -> None:
         for stale in (paths["index_info"], paths["index"]):  # an index part of older keys is stale
             if os.path.exists(stale):
                 os.remove(stale)
+        t0 = time.perf_counter()
         n = build.encode_part(model, cfg.data, manifest, part, paths, cfg.batch_size)
-        log.info("part %s: encoded %d keys (segments %d..%d)", part.stem, n, part.first_segment, part.end_segment)
+        dt = time.perf_counter() - t0
+        log.info("part %s: encoded %d keys (segments %d..%d) in %.1f s, %.0f keys/s", part.stem, n,
+                 part.first_segment, part.end_segment, dt, n / max(dt, 1e-9))
         done += 1
         build.maybe_exit("encode", done)
 
@@ -174,12 +180,13 @@ def _train_step(cfg, parts: list, offsets: list[int], total: int) -> None:
         sample = build.sample_keys(cfg.out, parts, offsets, total, cfg.train_sample, cfg.seed)   # [n, D]
     else:  # Flat: nothing to learn, the "trained" index is just the empty one
         sample = np.zeros((0, int(read_json(build.part_paths(cfg.out, parts[0])["info"])["dim"])), np.float32)
+    t0 = time.perf_counter()
     build.dsi.train_index(cfg.factory, sample, path, cfg.seed)
-    log.info("index: trained %s on %d keys", cfg.factory, len(sample))
+    log.info("index: trained %s on %d keys in %.1f s", cfg.factory, len(sample), time.perf_counter() - t0)
     build.maybe_exit("train")
 
 
-def _add_step(cfg, mine: list, offsets: list[int], parts: list) -> None:
+def _add_step(cfg, mine: list, offsets: list[int]) -> None:
     done = 0
     for part in mine:
         paths = build.part_paths(cfg.out, part)
@@ -187,18 +194,24 @@ def _add_step(cfg, mine: list, offsets: list[int], parts: list) -> None:
         if build.index_part_is_added(paths, count):
             log.info("part %s: added already, skipping", part.stem)
             continue
+        t0 = time.perf_counter()
         build.add_part(cfg.out, part, offsets[part.index], cfg.factory)
-        log.info("part %s: added %d keys to the index (ids from %d)", part.stem, count, offsets[part.index])
+        dt = time.perf_counter() - t0
+        log.info("part %s: added %d keys to the index (ids from %d) in %.1f s, %.0f keys/s", part.stem, count,
+                 offsets[part.index], dt, count / max(dt, 1e-9))
         done += 1
         build.maybe_exit("add", done)
 
 
 def _merge_step(cfg, plan: dict, parts: list, offsets: list[int], total: int, world_size: int) -> dict:
     index_paths = [build.part_paths(cfg.out, p)["index"] for p in parts]
+    t0 = time.perf_counter()
     ntotal = build.dsi.merge_parts(os.path.join(cfg.out, "trained.index"), index_paths,
                                    os.path.join(cfg.out, "index.faiss"), cfg.factory, cfg.ondisk)
     if ntotal != total:
         raise ValueError(f"{cfg.out}: merged index holds {ntotal} keys, the parts {total}")
+    log.info("index: merged %d parts (%s) in %.1f s", len(parts), "on disk" if cfg.ondisk else "in memory",
+             time.perf_counter() - t0)
     ident = hashlib.sha256(f"{plan['model_id']}|{plan['data_manifest_sha256']}|{cfg.factory}".encode()).hexdigest()
     meta = {"format": FORMAT, "datastore_id": ident[:16], "model_id": plan["model_id"], "key_type": KEY_TYPE,
             "dim": plan["dim"], "dtype": "float16", "value_dtype": "int32", "count": total,

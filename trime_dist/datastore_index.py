@@ -15,7 +15,7 @@ from trime_dist.io_utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-_FACTORY = re.compile(r"^(Flat|IVF(\d+),PQ(\d+)(x\d+)?|IVF(\d+),Flat)$")
+_FACTORY = re.compile(r"^(Flat|IVF(\d+),PQ(\d+)(x\d+)?(fs)?|IVF(\d+),Flat)$")
 
 
 def _faiss():
@@ -25,10 +25,12 @@ def _faiss():
 
 
 def check_factory(factory: str, dim: int) -> None:
-    """Accept 'Flat', 'IVF{nlist},Flat' and 'IVF{nlist},PQ{m}[x{bits}]' with m dividing dim."""
+    """Accept 'Flat', 'IVF{nlist},Flat' and 'IVF{nlist},PQ{m}[x{bits}][fs]' with m dividing dim
+    (fs = faiss fast-scan: 4-bit codes scanned with SIMD, several times faster to search on CPU)."""
     match = _FACTORY.match(factory)
     if not match:
-        raise ValueError(f"--factory {factory!r}: expected 'Flat', 'IVF{{nlist}},Flat' or 'IVF{{nlist}},PQ{{m}}'")
+        raise ValueError(f"--factory {factory!r}: expected 'Flat', 'IVF{{nlist}},Flat' or "
+                         "'IVF{{nlist}},PQ{{m}}[x{{bits}}][fs]'")
     m = match.group(3)
     if m is not None and dim % int(m):
         raise ValueError(f"--factory {factory!r}: PQ{m} needs m to divide the key dimension {dim}")
@@ -46,7 +48,7 @@ def uses_ids(factory: str) -> bool:
 def build_empty_index(factory: str, dim: int):
     faiss = _faiss()
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    if "PQ" in factory:
+    if "PQ" in factory and not factory.endswith("fs"):
         # The factory turns on polysemous training (a code reordering for Hamming pre-filtering, which
         # we never use); it is ~30x the cost of the PQ training itself.
         faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="corpus and training seed")
     parser.add_argument("--scale", type=float, default=1.0, help="corpus size multiplier")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    parser.add_argument("--factory", default="IVF256,PQ32", help="faiss index of the demo datastores")
+    parser.add_argument("--k", type=int, default=256, help="neighbours retrieved per token in external memory")
 
 
 def _bin(name: str) -> str:
@@ -32,15 +34,17 @@ def _bin(name: str) -> str:
     return path if os.path.exists(path) else name
 
 
-def run_stage(title: str, cmd: list[str], done_marker: str | None = None) -> float:
+def run_stage(title: str, cmd: list[str], done_marker: str | None = None, env: dict | None = None) -> float:
     """Print and run one stage's command; skip it when its completion marker exists."""
     if done_marker and os.path.exists(done_marker):
         print(f"\n== {title}: done already ({done_marker})", flush=True)
         return 0.0
-    print(f"\n== {title}\n$ {shlex.join(cmd)}", flush=True)
+    prefix = "".join(f"{k}={v} " for k, v in (env or {}).items())
+    print(f"\n== {title}\n$ {prefix}{shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
-    subprocess.run(cmd, check=True, env=env)
+    full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                    TOKENIZERS_PARALLELISM="false", **(env or {}))
+    subprocess.run(cmd, check=True, env=full_env)
     return time.perf_counter() - start
 
 
@@ -84,17 +88,55 @@ def run(args: argparse.Namespace) -> int:
                          os.path.join(data, split), "--seq-len", "128",
                          "--tokenizer", os.path.join(data, "train", "tokenizer.json")],
                   os.path.join(data, split, "manifest.json"))
+    group_size = str(args.ranks * 8)  # ranks x data.micro_batch_size of configs/tiny.yaml
+    run_stage("group train segments by BM25 similarity (external memory batches)",
+              mpi + [_bin("trime"), "group", "--input", os.path.join(data, "train"), "--output",
+                     os.path.join(data, "train_bm25"), "--method", "bm25", "--group-size", group_size],
+              os.path.join(data, "train_bm25", "manifest.json"))
     runs = {
         "ce": train_cmd(args, "ce", "ce", os.path.join(data, "train")),
         "trime_local": train_cmd(args, "trime_local", "trime_local", os.path.join(data, "train")),
+        # prepared shards are in stream order, so each group holds consecutive segments
+        "trime_long": train_cmd(args, "trime_long", "trime_long", os.path.join(data, "train"),
+                                ["data.placement=interleaved", "data.shuffle_shards=false"]),
+        "trime_ext": train_cmd(args, "trime_ext", "trime_ext", os.path.join(data, "train_bm25")),
     }
     for name, cmd in runs.items():
         run_stage(f"train {name} with {args.ranks} DeepSpeed ranks", cmd,
                   os.path.join(args.out, "runs", name, "summary.json"))
-    return print_table(args.out, list(runs))
+    print_training_table(args.out, list(runs))
+    # The kNN-LM baseline needs keys from the CE model: a datastore is tied to the model that built it.
+    for name in ("trime_ext", "ce"):
+        store = os.path.join(args.out, "datastore", name)
+        run_stage(f"datastore of the {name} model over the training set ({args.ranks} ranks)",
+                  mpi + [_bin("trime"), "datastore", "build", "--model", os.path.join(args.out, "runs", name),
+                         "--data", os.path.join(data, "train"), "--out", store, "--factory", args.factory,
+                         "--threads", "1"],
+                  os.path.join(store, "datastore.json"), env={"MASTER_PORT": str(_port())})
+    run_stage("evaluate every model and memory setting on the held-out test documents", eval_cmd(args, data),
+              os.path.join(args.out, "eval.json"))
+    return print_eval_table(os.path.join(args.out, "eval.json"))
 
 
-def print_table(out: str, names: list[str]) -> int:
+def eval_cmd(args, data: str) -> list[str]:
+    """One `trime eval` with a row per (model, memory) setting; tau tuned on the validation split."""
+    run, store = (lambda n: os.path.join(args.out, "runs", n)), (lambda n: os.path.join(args.out, "datastore", n))
+    settings = [
+        f"name=CE,model={run('ce')},memory=none",
+        f"name=kNN-LM,model={run('ce')},memory=none,datastore={store('ce')},knn_lambda=0.25",
+        f"name=TrimeLM,model={run('trime_local')},memory=local",
+        f"name=TrimeLM_long,model={run('trime_long')},memory=long",
+        f"name=TrimeLM_ext,model={run('trime_ext')},memory=external,datastore={store('trime_ext')}",
+        f"name=TrimeLM_ext+kNN,model={run('trime_ext')},memory=external,datastore={store('trime_ext')},"
+        "knn_lambda=0.25",
+    ]
+    return [_bin("trime"), "eval", "--data", os.path.join(data, "test"), "--valid", os.path.join(data, "valid"),
+            "--tau-search", "1.0,1.25,1.5", "--k", str(args.k), "--nprobe", "16", "--mem-size", "1024",
+            "--threads", "1", "--out", os.path.join(args.out, "eval.json"),
+            *[a for s in settings for a in ("--setting", s)]]
+
+
+def print_training_table(out: str, names: list[str]) -> None:
     """Validation perplexity at the start and the end of each run; written to results.json too."""
     rows = []
     for name in names:
@@ -110,5 +152,18 @@ def print_table(out: str, names: list[str]) -> int:
     for r in rows:
         print(f"{r['run']:<14}{r['steps']:>7}{r['start_ppl'] or float('nan'):>10.2f}"
               f"{r['final_ce_ppl']:>12.2f}{r['final_memory_ppl']:>13.2f}")
-    print(f"\n(results written to {os.path.join(out, 'results.json')})")
+    print(f"\n(written to {os.path.join(out, 'results.json')})")
+
+
+def print_eval_table(eval_json: str) -> int:
+    """The final table: test perplexity of each model under its memory setting."""
+    with open(eval_json) as f:
+        rows = json.load(f)
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    print("\nTest perplexity (built-in corpus, held-out documents)")
+    print(f"{'setting':<18}{'memory':<10}{'ppl':>9}{'tau':>7}{'k':>6}{'lambda':>8}")
+    for r in rows:
+        print(f"{r['name']:<18}{r['memory']:<10}{r['ppl']:>9.2f}{r.get('temperature', 1.0):>7.2f}"
+              f"{r.get('k') or '-':>6}{r.get('knn_lambda') or '-':>8}")
+    print(f"\n(written to {eval_json})")
     return 0

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -79,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "knn_lambda, knn_temperature) over the flags' values; repeatable; replaces --memory")
     a("--out", default="", help="write the rows as JSON here")
     a("--threads", type=int, default=0, help="torch / faiss threads (0 = leave as is)")
+    a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
 def settings_from_args(args: argparse.Namespace) -> list[EvalSetting]:
@@ -115,6 +115,9 @@ def parse_setting(text: str, base: EvalSetting) -> EvalSetting:
 def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+        from trime_dist.datastore_index import set_threads
+
+        set_threads(args.threads)
     settings = settings_from_args(args)
     taus = [float(t) for t in args.tau_search.split(",") if t.strip()] if args.tau_search else []
     if taus and not args.valid:
@@ -144,19 +147,23 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
     for model_path in dict.fromkeys(s.model for s in settings):
         group = [i for i, s in enumerate(settings) if s.model == model_path]
         model, _, info = load_model(model_path)
+        log.info("model %s (%s): %s in one pass over %s", model_path, info["model_id"],
+                 ", ".join(settings[i].name for i in group), data_dir)
         stores = open_stores([settings[i] for i in group], info, manifest, data_dir)
         chosen = {i: [settings[i].temperature] for i in group}
         searched = {}
-        if taus:
+        tuned = [i for i in group if settings[i].memory != "none"]  # τ only scales memory similarities
+        if taus and tuned:
             valid_manifest = shards.read_manifest(valid_dir)
             check_tokenizer(info, valid_manifest, valid_dir, model_path)
-            tuned = [i for i in group if settings[i].memory != "none"]
             result = eval_pass(model, valid_dir, valid_manifest, [settings[i] for i in tuned], stores,
                                [taus] * len(tuned), context_window, batch_size, max_segments)
             for i, r in zip(tuned, result["settings"]):
                 losses = r["nll"] / max(r["tokens"], 1)
                 searched[i] = {f"{t:g}": float(l) for t, l in zip(taus, losses)}
                 chosen[i] = [taus[int(np.argmin(losses))]]
+                log.info("%s: τ search on %s: %s -> τ = %g", settings[i].name, valid_dir,
+                         ", ".join(f"{t}: {l:.4f}" for t, l in searched[i].items()), chosen[i][0])
         check_tokenizer(info, manifest, data_dir, model_path)
         result = eval_pass(model, data_dir, manifest, [settings[i] for i in group], stores,
                            [chosen[i] for i in group], context_window, batch_size, max_segments)
@@ -202,7 +209,8 @@ def make_row(s: EvalSetting, info: dict, stores: dict, r: dict, tau: float, sear
 def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting], stores: dict,
               taus: list[list[float]], context_window: int = 0, batch_size: int = 8,
               max_segments: int = 0) -> dict:
-    """{"settings": [{"nll": [n_tau] summed nats, "tokens"}], "tokens_per_s"} for one model."""
+    """{"settings": [{"nll": [n_tau] summed nats, "tokens"}], "tokens_per_s", "seconds": {forward, search,
+    memory}} for one model (tokens_per_s: scored tokens over the whole pass, data reading included)."""
     from tqdm import tqdm
 
     L = int(manifest["seq_len"])
@@ -213,9 +221,15 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
     tokens = [0] * len(settings)
     stream, start_time, n_scored = None, time.perf_counter(), 0
     windows = iter_windows(data_dir, manifest, L, context_window, max_segments)
+    seconds = {"forward": 0.0, "search": 0.0, "memory": 0.0}
     for batch in tqdm(_batched(windows, batch_size), desc="eval", unit="batch", leave=False):
+        t0 = time.perf_counter()
         logits, keys, targets = forward_windows(model, batch, pad_id)       # [B, T, V], [B, T, D], [B, T]
+        t1 = time.perf_counter()
         found = search_batch(batch, keys, settings, stores)
+        t2 = time.perf_counter()
+        seconds["forward"] += t1 - t0
+        seconds["search"] += t2 - t1
         for b, w in enumerate(batch):
             if w.stream != stream:
                 cache.reset()
@@ -229,9 +243,10 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
                 tokens[i] += int((targets[b, s0:n] != IGNORE).sum())
             cache.push(keys[b, s0:n], targets[b, s0:n], w.start + torch.arange(s0, n))
             n_scored += int((targets[b, s0:n] != IGNORE).sum())
+        seconds["memory"] += time.perf_counter() - t2
     elapsed = time.perf_counter() - start_time
     return {"settings": [{"nll": sums[i], "tokens": tokens[i]} for i in range(len(settings))],
-            "tokens_per_s": n_scored / max(elapsed, 1e-9)}
+            "tokens_per_s": n_scored / max(elapsed, 1e-9), "seconds": seconds}
 
 
 def _batched(it, n):
