@@ -67,7 +67,12 @@ def run(args: argparse.Namespace) -> int:
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"trime datastore build: --{name} is required")
-    build_datastore(cfg)
+    from trime_dist.distributed import shutdown_distributed
+
+    try:
+        build_datastore(cfg)
+    finally:
+        shutdown_distributed()
     return 0
 
 

@@ -111,6 +111,12 @@ def init_distributed(timeout_s: int = 1800) -> DistEnv:
     return env
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down at the end of a stage (a clean exit under every launcher)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

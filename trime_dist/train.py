@@ -37,8 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trime_dist.distributed import shutdown_distributed
+
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    finally:
+        shutdown_distributed()
     return 0
 
 

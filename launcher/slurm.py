@@ -1,0 +1,119 @@
+"""SLURM batch jobs: render a readable, re-runnable sbatch script per stage (submitting: launcher.slurm_submit).
+
+MPI stages run under `srun --mpi=pmi2`; torch stages run one task per GPU (CPU rank when there are no
+GPUs) and take their rank from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.distributed).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shlex
+from dataclasses import dataclass
+from typing import Optional
+
+from launcher.slurm_config import SlurmConfig, resources_for
+from launcher.stages import MPI, SINGLE, env_bin, runner_for, split_stage, train_checkpoint_dir
+
+
+@dataclass
+class Job:
+    stage: str
+    script_path: str
+    script: str
+    job_id: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def sbatch_header(cfg: SlurmConfig, stage: str, log_dir: str) -> list[str]:
+    res = resources_for(cfg, stage)
+    kind = runner_for(stage)
+    nodes, tasks, gpus = (res.nodes, res.tasks_per_node, res.gpus_per_node)
+    if kind == SINGLE:  # one process: one node, one task, at most one GPU
+        nodes, tasks, gpus = 1, 1, min(gpus, 1)
+    opts = [f"--job-name={cfg.job_name}-{stage}", f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
+            f"--cpus-per-task={res.cpus_per_task}"]
+    if gpus > 0:
+        opts.append(f"--gpus-per-node={gpus}")
+    if res.mem:
+        opts.append(f"--mem={res.mem}")
+    opts.append(f"--time={res.time}")
+    for name, value in (("partition", res.partition), ("account", cfg.account), ("qos", cfg.qos)):
+        if value:
+            opts.append(f"--{name}={value}")
+    opts += [f"--output={log_dir}/%x-%j.out", f"--error={log_dir}/%x-%j.err"]
+    if stage == "train" and cfg.requeue:
+        # A requeued job reruns this script: the log is appended to and training resumes (see below).
+        opts += ["--requeue", "--open-mode=append"]
+    opts += list(cfg.sbatch_options)
+    return [f"#SBATCH {o}" for o in opts]
+
+
+def script_body(cfg: SlurmConfig, stage: str, stage_args: list[str], workdir: str) -> list[str]:
+    kind = runner_for(stage)
+    trime = [env_bin("trime"), stage]
+    lines = ["set -euo pipefail", f"cd {shlex.quote(workdir)}"]
+    if cfg.setup:  # module / activate scripts often read unset variables: nounset is off while they run
+        lines += ["set +u", *cfg.setup, "set -u"]
+    env = dict(cfg.env)
+    env.setdefault("OMP_NUM_THREADS", str(resources_for(cfg, stage).cpus_per_task))
+    lines += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
+    lines.append('echo "job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS:-1} task(s), '
+                 'restart ${SLURM_RESTART_COUNT:-0}, $(date -u +%FT%TZ)"')
+    if kind == SINGLE:
+        return lines + [shlex.join(trime + stage_args)]
+    # srun of SLURM 22.05-23.02 does not inherit --cpus-per-task from sbatch: pass it again.
+    srun_opts = ["--kill-on-bad-exit=1", f"--cpus-per-task={resources_for(cfg, stage).cpus_per_task}"]
+    if kind == MPI:
+        return lines + ["", "# MPI ranks: srun starts one rank per task and hands them PMI (mpi4py + MPICH).",
+                        shlex.join(["srun", f"--mpi={cfg.mpi}", *srun_opts, *trime, *stage_args])]
+    port = str(cfg.master_port) if cfg.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
+    lines += ["", "# torch.distributed rendezvous on the first node; every task reads its rank from",
+              "# SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.distributed.discover_env).",
+              'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+              f"export MASTER_PORT={port}"]
+    srun = ["srun", *srun_opts, *trime]
+    if stage == "train" and "--resume" not in stage_args:
+        ckpt = train_checkpoint_dir(stage_args, workdir)
+        lines += ["", "# Requeue-friendly: when the run has a checkpoint, continue from it.",
+                  "RESUME=()", f"if [ -f {shlex.quote(ckpt)}/latest ]; then",
+                  f'  echo "resuming from {ckpt}/$(cat {shlex.quote(ckpt)}/latest)"', "  RESUME=(--resume)", "fi",
+                  " ".join([shlex.join(srun), '"${RESUME[@]}"', shlex.join(stage_args)]).rstrip()]
+        return lines
+    return lines + [shlex.join(srun + stage_args)]
+
+
+def render_script(argv: list[str], cfg: SlurmConfig, workdir: str, script_path: str) -> Job:
+    """The sbatch script for `trime STAGE ARGS` (logs go to RUN_DIR/logs)."""
+    stage, stage_args = split_stage(argv)
+    run_dir = os.path.dirname(script_path)
+    log_dir = os.path.join(run_dir, "logs")
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = ["#!/bin/bash",
+             f"# trime {stage}: written by `trime launch slurm` on {when}.",
+             f"# Submit again with: sbatch {shlex.quote(script_path)}",
+             *sbatch_header(cfg, stage, log_dir), "",
+             *script_body(cfg, stage, stage_args, workdir)]
+    return Job(stage, script_path, "\n".join(lines) + "\n")
+
+
+def plan_jobs(steps: list[list[str]], cfg: SlurmConfig, workdir: str, numbered: bool) -> list[Job]:
+    """One Job per step; scripts go to RUN_DIR/STAGE.sbatch (or NN-STAGE.sbatch in a chain)."""
+    if not steps:
+        raise ValueError("no steps to submit: give a stage after `--`, or `chain:` in the config / --step")
+    run_dir = os.path.join(workdir, cfg.run_dir)
+    jobs = []
+    for i, argv in enumerate(steps, start=1):
+        stage, _ = split_stage(argv)
+        name = f"{i:02d}-{stage}.sbatch" if numbered else f"{stage}.sbatch"
+        jobs.append(render_script(argv, cfg, workdir, os.path.join(run_dir, name)))
+    return jobs
+
+
+def dry_run_text(jobs: list[Job], chained: bool) -> str:
+    parts = []
+    for i, job in enumerate(jobs):
+        dep = f" --dependency=afterok:<job id of {jobs[i - 1].stage}> --kill-on-invalid-dep=yes" \
+            if chained and i > 0 else ""
+        parts.append(f"# ===== {job.script_path}  (would run: sbatch --parsable{dep} {job.script_path})\n{job.script}")
+    return "\n".join(parts)

@@ -1,0 +1,100 @@
+"""SLURM settings for `trime launch slurm` / `slurm-chain`: one dataclass, per-stage overrides, strict YAML keys."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from launcher.stages import RUNNERS, TORCH
+
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+
+
+@dataclass
+class StageResources:
+    """Per-stage overrides of SlurmConfig's resources (unset = the top-level value)."""
+    nodes: Optional[int] = None
+    tasks_per_node: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    time: Optional[str] = None
+    partition: Optional[str] = None
+
+
+@dataclass
+class SlurmConfig:
+    run_dir: str = "runs/slurm"        # sbatch scripts, logs/ and jobs.jsonl are written here
+    job_name: str = "trime"            # job names are JOB_NAME-STAGE
+    partition: Optional[str] = None    # --partition (None = the cluster's default)
+    account: Optional[str] = None      # --account
+    qos: Optional[str] = None          # --qos
+    time: str = "01:00:00"             # --time limit, [D-]HH:MM:SS
+    nodes: int = 1                     # --nodes
+    tasks_per_node: int = 1            # MPI stages; torch stages without GPUs (one task = one CPU rank)
+    gpus_per_node: int = 0             # torch stages run one task per GPU; 0 = CPU ranks
+    cpus_per_task: int = 1             # --cpus-per-task (also OMP_NUM_THREADS unless env sets it)
+    mem: Optional[str] = None          # --mem per node, e.g. 200G (None = cluster default)
+    mpi: str = "pmi2"                  # srun --mpi= for MPI stages (pmi2 works with the pip MPICH)
+    requeue: bool = True               # --requeue: a requeued training job resumes from RUN/checkpoints
+    master_port: int = 0               # torch rendezvous port; 0 = 20000 + SLURM_JOB_ID % 20000
+    setup: list[str] = field(default_factory=list)      # shell lines run first (module load, venv activation)
+    env: dict[str, str] = field(default_factory=dict)   # variables exported in every job
+    sbatch_options: list[str] = field(default_factory=list)  # more options, e.g. ["--exclusive"]
+    stages: dict[str, StageResources] = field(default_factory=dict)  # per-stage resource overrides
+    chain: list[str] = field(default_factory=list)      # slurm-chain steps: "STAGE ARGS..." in order
+
+
+@dataclass
+class JobResources:
+    """What one stage's job asks for, after overrides (tasks_per_node already resolved)."""
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    cpus_per_task: int
+    mem: Optional[str]
+    time: str
+    partition: Optional[str]
+
+
+def load_slurm_config(path: Optional[str], overrides: list[str] = ()) -> SlurmConfig:
+    from trime_dist.config import load_config
+
+    cfg = load_config(SlurmConfig, path, list(overrides))
+    validate_slurm_config(cfg, path or "slurm config")
+    return cfg
+
+
+def validate_slurm_config(cfg: SlurmConfig, where: str) -> None:
+    from trime_dist.config import ConfigError
+
+    for name in cfg.stages:
+        if name not in RUNNERS:
+            raise ConfigError(f"{where}: stages.{name}: unknown stage; expected one of {', '.join(RUNNERS)}")
+    for name in ("nodes", "tasks_per_node", "cpus_per_task"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{where}: {name}={getattr(cfg, name)}; expected at least 1")
+    if cfg.gpus_per_node < 0:
+        raise ConfigError(f"{where}: gpus_per_node={cfg.gpus_per_node}; expected 0 or more")
+    for label, value in [("time", cfg.time)] + [(f"stages.{s}.time", r.time) for s, r in cfg.stages.items()]:
+        if value is not None and not _TIME.match(value):
+            raise ConfigError(f"{where}: {label}={value!r}; expected [D-]HH:MM:SS, MM:SS or minutes")
+    for opt in cfg.sbatch_options:
+        if not opt.startswith("--") or "\n" in opt:
+            raise ConfigError(f"{where}: sbatch_options entry {opt!r}; expected one option like '--exclusive'")
+
+
+def resources_for(cfg: SlurmConfig, stage: str) -> JobResources:
+    """The top-level resources with `stages.STAGE` overrides; torch stages get one task per GPU."""
+    over = cfg.stages.get(stage, StageResources())
+    pick = {f.name: getattr(over, f.name) if getattr(over, f.name) is not None else getattr(cfg, f.name)
+            for f in dataclasses.fields(StageResources)}
+    if RUNNERS[stage] == TORCH and pick["gpus_per_node"] > 0:
+        if over.tasks_per_node is not None and over.tasks_per_node != pick["gpus_per_node"]:
+            from trime_dist.config import ConfigError
+
+            raise ConfigError(f"stages.{stage}: tasks_per_node={over.tasks_per_node} but gpus_per_node="
+                              f"{pick['gpus_per_node']}; {stage} runs one task per GPU")
+        pick["tasks_per_node"] = pick["gpus_per_node"]
+    return JobResources(**pick)
