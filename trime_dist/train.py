@@ -268,7 +268,11 @@ def _progress(cfg: TrainConfig, state: TrainState, rank: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    import sys
+
+    # On a terminal the bar redraws in place; in a log file (SLURM, CI) one update every 30 s is enough.
+    return tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
 
 def _record(metrics, record: dict) -> None:

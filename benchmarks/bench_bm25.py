@@ -1,0 +1,222 @@
+"""BM25 neighbour search of `trime group`: agreement with bm25s and speed vs bm25s / rank_bm25 on WikiText-2
+segments (`wikitext`), and the distributed stage on a synthetic corpus with 1 and 2 MPI ranks (`scale`).
+
+    python benchmarks/bench_bm25.py wikitext --seq-lens 128 512
+    python benchmarks/bench_bm25.py scale --segments 50000 --ranks 1 2 --max-df-ratios 1.0 0.1
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # single-thread comparisons (BLAS included)
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from data_pipeline import shards  # noqa: E402
+from data_pipeline.bm25 import BM25Params, NeighbourIndex, count_matrix, document_frequencies  # noqa: E402
+from trime_dist.io_utils import atomic_write_text, sha256_file  # noqa: E402
+
+K = 20
+
+
+def wikitext_segments(path: str, vocab_size: int, seq_lens: list[int]) -> dict[int, list[np.ndarray]]:
+    """The file's lines as documents, BPE-tokenized (trained here), joined with <eod> into one stream and
+    cut into segments of L input tokens, as `trime prepare` does."""
+    from data_pipeline.tokenizer import EOD, encode_docs, train_bpe
+
+    lines = [ln for ln in open(path, encoding="utf-8").read().split("\n") if ln.strip()]
+    tok = train_bpe(lines, vocab_size)
+    eod = tok.token_to_id(EOD)
+    stream = np.array([t for ids in encode_docs(tok, lines) for t in ids + [eod]], dtype=np.int32)
+    print(f"{path}: {len(lines)} lines, {len(stream)} BPE tokens (vocab {tok.get_vocab_size()}, trained here)")
+    # bm25s (0.3.16) indexes int ids correctly only when they are 0..U-1 without gaps: renumber the used ids
+    # (BM25 does not depend on the names of the terms)
+    used, stream = np.unique(stream, return_inverse=True)
+    stream = stream.astype(np.int32)
+    return {L: [stream[s:s + L] for s in range(0, len(stream) - 1, L)] for L in seq_lens}, len(used)
+
+
+def ours_topk(docs: list[np.ndarray], vocab: int, params: BM25Params, block: int = 256):
+    t0 = time.perf_counter()
+    counts = count_matrix(docs, vocab)
+    index = NeighbourIndex(counts, np.array([len(d) for d in docs]), document_frequencies(counts), params)
+    t1 = time.perf_counter()
+    ids = np.concatenate([index.topk(np.arange(s, min(s + block, len(docs))), K)[0]
+                          for s in range(0, len(docs), block)])
+    return ids, t1 - t0, time.perf_counter() - t1
+
+
+def bm25s_topk(docs: list[np.ndarray], params: BM25Params, backend: str):
+    import bm25s
+
+    lists = [d.tolist() for d in docs]
+    t0 = time.perf_counter()
+    retriever = bm25s.BM25(k1=params.k1, b=params.b, backend=backend)
+    retriever.index(lists, show_progress=False)
+    t1 = time.perf_counter()
+    res, scores = retriever.retrieve(lists, k=K + 1, show_progress=False, n_threads=1)
+    return res, scores, t1 - t0, time.perf_counter() - t1
+
+
+def rank_bm25_qps(docs: list[np.ndarray], params: BM25Params, n_queries: int) -> float:
+    from rank_bm25 import BM25Okapi
+
+    bm = BM25Okapi([d.tolist() for d in docs], k1=params.k1, b=params.b)
+    t0 = time.perf_counter()
+    for q in docs[:n_queries]:
+        scores = bm.get_scores(q.tolist())
+        np.argpartition(-scores, K)[: K + 1]
+    return n_queries / (time.perf_counter() - t0)
+
+
+def recall_vs_bm25s(ours: np.ndarray, res: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Mean recall of bm25s's top-20 (self and zero scores removed) in ours, and the fraction identical."""
+    recalls, same = [], 0
+    for q in range(len(ours)):
+        ref = [int(d) for d, s in zip(res[q], scores[q]) if d != q and s > 0][:K]
+        got = set(ours[q][ours[q] >= 0].tolist())
+        recalls.append(len(got & set(ref)) / max(1, len(ref)))
+        same += got == set(ref)
+    return float(np.mean(recalls)), same / len(ours)
+
+
+def bench_wikitext(args) -> None:
+    segs, vocab = wikitext_segments(args.data, args.vocab_size, args.seq_lens)
+    print("\n| L | segments | method | seconds | queries/s | ours (numba) speed-up | recall@20 vs bm25s | "
+          "identical top-20 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for L, docs in segs.items():  # best of --repeat runs each (the dev box is shared)
+        rows = []
+        ref = None
+        for backend in ("numpy", "numba"):
+            res, scores, t_idx, t_ret = min((bm25s_topk(docs, BM25Params(args.k1, args.b), backend)
+                                             for _ in range(args.repeat)), key=lambda r: r[3])
+            ref = ref or (res, scores)
+            rows.append((f"bm25s retrieve, {backend} backend, 1 thread (index {t_idx:.2f}s not counted)", t_ret,
+                         None))
+        for numba in (True, False):
+            params = BM25Params(k1=args.k1, b=args.b, use_numba=numba)
+            ids, t_build, t_search = min((ours_topk(docs, vocab, params) for _ in range(args.repeat)),
+                                         key=lambda r: r[1] + r[2])
+            rows.append((f"ours, {'numba loop' if numba else 'scipy only'}, index build + all-pairs top-20",
+                         t_build + t_search, recall_vs_bm25s(ids, *ref)))
+        n_q = min(args.rank_bm25_queries, len(docs))
+        rank_qps = rank_bm25_qps(docs, BM25Params(args.k1, args.b), n_q)
+        rows.append((f"rank_bm25 BM25Okapi get_scores ({n_q} queries, extrapolated)", len(docs) / rank_qps, None))
+        ours_s = rows[2][1]
+        for name, sec, rec in rows:
+            rec_s = f"{rec[0]:.4f} | {rec[1]:.3f}" if rec else "- | -"
+            print(f"| {L} | {len(docs)} | {name} | {sec:.3f} | {len(docs) / sec:,.0f} | {sec / ours_s:.1f}x | {rec_s} |")
+
+
+# ----------------------------------------------------------------------------- scale
+
+def write_synthetic(out: str, n: int, L: int, vocab: int = 32000, topics: int = 2000, seed: int = 0) -> None:
+    """n segments of L tokens: half from a global Zipf(1) over `vocab`, half from the segment's topic (500 ids,
+    Zipf(0.8)); 50 segments per stream."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, vocab + 1)
+    p /= p.sum()
+    topic_words = np.stack([rng.choice(np.arange(2, vocab), 500, replace=False) for _ in range(topics)])
+    pt = 1.0 / np.arange(1, 501) ** 0.8
+    pt /= pt.sum()
+    writer = shards.SegmentShardWriter(out, rank=0, max_segments=2000)
+    for s0 in range(0, n, 10000):
+        m = min(10000, n - s0)
+        topic = rng.integers(0, topics, m)
+        common = np.maximum(rng.choice(vocab, size=(m, L + 1), p=p), 2)
+        own = topic_words[topic[:, None], rng.choice(500, size=(m, L + 1), p=pt)]
+        toks = np.where(rng.random((m, L + 1)) < 0.5, common, own).astype(np.int32)
+        for j in range(m):
+            i = s0 + j
+            writer.add(i // 50, i % 50, (i % 50) * L, toks[j])
+    atomic_write_text(os.path.join(out, "tokenizer.json"), '{"synthetic": true}\n')
+    manifest = {"format": shards.SEGMENTS_FORMAT, "seq_len": L, "stream_mode": "file", "segments": n,
+                "tokens": n * L, "streams": -(-n // 50),
+                "tokenizer": {"file": "tokenizer.json", "sha256": sha256_file(os.path.join(out, "tokenizer.json")),
+                              "kind": "synthetic", "vocab_size": vocab, "eod_id": 1, "pad_id": 0},
+                "shards": [{k: v for k, v in e.items() if k != "reused"} for e in writer.close()]}
+    shards.write_manifest(out, manifest)
+
+
+def run_group(src: str, out: str, ranks: int, max_df: float, group_size: int) -> tuple[float, list[float], dict]:
+    shutil.rmtree(out, ignore_errors=True)
+    bindir = os.path.dirname(sys.executable)
+    cmd = ["/usr/bin/time", "-f", "maxrss_kb=%M", os.path.join(bindir, "trime"), "group", "--input", src,
+           "--output", out, "--method", "bm25", "--group-size", str(group_size), "--max-df-ratio", str(max_df)]
+    if ranks > 1:
+        cmd = [os.path.join(bindir, "mpiexec"), "-n", str(ranks)] + cmd
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    rss = [int(x) / 2**20 for x in re.findall(r"maxrss_kb=(\d+)", proc.stderr)]
+    return wall, rss, shards.read_manifest(out)
+
+
+def neighbour_sets(out: str) -> np.ndarray:
+    from data_pipeline.group_search import load_neighbours
+
+    m = shards.read_manifest(out)
+    g = m["grouping"]
+    return load_neighbours(os.path.join(out, "neighbours"), m["segments"] + m["dropped_segments"], g["top_k"],
+                           g["query_block"])
+
+
+def bench_scale(args) -> None:
+    src = os.path.join(args.workdir, f"synthetic-{args.segments}x{args.seq_len}")
+    if not os.path.isfile(os.path.join(src, "manifest.json")):
+        t0 = time.perf_counter()
+        write_synthetic(src, args.segments, args.seq_len)
+        print(f"wrote {src} in {time.perf_counter() - t0:.0f}s")
+    print(f"\n| ranks | max_df_ratio | segments | wall s | segments/s | peak RSS per rank GiB | recall@20 vs no cut-off "
+          f"| within-group BM25 (bm25 / random) |")
+    print("|---|---|---|---|---|---|---|---|")
+    reference = None
+    for max_df in args.max_df_ratios:
+        for ranks in args.ranks:
+            out = os.path.join(args.workdir, f"out-r{ranks}-df{max_df}")
+            wall, rss, m = run_group(src, out, ranks, max_df, args.group_size)
+            nb = neighbour_sets(out)
+            if reference is None:
+                reference = nb
+            hits = [len(set(a[a >= 0]) & set(r[r >= 0])) / max(1, (r >= 0).sum()) for a, r in zip(nb, reference)]
+            sim = m["similarity"]
+            print(f"| {ranks} | {max_df} | {args.segments} | {wall:.1f} | {args.segments / wall:.0f} | "
+                  f"{', '.join(f'{x:.2f}' for x in rss)} | {np.mean(hits):.4f} | "
+                  f"{sim['mean_within_group_bm25']:.2f} / {sim['mean_within_group_bm25_random']:.2f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    w = sub.add_parser("wikitext")
+    w.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data/wikitext2-valid.tokens"))
+    w.add_argument("--vocab-size", type=int, default=8000)
+    w.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
+    w.add_argument("--rank-bm25-queries", type=int, default=100)
+    w.add_argument("--repeat", type=int, default=3)
+    s = sub.add_parser("scale")
+    s.add_argument("--segments", type=int, default=200_000)
+    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--max-df-ratios", type=float, nargs="+", default=[1.0, 0.1])
+    s.add_argument("--group-size", type=int, default=16)
+    s.add_argument("--workdir", default="/tmp/bench_bm25")
+    for p in (w, s):
+        p.add_argument("--k1", type=float, default=0.9)
+        p.add_argument("--b", type=float, default=0.4)
+    args = parser.parse_args()
+    bench_wikitext(args) if args.what == "wikitext" else bench_scale(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""`trime group`: decide which segments share a memory (one global batch) and rewrite the shards, one group
+per sample. Methods: random, consecutive (TrimeLM_long), bm25 (TrimeLM_ext; distributed under MPI).
+Run as `mpiexec -n R trime group ...`; 1 and R ranks give identical output.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data_pipeline import mpi, shards
+from data_pipeline.bm25 import BM25Params, NeighbourIndex, mean_pair_score
+from data_pipeline.chain import consecutive_order, cut_groups, greedy_chain, random_order
+from data_pipeline.group_search import gather_counts, load_neighbours, read_local_segments, \
+    read_segments_by_id, search_neighbours, wait_for_all_ranks
+from trime_dist.cli_utils import add_dataclass_flags, dataclass_from_flags
+from trime_dist.config import ConfigError
+from trime_dist.io_utils import atomic_path, read_json, sha256_file
+
+log = logging.getLogger(__name__)
+METHODS = ("random", "consecutive", "bm25")
+
+
+@dataclass
+class GroupConfig:
+    input: str = field(default="", metadata={"help": "segment shard directory made by `trime prepare`"})
+    output: str = field(default="", metadata={"help": "directory for the grouped shards"})
+    method: str = field(default="bm25", metadata={"help": "grouping method", "choices": METHODS})
+    group_size: int = field(default=16, metadata={"help": "G: segments per group = ranks x micro-batch in training"})
+    seed: int = field(default=0, metadata={"help": "seed of the random order / the chain's random restarts"})
+    top_k: int = field(default=20, metadata={"help": "bm25: neighbours kept per segment"})
+    k1: float = field(default=0.9, metadata={"help": "bm25: k1"})
+    b: float = field(default=0.4, metadata={"help": "bm25: b"})
+    min_df: int = field(default=1, metadata={"help": "bm25: terms in fewer segments are not scored"})
+    max_df_ratio: float = field(default=1.0, metadata={
+        "help": "bm25: terms in more than this fraction of segments are not scored (1.0 = keep all; faster below)"})
+    stopwords: list[int] = field(default_factory=list, metadata={
+        "help": "bm25: token ids removed from every segment before indexing (also from its length)"})
+    query_block: int = field(default=256, metadata={"help": "bm25: queries scored per block (one file each)"})
+    dense_df_ratio: float = field(default=0.05, metadata={
+        "help": "bm25: terms in at least this fraction of segments are scored with a dense matmul"})
+    max_dense_terms: int = field(default=1024, metadata={"help": "bm25: cap on the dense terms"})
+    numba: bool = field(default=True, metadata={
+        "help": "bm25: compiled sparse loop when numba is installed (~2x faster search; else scipy only)"})
+    groups_per_shard: int = field(default=256, metadata={"help": "groups per output tar shard"})
+    similarity_groups: int = field(default=1000, metadata={
+        "help": "groups sampled for the mean within-group BM25 similarity report (0 = skip the report)"})
+
+    def bm25_params(self) -> BM25Params:
+        return BM25Params(k1=self.k1, b=self.b, min_df=self.min_df, max_df_ratio=self.max_df_ratio,
+                          dense_df_ratio=self.dense_df_ratio, max_dense_terms=self.max_dense_terms,
+                          use_numba=self.numba)
+
+    def grouping(self) -> dict:
+        """The parameters that determine the groups (recorded in the manifest)."""
+        g = {"method": self.method, "seed": self.seed}
+        if self.method == "bm25":
+            g.update(top_k=self.top_k, k1=self.k1, b=self.b, min_df=self.min_df, max_df_ratio=self.max_df_ratio,
+                     stopwords=sorted(self.stopwords), dense_df_ratio=self.dense_df_ratio,
+                     max_dense_terms=self.max_dense_terms, query_block=self.query_block, numba=self.numba)
+        return g
+
+
+def validate_config(cfg: GroupConfig) -> None:
+    def require(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"--{key.replace('_', '-')}: {msg}")
+    require(bool(cfg.input), "input", "is required (a directory made by `trime prepare`)")
+    require(bool(cfg.output), "output", "is required")
+    require(os.path.abspath(cfg.input) != os.path.abspath(cfg.output), "output", "must differ from --input")
+    require(cfg.method in METHODS, "method", f"got {cfg.method!r}, allowed: {', '.join(METHODS)}")
+    for key in ("group_size", "top_k", "query_block", "groups_per_shard"):
+        require(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
+    require(cfg.k1 >= 0 and 0 <= cfg.b <= 1, "k1", f"need k1 >= 0 and 0 <= b <= 1, got k1={cfg.k1}, b={cfg.b}")
+    require(0 < cfg.max_df_ratio <= 1, "max_df_ratio", f"must be in (0, 1], got {cfg.max_df_ratio}")
+    require(cfg.similarity_groups >= 0, "similarity_groups", f"must be >= 0, got {cfg.similarity_groups}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_flags(parser, GroupConfig)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = dataclass_from_flags(GroupConfig, args)
+    validate_config(cfg)
+    if mpi.size() == 1:
+        return group_segments(cfg)
+    try:
+        return group_segments(cfg)
+    except BaseException as e:  # noqa: BLE001 -- one failing rank must not leave the others waiting
+        print(f"trime group: error on rank {mpi.rank()}: {e}", file=sys.stderr, flush=True)
+        mpi.get_comm().Abort(2)
+        raise
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def _check_source(cfg: GroupConfig) -> dict:
+    manifest = shards.read_manifest(cfg.input)
+    where = os.path.join(cfg.input, shards.MANIFEST)
+    if manifest["format"] != shards.SEGMENTS_FORMAT:
+        raise ValueError(f"{where}: format {manifest['format']!r}, expected {shards.SEGMENTS_FORMAT!r} "
+                         f"(--input must be a `trime prepare` output)")
+    tok = manifest["tokenizer"]
+    tok_path = os.path.join(cfg.input, tok["file"])
+    if not os.path.isfile(tok_path):
+        raise FileNotFoundError(f"tokenizer file listed in {where} not found: {tok_path}")
+    if sha256_file(tok_path) != tok["sha256"]:
+        raise ValueError(f"{tok_path}: sha256 differs from {where}: the shards were made with another tokenizer")
+    if manifest["segments"] == 0:
+        raise ValueError(f"{where}: the corpus is empty (0 segments)")
+    if cfg.group_size > manifest["segments"]:
+        raise ConfigError(f"--group-size: {cfg.group_size} is larger than the {manifest['segments']} segments "
+                          f"in {cfg.input}")
+    bad_stop = [s for s in cfg.stopwords if not 0 <= s < tok["vocab_size"]]
+    if bad_stop:
+        raise ConfigError(f"--stopwords: token ids {bad_stop} outside the vocabulary [0, {tok['vocab_size']})")
+    return manifest
+
+
+def _existing_output(cfg: GroupConfig, source_sha: str) -> bool:
+    """True if the output is already complete for these settings; raise if it holds another grouping."""
+    path = os.path.join(cfg.output, shards.MANIFEST)
+    if not os.path.isfile(path):
+        return False
+    done = read_json(path, "grouped shard manifest")
+    same = (done.get("grouping") == cfg.grouping() and done.get("group_size") == cfg.group_size
+            and done.get("source_manifest_sha256") == source_sha)
+    if not same:
+        raise ValueError(f"{path}: the output already holds another grouping ({done.get('grouping')}, "
+                         f"G={done.get('group_size')}); choose another --output or delete it")
+    return True
+
+
+def group_segments(cfg: GroupConfig) -> int:
+    clock = _PhaseClock()
+    rank, world = mpi.rank(), mpi.size()
+    source = _check_source(cfg)
+    source_sha = sha256_file(os.path.join(cfg.input, shards.MANIFEST))
+    if _existing_output(cfg, source_sha):
+        if rank == 0:
+            log.info("%s is already complete for these settings; nothing to do", cfg.output)
+        return 0
+    os.makedirs(cfg.output, exist_ok=True)
+    n = source["segments"]
+    index = None
+    if cfg.method == "bm25" or cfg.similarity_groups > 0:
+        docs = read_local_segments(cfg.input, source, rank, world, set(cfg.stopwords))
+        clock.lap("read")
+        counts, doc_len, df = gather_counts(docs, source["tokenizer"]["vocab_size"], n)
+        del docs
+        index = NeighbourIndex(counts, doc_len, df, cfg.bm25_params())
+        clock.lap("index")
+    order = None
+    if cfg.method == "bm25":
+        work = os.path.join(cfg.output, "neighbours")
+        search_neighbours(index, work, cfg.top_k, cfg.query_block, _search_fingerprint(cfg, source_sha),
+                          rank, world)
+        clock.lap("search")
+        wait_for_all_ranks()
+        if rank == 0:
+            order = greedy_chain(load_neighbours(work, n, cfg.top_k, cfg.query_block), cfg.seed)
+    elif rank == 0:
+        order = random_order(n, cfg.seed) if cfg.method == "random" else consecutive_order(n)
+    wait_for_all_ranks()
+    order = mpi.bcast(order)
+    clock.lap("chain")
+    groups, dropped = cut_groups(order, cfg.group_size)                                # [n_groups, G]
+    entries = _write_my_shards(cfg, source, groups, rank, world)
+    clock.lap("write")
+    wait_for_all_ranks()
+    all_entries = mpi.gather(entries)
+    if rank == 0:
+        sim = _similarity_report(index, groups, cfg) if index is not None and cfg.similarity_groups else {}
+        clock.lap("similarity")
+        _finish(cfg, source, source_sha, groups, dropped, [e for part in all_entries for e in part], sim,
+                world, clock)
+    wait_for_all_ranks()
+    return 0
+
+
+class _PhaseClock:
+    """Wall time per phase of this rank, for the log and the manifest."""
+
+    def __init__(self):
+        self.start = self.last = time.time()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.phases[name] = round(self.phases.get(name, 0.0) + now - self.last, 2)
+        self.last = now
+
+    def total(self) -> float:
+        return round(time.time() - self.start, 2)
+
+
+def _search_fingerprint(cfg: GroupConfig, source_sha: str) -> dict:
+    """Everything the neighbour block files depend on; blocks from other settings are discarded."""
+    keys = ("top_k", "k1", "b", "min_df", "max_df_ratio", "stopwords", "query_block", "dense_df_ratio",
+            "max_dense_terms", "numba")
+    return {"source_manifest_sha256": source_sha, **{k: cfg.grouping()[k] for k in keys}}
+
+
+def _write_my_shards(cfg: GroupConfig, source: dict, groups: np.ndarray, rank: int, world: int) -> list[dict]:
+    """This rank's contiguous range of output shards (shard boundaries do not depend on the world size)."""
+    n_shards = -(-len(groups) // cfg.groups_per_shard)
+    lo, hi = rank * n_shards // world, (rank + 1) * n_shards // world
+    g_lo, g_hi = lo * cfg.groups_per_shard, min(hi * cfg.groups_per_shard, len(groups))
+    mine = groups[g_lo:g_hi]
+    segs = read_segments_by_id(cfg.input, source, np.unique(mine))
+    seq_len, pad = source["seq_len"], source["tokenizer"]["pad_id"]
+    writer = shards.GroupShardWriter(cfg.output, max_groups=cfg.groups_per_shard, start_index=lo)
+    for gi, members in enumerate(mine):
+        tokens = np.full((len(members), seq_len + 1), pad, dtype=np.int32)             # [G, L + 1]
+        metas = []
+        for row, sid in enumerate(members):
+            seg_tokens, meta = segs[int(sid)]
+            tokens[row, : len(seg_tokens)] = seg_tokens
+            metas.append(meta)
+        writer.add(g_lo + gi, tokens, metas)
+    return [{k: v for k, v in e.items() if k != "reused"} for e in writer.close()]
+
+
+def _similarity_report(index: NeighbourIndex, groups: np.ndarray, cfg: GroupConfig) -> dict:
+    """Mean BM25 score between members of the same group: these groups vs random groups of the same size."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    n_sample = min(cfg.similarity_groups, len(groups))
+    sample = groups[np.sort(rng.choice(len(groups), n_sample, replace=False))]
+    random_groups, _ = cut_groups(rng.permutation(index.n_docs), cfg.group_size)
+    random_sample = random_groups[:n_sample]
+    return {"groups_sampled": int(n_sample), "mean_within_group_bm25": mean_pair_score(index, sample),
+            "mean_within_group_bm25_random": mean_pair_score(index, random_sample)}
+
+
+def _finish(cfg: GroupConfig, source: dict, source_sha: str, groups: np.ndarray, dropped: np.ndarray,
+            entries: list[dict], sim: dict, world: int, clock: _PhaseClock) -> None:
+    """Copy the tokenizer, remove stale shards, write the manifest LAST (it marks the output complete)."""
+    tok = source["tokenizer"]
+    with atomic_path(os.path.join(cfg.output, tok["file"])) as tmp:
+        shutil.copyfile(os.path.join(cfg.input, tok["file"]), tmp)
+    listed = {e["path"] for e in entries}
+    for name in os.listdir(cfg.output):
+        stale_tmp = name.startswith(".") and name.endswith(".tmp")  # left by a killed writer
+        if (name.startswith("group-") and name.endswith(".tar") and name not in listed) or stale_tmp:
+            os.remove(os.path.join(cfg.output, name))
+    dropped_keys = _keys_of(cfg.input, source, dropped)
+    manifest = {
+        "format": shards.GROUPS_FORMAT, "group_size": cfg.group_size, "seq_len": source["seq_len"],
+        "tokenizer": dict(tok), "grouping": cfg.grouping(), "groups": int(len(groups)),
+        "segments": int(groups.size), "dropped_segments": int(len(dropped)), "dropped_keys": dropped_keys,
+        "source_manifest_sha256": source_sha, "shards": entries, "similarity": sim,
+        "created_by": "trime group", "world_size": world, "seconds": clock.total(),
+        "seconds_rank0": clock.phases,
+    }
+    shards.write_manifest(cfg.output, manifest)
+    log.info("grouped %d segments into %d groups of %d (%d dropped) with %s in %.1fs on %d rank(s); "
+             "rank 0 phases (s): %s", source["segments"], len(groups), cfg.group_size, len(dropped), cfg.method,
+             clock.total(), world, clock.phases)
+    if sim:
+        log.info("mean within-group BM25 similarity: %.3f (random groups: %.3f, %d groups sampled)",
+                 sim["mean_within_group_bm25"], sim["mean_within_group_bm25_random"], sim["groups_sampled"])
+
+
+def _keys_of(src_dir: str, source: dict, ids: np.ndarray) -> list[str]:
+    segs = read_segments_by_id(src_dir, source, ids)
+    return [shards.segment_key(segs[int(i)][1]["stream"], segs[int(i)][1]["index"]) for i in ids]
+
