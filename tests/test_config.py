@@ -2,7 +2,8 @@
 import pytest
 
 from trime_dist.config import ConfigError, TrainConfig, load_config, validate_train_config
-from trime_dist.engine import build_ds_config, inverse_sqrt_factor
+from trime_dist.config import OptimConfig
+from trime_dist.engine import build_ds_config, lr_factor
 
 
 def test_precedence(tmp_path):
@@ -57,10 +58,16 @@ def test_deepspeed_json_follows_config():
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
-    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert "scheduler" not in ds  # the LR schedule is ours (lr_factor), see build_engine
 
 
-def test_inverse_sqrt_schedule():
-    assert inverse_sqrt_factor(0, 10) == pytest.approx(0.1)
-    assert inverse_sqrt_factor(9, 10) == pytest.approx(1.0)
-    assert inverse_sqrt_factor(39, 10) == pytest.approx(0.5)
+def test_lr_schedules():
+    inv = OptimConfig(schedule="inverse_sqrt", warmup_steps=10)
+    assert lr_factor(0, inv, 100) == pytest.approx(0.1)  # the first step already learns
+    assert lr_factor(9, inv, 100) == pytest.approx(1.0)
+    assert lr_factor(39, inv, 100) == pytest.approx(0.5)
+    cos = OptimConfig(schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(10, cos, 110) == pytest.approx(1.0)
+    assert lr_factor(60, cos, 110) == pytest.approx(0.55)
+    assert lr_factor(110, cos, 110) == pytest.approx(0.1)
+    assert lr_factor(0, OptimConfig(schedule="constant", warmup_steps=0), 5) == 1.0

@@ -62,6 +62,7 @@ class MemoryConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"          # adamw | sgd (plain SGD: updates are exactly lr x gradient)
     lr: float = 1e-3
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
@@ -110,6 +111,7 @@ T = TypeVar("T")
 
 OBJECTIVES = ("ce", "trime_local", "trime_long", "trime_ext")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
 PLACEMENTS = ("contiguous", "interleaved")
 
@@ -170,6 +172,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
     """Cross-field checks that need the world size; raises ConfigError naming the key."""
     m, d, o, op, ds, r = cfg.model, cfg.data, cfg.objective, cfg.optim, cfg.deepspeed, cfg.run
     _require(o.name in OBJECTIVES, "objective.name", f"got {o.name!r}, allowed: {', '.join(OBJECTIVES)}")
+    _require(op.name in OPTIMIZERS, "optim.name", f"got {op.name!r}, allowed: {', '.join(OPTIMIZERS)}")
     _require(op.schedule in SCHEDULES, "optim.schedule", f"got {op.schedule!r}, allowed: {', '.join(SCHEDULES)}")
     _require(ds.precision in PRECISIONS, "deepspeed.precision", f"got {ds.precision!r}, allowed: {', '.join(PRECISIONS)}")
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"got {ds.zero_stage}, allowed: 0, 1, 2, 3")

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from trime_dist.config import TrainConfig, grad_accum_steps
+from trime_dist.config import OptimConfig, TrainConfig, grad_accum_steps
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +30,30 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": ds.precision == "bf16"},
         "optimizer": {"type": "AdamW", "params": {
-            "lr": op.lr, "betas": list(op.betas), "eps": op.eps, "weight_decay": op.weight_decay}},
+            "lr": op.lr, "betas": list(op.betas), "eps": op.eps, "weight_decay": op.weight_decay}}
+        if op.name == "adamw" else {"type": "SGD", "params": {"lr": op.lr, "weight_decay": op.weight_decay}},
+        # ZeRO partitions any torch optimizer; DeepSpeed only wants SGD acknowledged explicitly.
+        "zero_allow_untested_optimizer": op.name != "adamw",
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if op.schedule == "cosine":
-        config["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": cfg.run.max_steps, "warmup_num_steps": max(op.warmup_steps, 1),
-            "warmup_type": "linear", "warmup_min_ratio": 0.0, "cos_min_ratio": op.min_lr_ratio}}
-    elif op.schedule == "constant":
-        config["scheduler"] = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": op.lr, "warmup_num_steps": max(op.warmup_steps, 1),
-            "warmup_type": "linear"}}
-    # inverse_sqrt has no DeepSpeed scheduler: build_engine passes a LambdaLR instead.
+    # The LR schedule is a torch LambdaLR passed to deepspeed.initialize (see lr_factor), not a
+    # DeepSpeed "scheduler" entry: DeepSpeed's warmup schedulers run the first two steps at lr 0.
     return _deep_merge(config, ds.extra)
 
 
-def inverse_sqrt_factor(step: int, warmup_steps: int) -> float:
-    """fairseq's inverse_sqrt: linear warmup to 1, then sqrt(warmup / step)."""
-    warmup = max(warmup_steps, 1)
-    step = step + 1
-    return step / warmup if step < warmup else math.sqrt(warmup / step)
+def lr_factor(step: int, op: OptimConfig, total_steps: int) -> float:
+    """Multiplier of optim.lr for optimizer step `step` (0-based): linear warmup from lr/warmup_steps
+    to lr, then cosine decay to min_lr_ratio * lr at total_steps, fairseq's inverse_sqrt, or constant."""
+    warmup = max(op.warmup_steps, 0)
+    if step < warmup:
+        return (step + 1) / warmup
+    if op.schedule == "constant":
+        return 1.0
+    if op.schedule == "inverse_sqrt":
+        return math.sqrt(max(warmup, 1) / (step + 1))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return op.min_lr_ratio + (1.0 - op.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -75,11 +78,11 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     import deepspeed
 
     ds_config = build_ds_config(cfg, world_size)
-    lr_scheduler = None
-    if cfg.optim.schedule == "inverse_sqrt":
-        warmup = cfg.optim.warmup_steps
-        lr_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-            opt, lambda s: inverse_sqrt_factor(s, warmup))
+    optim_cfg, total = cfg.optim, cfg.run.max_steps
+
+    def lr_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim_cfg, total))
+
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds_config, lr_scheduler=lr_scheduler)
