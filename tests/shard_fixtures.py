@@ -32,14 +32,21 @@ def write_segment_dir(out_dir: str, stream_lengths: list[int], seq_len: int, voc
         n_tokens += length - 1
     entries = writer.close()
     manifest = {
-        "format": shards.SEGMENTS_FORMAT, "seq_len": seq_len,
-        "tokenizer": {"file": "tokenizer.json", "sha256": "0" * 64, "kind": "test", "vocab_size": vocab_size,
-                      "eod_id": 1, "pad_id": 0},
+        "format": shards.SEGMENTS_FORMAT, "seq_len": seq_len, "tokenizer": _byte_tokenizer(out_dir),
         "stream_mode": "file", "segments": n_segments, "tokens": n_tokens, "streams": len(stream_lengths),
         "shards": entries,
     }
     shards.write_manifest(out_dir, manifest)
     return manifest
+
+
+def _byte_tokenizer(out_dir: str) -> dict:
+    """A real tokenizer file beside the shards (ids 2..vocab_size-1 of the streams are byte ids)."""
+    from data_pipeline.tokenizer import build_tokenizer, tokenizer_info
+
+    path = os.path.join(out_dir, shards.TOKENIZER_FILE)
+    build_tokenizer("byte", [], 0).save(path)
+    return {"file": shards.TOKENIZER_FILE, **tokenizer_info(path)}
 
 
 def all_segments(out_dir: str) -> dict[str, np.ndarray]:

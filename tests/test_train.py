@@ -100,3 +100,21 @@ def test_bad_inputs_give_clear_errors(pattern_data, tmp_path, capsys):
     assert "data.global_batch_size" in capsys.readouterr().err
     assert trime_main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_layouts_the_data_cannot_satisfy_are_refused(pattern_data, tmp_path, capsys):
+    # one segment per rank with contiguous placement: long-term memory would have nothing to remember
+    args = overrides(pattern_data, tmp_path / "a", 2, "objective.name=trime_long", "data.micro_batch_size=1",
+                     "data.global_batch_size=1")
+    assert trime_main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "data.placement=interleaved" in err and "data.micro_batch_size" in err
+    # trime_long on groups that are not consecutive segments
+    from data_pipeline.group import GroupConfig, group_segments
+
+    grouped = tmp_path / "random_groups"
+    group_segments(GroupConfig(input=str(pattern_data / "train"), output=str(grouped), method="random",
+                               group_size=8))  # 1 rank x data.micro_batch_size
+    args = overrides(pattern_data, tmp_path / "b", 2, "objective.name=trime_long", f"data.train={grouped}")
+    assert trime_main(["train", *args]) == 2
+    assert "consecutive" in capsys.readouterr().err
