@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 LAYOUTS = ("local", "long", "ext")
@@ -152,8 +153,9 @@ class _TiledMemoryLSE(torch.autograd.Function):
                                                       key_meta_t, layout, use_local, scale, tile_size,
                                                       ignore_index, dtype):
             rows = slice(q0, q0 + sim.shape[0])
-            lse_all[rows] = torch.logaddexp(lse_all[rows], _masked_lse(sim, allowed))
+            # positives are a subset of the allowed entries, so masking sim in place after is safe
             lse_pos[rows] = torch.logaddexp(lse_pos[rows], _sparse_lse(sim, positive))
+            lse_all[rows] = torch.logaddexp(lse_all[rows], torch.logsumexp(sim.masked_fill_(~allowed, float("-inf")), 1))
             n_allowed[rows] += allowed.sum(1)
         ctx.save_for_backward(queries, keys, targets, key_labels, query_meta_t, key_meta_t, lse_all, lse_pos)
         ctx.config = (layout, use_local, scale, tile_size, ignore_index)
@@ -177,25 +179,22 @@ class _TiledMemoryLSE(torch.autograd.Function):
                                                       ignore_index, dtype):
             n, m = sim.shape
             rows, cols = slice(q0, q0 + n), slice(k0, k0 + m)
-            # d lse_i / d s_ij = softmax over the row's allowed (resp. positive) entries.
-            p_all = torch.exp(sim.masked_fill(~allowed, float("-inf")) - lse_all[rows, None])   # [n, m]
-            grad_sim = p_all.mul_(grad_all[rows, None])                                        # [n, m]
             # positives (same label as the target) are sparse: only touch those entries
             i, j = positive.nonzero(as_tuple=True)                                              # [P]
-            grad_sim[i, j] += torch.exp(sim[i, j] - lse_pos[rows][i]) * grad_pos[rows][i]
+            grad_pos_entries = torch.exp(sim[i, j] - lse_pos[rows][i]) * grad_pos[rows][i]      # [P]
+            # d lse_i / d s_ij = softmax over the row's allowed (resp. positive) entries; in place.
+            grad_sim = sim.masked_fill_(~allowed, float("-inf")).sub_(lse_all[rows, None]).exp_()
+            grad_sim.mul_(grad_all[rows, None])                                                 # [n, m]
+            grad_sim[i, j] += grad_pos_entries
             grad_sim.mul_(scale)
             grad_q[rows] += grad_sim @ keys[cols].to(dtype)                                     # [n, d]
             grad_k[cols] += grad_sim.T @ queries[rows].to(dtype)                                # [m, d]
         return (grad_q.to(queries.dtype), grad_k.to(keys.dtype)) + (None,) * 9
 
 
-def _masked_lse(sim: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """[n] log Σ_j exp(sim_ij) over keep_ij (-inf for empty rows); forward only."""
-    return torch.logsumexp(sim.masked_fill(~keep, float("-inf")), dim=1)
-
-
 def _sparse_lse(sim: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """[n] same as _masked_lse, visiting only the kept entries (cheap when keep is sparse)."""
+    """[n] log Σ_j exp(sim_ij) over keep_ij (-inf for empty rows), visiting only the kept entries
+    (cheap when keep is sparse); forward only."""
     i, j = keep.nonzero(as_tuple=True)                                               # [P]
     values = sim[i, j]                                                               # [P]
     row_max = torch.full((sim.shape[0],), float("-inf"), dtype=sim.dtype, device=sim.device)
@@ -246,7 +245,7 @@ def _blocks(queries, keys, targets, key_labels, query_meta_t, key_meta_t, layout
             k_meta = TokenMeta.unstack(key_meta_t[k0:k0 + tile_size])
             allowed = build_memory_mask(q_meta, k_meta, layout, use_local)           # [n, m]
             allowed &= key_valid[None, k0:k0 + tile_size]
-            if not bool(allowed.any()):
+            if layout != "ext" and not bool(allowed.any()):
                 continue  # no memory here (e.g. other segments in the local layout): skip the matmul
             positive = allowed & (key_labels[None, k0:k0 + tile_size] == t_block[:, None])  # [n, m]
             sim = (q_block @ keys[k0:k0 + tile_size].to(dtype).T) * scale            # [n, m]
@@ -306,10 +305,11 @@ def combine_vocab_and_memory(vocab_logits: torch.Tensor, targets: torch.Tensor, 
     valid_query = targets != ignore_index                                            # [N]
     safe_targets = torch.where(valid_query, targets, torch.zeros_like(targets))
     logits = vocab_logits.to(_compute_dtype(vocab_logits))                           # [N, V]
-    vocab_lse = torch.logsumexp(logits, 1)                                           # [N]
     target_logit = logits.gather(1, safe_targets[:, None])[:, 0]                     # [N]
+    # log Σ_w exp(logit_w) = CE + target logit: the fused cross-entropy kernel does the heavy part.
+    ce = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")  # [N], 0 if ignored
+    vocab_lse = ce + target_logit                                                    # [N]
     zero = torch.zeros_like(vocab_lse)
-    ce = torch.where(valid_query, vocab_lse - target_logit, zero)
     if lse_all is None:
         return ce, ce
     # log(vocab sum + memory sum); the vocabulary term is finite, so logaddexp's grads are too.
