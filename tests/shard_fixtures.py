@@ -19,7 +19,7 @@ def pattern_tokens(rng: np.random.Generator, length: int, vocab_size: int, noise
 
 
 def write_segment_dir(out_dir: str, stream_lengths: list[int], seq_len: int, vocab_size: int = 50,
-                      per_shard: int = 5, seed: int = 0, noise: float = 1.0) -> dict:
+                      per_shard: int = 5, seed: int = 0, noise: float = 1.0, real_tokenizer: bool = False) -> dict:
     """Streams cut into segments as `trime prepare` does (noise=1: uniform random tokens); returns the manifest."""
     rng = np.random.default_rng(seed)
     writer = shards.SegmentShardWriter(out_dir, rank=0, max_segments=per_shard)
@@ -32,7 +32,11 @@ def write_segment_dir(out_dir: str, stream_lengths: list[int], seq_len: int, voc
         n_tokens += length - 1
     entries = writer.close()
     manifest = {
-        "format": shards.SEGMENTS_FORMAT, "seq_len": seq_len, "tokenizer": _byte_tokenizer(out_dir),
+        "format": shards.SEGMENTS_FORMAT, "seq_len": seq_len,
+        # a real byte tokenizer file (stages that copy it need one), or a stand-in with V = vocab_size
+        "tokenizer": _byte_tokenizer(out_dir) if real_tokenizer else {
+            "file": "tokenizer.json", "sha256": "0" * 64, "kind": "test", "vocab_size": vocab_size,
+            "eod_id": 1, "pad_id": 0},
         "stream_mode": "file", "segments": n_segments, "tokens": n_tokens, "streams": len(stream_lengths),
         "shards": entries,
     }

@@ -16,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def pattern_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
-    write_segment_dir(str(root / "train"), [700] * 12, seq_len=32, vocab_size=50, per_shard=40, noise=0.2)
+    write_segment_dir(str(root / "train"), [700] * 12, seq_len=32, vocab_size=50, per_shard=40, noise=0.2,
+                      real_tokenizer=True)
     write_segment_dir(str(root / "valid"), [300] * 2, seq_len=32, vocab_size=50, per_shard=40, noise=0.2, seed=1)
     return root
 
