@@ -75,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         # User-facing errors (bad config, missing file, corrupt shard) end with one clear line.
         if getattr(args, "debug", False):
             raise
-        from trime_dist.config import ConfigError  # noqa: F401  (ConfigError is a ValueError)
-
         print(f"trime {args.stage}: error: {e}", file=sys.stderr)
         return 2
 
