@@ -19,9 +19,14 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from data_pipeline import shards  # noqa: E402
-from data_pipeline.bm25 import BM25Params, NeighbourIndex, count_matrix, document_frequencies  # noqa: E402
-from trime_dist.io_utils import atomic_write_text, sha256_file  # noqa: E402
+from data_pipeline.bm25 import (  # noqa: E402
+    BM25Params,
+    NeighbourIndex,
+    count_matrix,
+    document_frequencies,
+)
+from trime_dist.core import shards  # noqa: E402
+from trime_dist.core.io import atomic_write_text, sha256_file  # noqa: E402
 
 K = 20
 

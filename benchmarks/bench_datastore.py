@@ -23,13 +23,15 @@ sys.path.insert(0, REPO)
 
 def tiny_model_and_data(tmp: str, n_segments: int):
     sys.path.insert(0, os.path.join(REPO, "tests"))
-    from shard_fixtures import write_segment_dir
-    from trime_dist.checkpoint import build_model, export_model
-    from trime_dist.config import ModelConfig, TrainConfig
+    from trime_dist.model.config import ModelConfig
+    from trime_dist.model.export import export_model
+    from trime_dist.model.transformer import build_model
 
-    cfg = TrainConfig(model=ModelConfig(vocab_size=2000, d_model=128, n_heads=4, d_ffn=512, max_seq_len=128))
-    export_model(build_model(cfg.model, seed=0).state_dict(), cfg, f"{tmp}/run", 0,
-                 {"tokenizer_sha256": "0" * 64, "train_manifest_sha256": "x", "seq_len": 128})
+    from shard_fixtures import write_segment_dir
+
+    model_cfg = ModelConfig(vocab_size=2000, d_model=128, n_heads=4, d_ffn=512, max_seq_len=128)
+    export_model(build_model(model_cfg, seed=0).state_dict(), model_cfg, f"{tmp}/run",
+                 {"step": 0, "tokenizer_sha256": "0" * 64, "train_manifest_sha256": "x", "seq_len": 128})
     write_segment_dir(f"{tmp}/data", [128 * 16 + 1] * (n_segments // 16), seq_len=128, vocab_size=2000,
                       per_shard=200)
     return f"{tmp}/run", f"{tmp}/data"
@@ -39,11 +41,11 @@ def bench_encode(model_dir: str, data_dir: str, batch_size: int, repeats: int) -
     """keys/s of encode_part (shard reading + forward + fp16 memmap writes) vs the training forward pass."""
     import torch
 
-    from data_pipeline import shards
-    from trime_dist import datastore_build as build
-    from trime_dist.checkpoint import load_model
+    from trime_dist.core import shards
+    from trime_dist.datastore import parts as build
+    from trime_dist.model.export import load_model
 
-    model, _, _ = load_model(model_dir)
+    model, _ = load_model(model_dir)
     manifest = shards.read_manifest(data_dir)
     part = build.Part(0, 0, int(manifest["segments"]))
     rows = []
@@ -84,7 +86,7 @@ def synthetic_keys(n: int, dim: int, seed: int = 0, clusters: int = 256) -> np.n
 
 
 def _add_worker(args) -> float:
-    from trime_dist import datastore_index as dsi
+    from trime_dist.datastore import index as dsi
 
     trained, keys_path, lo, hi, out, factory = args
     dsi.set_threads(1)
@@ -95,7 +97,7 @@ def _add_worker(args) -> float:
 
 
 def bench_add_merge(keys: np.ndarray, factory: str, tmp: str) -> list[dict]:
-    from trime_dist import datastore_index as dsi
+    from trime_dist.datastore import index as dsi
 
     keys_path = f"{tmp}/keys.npy"
     np.save(keys_path, keys)
@@ -130,7 +132,7 @@ def bench_add_merge(keys: np.ndarray, factory: str, tmp: str) -> list[dict]:
 
 def bench_search(keys: np.ndarray, queries: np.ndarray, factory: str, tmp: str, k: int, threads: int) -> list[dict]:
     """queries/s and recall@k (|top-k ∩ exact top-k| / k) of IVF-PQ at nprobe 8/32/128 vs exact Flat."""
-    from trime_dist import datastore_index as dsi
+    from trime_dist.datastore import index as dsi
 
     dsi.set_threads(threads)
     flat = dsi.build_empty_index("Flat", keys.shape[1])
@@ -186,7 +188,7 @@ def main() -> None:
                 print(f"  {r['what']:<42} {r['tokens'] / r['s']:>10,.0f} keys/s ({r['s']:.2f} s)")
             print(f"  ratio encode_part / training forward: {rows[2]['s'] / rows[0]['s']:.2f}")
         if args.datastore:
-            from trime_dist.datastore import open_datastore
+            from trime_dist.datastore.store import open_datastore
 
             all_keys = open_datastore(args.datastore).all_keys().astype(np.float16)
             keys, queries = all_keys[:-args.queries], all_keys[-args.queries:].astype(np.float32)

@@ -28,15 +28,15 @@ def main() -> None:
 
     import torch
 
-    from data_pipeline import shards
-    from trime_dist import datastore_index as dsi
-    from trime_dist.checkpoint import load_model
-    from trime_dist.datastore import open_datastore
-    from trime_dist.evaluate import EvalSetting, eval_pass
+    from trime_dist.core import shards
+    from trime_dist.datastore import index as dsi
+    from trime_dist.datastore.store import open_datastore
+    from trime_dist.eval.evaluate import EvalSetting, eval_pass
+    from trime_dist.model.export import load_model
 
     torch.set_num_threads(args.threads)
     dsi.set_threads(args.threads)
-    model, _, info = load_model(args.model)
+    model, info = load_model(args.model)
     manifest = shards.read_manifest(args.data)
     ds = open_datastore(args.datastore)
     ds.check_compatible(info, manifest["tokenizer"]["sha256"], args.data)

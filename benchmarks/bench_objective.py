@@ -20,7 +20,8 @@ def run_case(method: str, n: int, args) -> dict:
     """One forward+backward in this process (called in a fresh subprocess)."""
     import torch
 
-    from trime_dist.objectives import TokenMeta, build_memory_mask, trime_nll, trime_nll_tiled
+    from trime_dist.objective.masks import TokenMeta, build_memory_mask
+    from trime_dist.objective.trime_loss import trime_nll, trime_nll_tiled
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

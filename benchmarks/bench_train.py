@@ -22,12 +22,13 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from trime_dist.checkpoint import build_model  # noqa: E402
-from trime_dist.config import TrainConfig, load_config  # noqa: E402
-from trime_dist.data import RankLoader, ShardDataset  # noqa: E402
-from trime_dist.distributed import get_rank, get_world_size  # noqa: E402
-from trime_dist.engine import build_engine, init_deepspeed_distributed  # noqa: E402
-from trime_dist.train import TrainState, train_step  # noqa: E402
+from trime_dist.core.config import load_config  # noqa: E402
+from trime_dist.core.distributed import get_rank, get_world_size  # noqa: E402
+from trime_dist.model.transformer import build_model  # noqa: E402
+from trime_dist.train.config import TrainConfig  # noqa: E402
+from trime_dist.train.engine import build_engine, init_deepspeed_distributed  # noqa: E402
+from trime_dist.train.loader import RankLoader, ShardDataset  # noqa: E402
+from trime_dist.train.loop import TrainState, train_step  # noqa: E402
 
 VARIANTS = {  # name -> config overrides
     "ce": ["objective.name=ce"],

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trime_dist.io_utils import atomic_write_json, atomic_write_text
+from trime_dist.core.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +183,13 @@ def write_corpus(cfg: CorpusConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trime_dist.cli_utils import add_dataclass_flags
+    from trime_dist.core.flags import add_dataclass_flags
 
     add_dataclass_flags(parser, CorpusConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from trime_dist.cli_utils import dataclass_from_flags
+    from trime_dist.core.flags import dataclass_from_flags
 
     write_corpus(dataclass_from_flags(CorpusConfig, args))
     return 0

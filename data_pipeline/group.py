@@ -14,14 +14,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_pipeline import mpi, shards
 from data_pipeline.bm25 import BM25Params, NeighbourIndex, mean_pair_score
-from data_pipeline.chain import consecutive_order, cut_groups, greedy_chain, random_order
-from data_pipeline.group_search import gather_counts, load_neighbours, read_local_segments, \
-    read_segments_by_id, search_neighbours, wait_for_all_ranks
-from trime_dist.cli_utils import add_dataclass_flags, dataclass_from_flags
-from trime_dist.config import ConfigError
-from trime_dist.io_utils import atomic_path, read_json, sha256_file
+from data_pipeline.chain import (
+    consecutive_order,
+    cut_groups,
+    greedy_chain,
+    random_order,
+)
+from data_pipeline.group_search import (
+    gather_counts,
+    load_neighbours,
+    read_local_segments,
+    read_segments_by_id,
+    search_neighbours,
+    wait_for_all_ranks,
+)
+from trime_dist.core import mpi, shards
+from trime_dist.core.config import ConfigError
+from trime_dist.core.flags import add_dataclass_flags, dataclass_from_flags
+from trime_dist.core.io import atomic_path, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 METHODS = ("random", "consecutive", "bm25")

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from data_pipeline import mpi, shards
 from data_pipeline.bm25 import NeighbourIndex, count_matrix, document_frequencies
-from trime_dist.io_utils import atomic_path, atomic_write_json, read_json
+from trime_dist.core import mpi, shards
+from trime_dist.core.io import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 STOP_ENV = "TRIME_GROUP_STOP_AFTER_BLOCKS"  # test hook: a rank exits after writing this many blocks

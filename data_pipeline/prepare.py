@@ -19,11 +19,16 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from data_pipeline import shards
 from data_pipeline.segmenter import Segmenter, stream_id
 from data_pipeline.text_input import FORMATS, expand_inputs, iter_documents
 from data_pipeline.tokenizer import KINDS, UNK
-from trime_dist.io_utils import atomic_write_json, atomic_write_text, read_json, sha256_file
+from trime_dist.core import shards
+from trime_dist.core.io import (
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -272,14 +277,14 @@ def _error_of(e: Exception, prefix: str = "") -> tuple[bool, str]:
 
 
 def _raise_error(error: tuple[bool, str]) -> None:
-    from data_pipeline import mpi
+    from trime_dist.core import mpi
 
     raise mpi.agreed((FileNotFoundError if error[0] else ValueError)(error[1]))
 
 
 def _collective_check(error: Optional[tuple[bool, str]]) -> None:
     """Raise the same error on every rank if any rank failed (so no rank waits in a collective)."""
-    from data_pipeline import mpi
+    from trime_dist.core import mpi
 
     errors = mpi.gather(error)
     first = mpi.bcast(next((e for e in errors if e), None) if errors is not None else None)
@@ -299,7 +304,7 @@ def _plan(cfg: PrepareConfig, world: int) -> dict:
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the stage on every rank of the MPI world (or alone); returns the manifest."""
-    from data_pipeline import mpi
+    from trime_dist.core import mpi
 
     if not cfg.input or not cfg.output:
         raise ValueError("prepare needs --input and --output")
@@ -358,15 +363,14 @@ def finish(cfg: PrepareConfig, plan: dict, results: list[dict]) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trime_dist.cli_utils import add_dataclass_flags
+    from trime_dist.core.flags import add_dataclass_flags
 
     add_dataclass_flags(parser, PrepareConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from trime_dist.cli_utils import dataclass_from_flags
-
-    from data_pipeline import mpi
+    from trime_dist.core import mpi
+    from trime_dist.core.flags import dataclass_from_flags
 
     cfg = dataclass_from_flags(PrepareConfig, args)
     with mpi.abort_on_error():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Iterable, Iterator
 
-from trime_dist.io_utils import sha256_file
+from trime_dist.core.io import sha256_file
 
 PAD, EOD, UNK = "<pad>", "<eod>", "<unk>"
 KINDS = ("bpe", "byte", "char")

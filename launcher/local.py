@@ -26,7 +26,7 @@ def local_command(argv: list[str], nproc: int, master_port: Optional[int] = None
     kind = runner_for(stage)
     if kind == TORCH:
         if master_port is None:
-            from trime_dist.distributed import free_port
+            from trime_dist.core.launch_env import free_port
 
             master_port = free_port()
         return [env_bin("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(master_port), *trime]
@@ -84,7 +84,7 @@ def collect_env(names: list[str]) -> dict[str, str]:
 
 
 def write_env_file(path: str, env: dict[str, str]) -> None:
-    from trime_dist.io_utils import atomic_write_text
+    from trime_dist.core.io import atomic_write_text
 
     atomic_write_text(path, "".join(f"{k}={v}\n" for k, v in env.items()))
 
@@ -105,7 +105,7 @@ def deepspeed_multinode_plan(argv: list[str], hosts: dict[str, int], run_dir: st
     os.makedirs(run_dir, exist_ok=True)
     hostfile = os.path.join(os.path.abspath(run_dir), "hostfile")
     env_file = os.path.join(os.path.abspath(run_dir), ".deepspeed_env")
-    from trime_dist.io_utils import atomic_write_text
+    from trime_dist.core.io import atomic_write_text
 
     atomic_write_text(hostfile, format_hostfile(hosts))
     node_env = collect_env(list(env_names))

@@ -1,7 +1,7 @@
 """SLURM batch jobs: render a readable, re-runnable sbatch script per stage (submitting: launcher.slurm_submit).
 
 MPI stages run under `srun --mpi=pmi2`; torch stages run one task per GPU (CPU rank when there are no
-GPUs) and take their rank from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.distributed).
+GPUs) and take their rank from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.core.launch_env).
 """
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 from launcher.slurm_config import SlurmConfig, resources_for
-from launcher.stages import MPI, SINGLE, env_bin, runner_for, split_stage, train_checkpoint_dir
+from launcher.stages import (
+    MPI,
+    SINGLE,
+    env_bin,
+    runner_for,
+    split_stage,
+    train_checkpoint_dir,
+)
 
 
 @dataclass
@@ -69,7 +76,7 @@ def script_body(cfg: SlurmConfig, stage: str, stage_args: list[str], workdir: st
                         shlex.join(["srun", f"--mpi={cfg.mpi}", *srun_opts, *trime, *stage_args])]
     port = str(cfg.master_port) if cfg.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
     lines += ["", "# torch.distributed rendezvous on the first node; every task reads its rank from",
-              "# SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.distributed.discover_env).",
+              "# SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.core.launch_env.discover_env).",
               'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
               f"export MASTER_PORT={port}"]
     srun = ["srun", *srun_opts, *trime]

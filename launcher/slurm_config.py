@@ -59,7 +59,7 @@ class JobResources:
 
 
 def load_slurm_config(path: Optional[str], overrides: list[str] = ()) -> SlurmConfig:
-    from trime_dist.config import load_config
+    from trime_dist.core.config import load_config
 
     cfg = load_config(SlurmConfig, path, list(overrides))
     validate_slurm_config(cfg, path or "slurm config")
@@ -67,7 +67,7 @@ def load_slurm_config(path: Optional[str], overrides: list[str] = ()) -> SlurmCo
 
 
 def validate_slurm_config(cfg: SlurmConfig, where: str) -> None:
-    from trime_dist.config import ConfigError
+    from trime_dist.core.config import ConfigError
 
     for name in cfg.stages:
         if name not in RUNNERS:
@@ -92,7 +92,7 @@ def resources_for(cfg: SlurmConfig, stage: str) -> JobResources:
             for f in dataclasses.fields(StageResources)}
     if RUNNERS[stage] == TORCH and pick["gpus_per_node"] > 0:
         if over.tasks_per_node is not None and over.tasks_per_node != pick["gpus_per_node"]:
-            from trime_dist.config import ConfigError
+            from trime_dist.core.config import ConfigError
 
             raise ConfigError(f"stages.{stage}: tasks_per_node={over.tasks_per_node} but gpus_per_node="
                               f"{pick['gpus_per_node']}; {stage} runs one task per GPU")

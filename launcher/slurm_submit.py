@@ -24,7 +24,7 @@ class SlurmError(RuntimeError):
 
 def write_jobs(jobs: list[Job]) -> None:
     """Write each script (executable) and create its logs/ directory: SLURM does not create it."""
-    from trime_dist.io_utils import atomic_write_text
+    from trime_dist.core.io import atomic_write_text
 
     for job in jobs:
         os.makedirs(os.path.join(os.path.dirname(job.script_path), "logs"), exist_ok=True)

@@ -56,8 +56,9 @@ def train_checkpoint_dir(stage_args: list[str], workdir: str) -> Optional[str]:
     """RUN/checkpoints of a `trime train` command line (its config resolved as train would), absolute."""
     import argparse
 
-    from trime_dist.config import TrainConfig, load_config
-    from trime_dist.train import add_arguments
+    from trime_dist.core.config import load_config
+    from trime_dist.train.cli import add_arguments
+    from trime_dist.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="trime train", add_help=False)
     add_arguments(parser)

@@ -16,9 +16,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "corpus": ("data_pipeline.corpus", "write the built-in synthetic corpus (train/valid/test text files)"),
     "prepare": ("data_pipeline.prepare", "tokenize text into segment shards (MPI ranks share the input files)"),
     "group": ("data_pipeline.group", "group segments into global batches: random | consecutive | bm25 (MPI)"),
-    "train": ("trime_dist.train", "train a model with DeepSpeed (run under `deepspeed` or `trime launch`)"),
-    "datastore": ("trime_dist.datastore", "build the kNN datastore and faiss index from a trained model"),
-    "eval": ("trime_dist.evaluate", "perplexity under none / local / long / external memory"),
+    "train": ("trime_dist.train.cli", "train a model with DeepSpeed (run under `deepspeed` or `trime launch`)"),
+    "datastore": ("trime_dist.datastore.cli", "build the kNN datastore and faiss index from a trained model"),
+    "eval": ("trime_dist.eval.cli", "perplexity under none / local / long / external memory"),
     "launch": ("launcher.cli", "start a stage locally, on several nodes with DeepSpeed, or under SLURM"),
     "demo": ("trime_dist.demo", "the end-to-end pipeline on the built-in corpus (CPU, 2 ranks)"),
 }

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from trime_dist.io_utils import atomic_write_json
+from trime_dist.core.io import atomic_write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +63,7 @@ def train_cmd(args, name: str, objective: str, train_dir: str, extra: list[str] 
 
 
 def _port() -> int:
-    from trime_dist.distributed import free_port
+    from trime_dist.core.launch_env import free_port
 
     return free_port()
 

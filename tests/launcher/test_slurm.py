@@ -1,0 +1,255 @@
+"""`trime launch slurm` against a real one-node SLURM (tests/slurm_cluster.py): MPI stages under
+`srun --mpi=pmi2`, 2-task DeepSpeed training, requeue -> resume, a dependency chain, sbatch refusals.
+
+Where SLURM cannot be started these tests skip with the reason; in CI (CI=true) that is a failure.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slurm_cluster import SlurmCluster, unavailable_reason
+
+pytestmark = pytest.mark.slurm
+from cli_runner import REPO  # noqa: E402
+
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unavailable(reason: str):
+    if IN_CI:
+        pytest.fail(f"CI=true but the one-node SLURM is unavailable: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        _unavailable(reason)
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")), cpus=2)
+    try:
+        cluster.start()
+    except Exception as e:  # noqa: BLE001 -- any start failure is reported the same way
+        cluster.stop()
+        _unavailable(f"could not start a one-node SLURM: {e}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def work(slurm, tmp_path_factory):
+    """A working directory with the built-in corpus (tiny); jobs run with it as their cwd."""
+    root = tmp_path_factory.mktemp("slurm_work")
+    subprocess.run([sys.executable, "-m", "trime_dist.cli", "corpus", "--out", str(root / "corpus"),
+                    "--scale", "0.05"], check=True, capture_output=True, cwd=root)
+    return root
+
+
+def launch(work, *args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "trime_dist.cli", "launch", *args], capture_output=True, text=True,
+                          cwd=work, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trime launch {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}\n{logs_of(work)}")
+    return proc
+
+
+def logs_of(work) -> str:
+    out = []
+    for path in sorted(glob.glob(os.path.join(work, "runs", "*", "logs", "*")))[-6:]:
+        out.append(f"--- {path}\n{open(path, errors='replace').read()[-3000:]}")
+    return "\n".join(out)
+
+
+def jobs_of(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "jobs.jsonl"))]
+
+
+def prepare_args(split: str, tokenizer: str | None = None) -> list[str]:
+    args = ["prepare", "--input", f"corpus/{split}", "--output", f"data/{split}", "--seq-len", "32"]
+    return args + (["--tokenizer", tokenizer] if tokenizer else ["--vocab-size", "300"])
+
+
+def train_args(data: str, out: str, steps: int, *extra: str) -> list[str]:
+    return ["train", "--config", TINY, f"data.train={data}", "data.valid=data/valid", f"run.out_dir={out}",
+            f"run.max_steps={steps}", "model.max_seq_len=32", "run.log_every=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def prepared(work, slurm):
+    """data/train and data/valid, each by a 2-task `srun --mpi=pmi2` job. The train split goes through
+    `trime launch slurm --wait`; the valid split's script is written with --write-only and submitted as a
+    person would, with plain `sbatch --wait` (whose polling backs off to 32 s, so only for this one)."""
+    launch(work, "slurm", "--wait", "--set", "tasks_per_node=2", "--set", "run_dir=runs/prepare-train",
+           "--", *prepare_args("train"))
+    run_dir = work / "runs" / "prepare-valid"
+    launch(work, "slurm", "--write-only", "--set", "tasks_per_node=2", "--set", f"run_dir={run_dir}",
+           "--", *prepare_args("valid", "data/train/tokenizer.json"))
+    proc = subprocess.run(["sbatch", "--parsable", "--wait", str(run_dir / "prepare.sbatch")],
+                          capture_output=True, text=True, env=slurm.env, cwd="/", timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{logs_of(work)}"
+    (run_dir / "job_id").write_text(proc.stdout.strip())
+    return work
+
+
+def test_prepare_two_mpi_tasks(prepared, slurm):
+    mpi_types = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, env=slurm.env)
+    assert "pmi2" in mpi_types.stdout + mpi_types.stderr  # the PMI the pip MPICH speaks
+    manifest = json.load(open(prepared / "data" / "train" / "manifest.json"))
+    # one shard per rank: both MPI ranks wrote their share of the 8 input files
+    assert sorted({s["path"].split("-")[1] for s in manifest["shards"]}) == ["r000", "r001"]
+    assert manifest["segments"] == sum(s["segments"] for s in manifest["shards"]) > 0
+    (job,) = jobs_of(prepared / "runs" / "prepare-train")
+    script = open(job["script"]).read()
+    assert "srun --mpi=pmi2 --kill-on-bad-exit=1 --cpus-per-task=1" in script
+    assert "#SBATCH --ntasks-per-node=2" in script
+    logs = prepared / "runs" / "prepare-train" / "logs"
+    out = (logs / f"trime-prepare-{job['job_id']}.out").read_text()
+    assert f"job {job['job_id']} on " in out and "2 task(s)" in out
+    # the script written by --write-only and submitted with plain `sbatch --wait` did the same for valid
+    valid = json.load(open(prepared / "data" / "valid" / "manifest.json"))
+    assert valid["segments"] > 0 and valid["tokenizer"]["sha256"] == manifest["tokenizer"]["sha256"]
+    job_id = (prepared / "runs" / "prepare-valid" / "job_id").read_text()
+    assert "2 task(s)" in (prepared / "runs" / "prepare-valid" / "logs" / f"trime-prepare-{job_id}.out").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("data_pipeline.group") is None, reason="trime group not written yet")
+def test_group_two_mpi_tasks(prepared):
+    launch(prepared, "slurm", "--wait", "--set", "tasks_per_node=2", "--set", "run_dir=runs/group", "--",
+           "group", "--input", "data/train", "--output", "data/grouped", "--method", "bm25", "--group-size", "16")
+    manifest = json.load(open(prepared / "data" / "grouped" / "manifest.json"))
+    assert manifest["grouping"]["method"] == "bm25"
+    train = json.load(open(prepared / "data" / "train" / "manifest.json"))
+    # whole groups of 16: at most 15 segments of the 1.5k are left over
+    assert manifest["segments"] % 16 == 0 and 0 <= train["segments"] - manifest["segments"] < 16
+
+
+def test_train_two_tasks_then_requeue_resumes(prepared, slurm):
+    launch(prepared, "slurm", "--wait", "--set", "tasks_per_node=2", "--set", "run_dir=runs/train", "--",
+           *train_args("data/train", "runs/train/out", 4, "run.save_every=2"))
+    out = prepared / "runs" / "train" / "out"
+    summary = json.load(open(out / "summary.json"))
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
+
+    # SLURM requeues the finished job (as after a node failure or preemption): the same script runs
+    # again and must continue from RUN/checkpoints instead of refusing to overwrite the run.
+    (job,) = jobs_of(prepared / "runs" / "train")
+    assert "#SBATCH --requeue" in open(job["script"]).read()
+    job_id = job["job_id"]
+    subprocess.run(["scontrol", "requeue", job_id], check=True, env=slurm.env)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, env=slurm.env)
+    state = wait_for_job(slurm, job_id, restarts=1)
+    log = open(prepared / "runs" / "train" / "logs" / f"trime-train-{job_id}.out").read()
+    assert state == "COMPLETED", f"{state}\n{log[-3000:]}\n{logs_of(prepared)}"
+    assert "restart 1" in log and "resuming from" in log and "step00000004" in log
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # nothing retrained, nothing lost
+
+
+def wait_for_job(slurm, job_id: str, restarts: int, limit_s: float = 300) -> str:
+    """The job's final state after its `restarts`-th run (polls scontrol; a wait, not a timing check)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                             env=slurm.env).stdout
+        fields = dict(w.split("=", 1) for w in out.split() if "=" in w)
+        if int(fields.get("Restarts", 0)) >= restarts and fields.get("JobState") in (
+                "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return fields["JobState"]
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} did not finish its run #{restarts + 1} within {limit_s}s:\n{out}")
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def test_chain_prepare_group_train_datastore_eval(work):
+    """The whole pipeline as one chain of jobs, each `afterok` on the one before (stages not yet written are left out)."""
+    has_group = _have("data_pipeline.group")
+    steps = [prepare_args("train"), prepare_args("valid", "data/train/tokenizer.json")]
+    if has_group:
+        steps.append(["group", "--input", "data/train", "--output", "data/grouped", "--method", "bm25",
+                      "--group-size", "16"])
+    steps.append(train_args("data/grouped" if has_group else "data/train", "runs/chain/out", 3,
+                            f"objective.name={'trime_ext' if has_group else 'trime_local'}"))
+    if _have("trime_dist.datastore.cli"):
+        steps.append(["datastore", "build", "--model", "runs/chain/out", "--data", "data/train",
+                      "--out", "runs/chain/ds"])
+        if _have("trime_dist.eval.cli"):
+            steps.append(["eval", "--model", "runs/chain/out", "--data", "data/valid", "--memory", "local",
+                          "external", "--datastore", "runs/chain/ds", "--k", "16", "--out", "runs/chain/eval.json"])
+    chain = work / "chain"
+    os.makedirs(chain, exist_ok=True)
+    os.symlink(work / "corpus", chain / "corpus")
+    proc = launch(chain, "slurm-chain", "--wait", "--set", "tasks_per_node=2", "--set", "run_dir=runs/chain",
+                  *[arg for s in steps for arg in ("--step", " ".join(s))])
+    jobs = jobs_of(chain / "runs" / "chain")
+    assert [j["stage"] for j in jobs] == [s[0] for s in steps]
+    assert [j["after"] for j in jobs] == [None] + [j["job_id"] for j in jobs[:-1]]
+    assert f"submitted prepare as job {jobs[0]['job_id']}" in proc.stdout
+    assert f"job {jobs[-1]['job_id']} ({jobs[-1]['stage']}) completed" in proc.stdout
+    summary = json.load(open(chain / "runs" / "chain" / "out" / "summary.json"))
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    if has_group:
+        assert summary["objective"] == "trime_ext"
+        assert json.load(open(chain / "data" / "grouped" / "manifest.json"))["grouping"]["method"] == "bm25"
+    if "datastore" in [s[0] for s in steps]:
+        store = json.load(open(chain / "runs" / "chain" / "ds" / "datastore.json"))
+        assert len(store["parts"]) >= 2  # both tasks encoded a share
+    if "eval" in [s[0] for s in steps]:
+        rows = json.load(open(chain / "runs" / "chain" / "eval.json"))
+        assert len(rows) == 2
+
+
+def test_failed_step_cancels_the_rest_of_the_chain(work):
+    proc = launch(work, "slurm-chain", "--wait", "--set", "run_dir=runs/badchain",
+                  "--step", "prepare --input corpus/missing --output data/never --seq-len 32",
+                  "--step", "prepare --input corpus/valid --output data/never2 --seq-len 32", check=False)
+    assert proc.returncode == 1
+    jobs = jobs_of(work / "runs" / "badchain")
+    assert [j["after"] for j in jobs] == [None, jobs[0]["job_id"]]
+    # the first job failed and the second can never start (afterok): the report names both and shows
+    # the end of the failed job's error log
+    assert f"prepare {jobs[0]['job_id']} FAILED" in proc.stderr and f"prepare {jobs[1]['job_id']}" in proc.stderr
+    assert f"job {jobs[0]['job_id']} (prepare) ended FAILED" in proc.stderr and "corpus/missing" in proc.stderr
+    assert not os.path.exists(work / "data" / "never2")
+
+
+def test_sbatch_refusals_are_shown(work):
+    proc = launch(work, "slurm", "--set", "partition=nosuchpartition", "--", *prepare_args("valid"), check=False)
+    assert proc.returncode == 1
+    assert "sbatch refused" in proc.stderr and "invalid partition" in proc.stderr.lower()
+    # three nodes on a one-node cluster (this cluster enforces partition limits at submission)
+    proc = launch(work, "slurm", "--set", "nodes=3", "--", *prepare_args("valid"), check=False)
+    assert proc.returncode == 1
+    assert "sbatch refused" in proc.stderr and "sbatch: error: Batch job submission failed" in proc.stderr
+
+
+def test_rank_discovery_under_srun(slurm, tmp_path):
+    """discover_env() under plain srun: ranks from SLURM_PROCID/SLURM_NTASKS, MASTER_ADDR via scontrol."""
+    from trime_dist.core.launch_env import free_port
+
+    from test_launcher import RANK_PROBE, probe_results
+
+    script, out = tmp_path / "probe.py", tmp_path / "out"
+    script.write_text(RANK_PROBE)
+    out.mkdir()
+    env = dict(slurm.env, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), PYTHONPATH=REPO, PROBE_DIR=str(out))
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(["srun", "--ntasks=2", "--kill-on-bad-exit=1", sys.executable, str(script)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert probe_results(out) == [{"rank": r, "world": 2, "local": r, "launcher": "slurm", "sum": 3.0} for r in (0, 1)]

@@ -1,0 +1,157 @@
+"""Everything that touches torch.distributed: process-group set-up and collectives.
+
+Every collective here has a world-size-1 path, so the rest of the code is plain tensor code
+that runs the same in one process.
+"""
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from trime_dist.core.launch_env import DistEnv, discover_env, export_env
+
+
+def backend_for_device() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(timeout_s: int = 1800) -> DistEnv:
+    """Initialise the default process group (if world > 1) from the launcher's environment."""
+    env = discover_env()
+    if env.world_size > 1 and not dist.is_initialized():
+        export_env(env)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend=backend_for_device(), timeout=datetime.timedelta(seconds=timeout_s))
+    return env
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down at the end of a stage (a clean exit under every launcher)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from `src` to every rank (identity with one process)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (no autograd); returns a new tensor."""
+    out = t.clone()
+    if is_dist():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    out = t.clone()
+    if is_dist():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# All-gather along dim 0 (sizes may differ per rank), with and without autograd.
+# Used by trime_dist.train.loss to make every rank's keys the memory of every rank's queries.
+# --------------------------------------------------------------------------------------------
+
+def _gather_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's dim-0 size, in rank order."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(get_world_size())]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
+    return [int(s) for s in sizes]
+
+
+def _all_gather_padded(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """[sum(sizes), ...]: pad each rank's tensor to max(sizes), all_gather, strip the padding."""
+    max_n = max(sizes)
+    if max_n == 0:  # every rank is empty (all padding): nothing to exchange
+        return t.new_zeros((0,) + tuple(t.shape[1:]))
+    padded = t.new_zeros((max_n,) + tuple(t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+
+def all_gather_no_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `t` along dim 0 in rank order (no autograd; sizes may differ)."""
+    if not is_dist():
+        return t.detach()
+    with torch.no_grad():
+        return _all_gather_padded(t.detach(), _gather_sizes(t.shape[0], t.device))
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: concatenation of all ranks' tensors. Backward: each rank receives the SUM over ranks
+    of the gradients of its own slice, so W ranks compute what one process with all rows would."""
+
+    @staticmethod
+    def forward(ctx, t):
+        sizes = _gather_sizes(t.shape[0], t.device)
+        ctx.sizes, ctx.rank = sizes, get_rank()
+        return _all_gather_padded(t, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, rank = ctx.sizes, ctx.rank
+        max_n = max(sizes)
+        if max_n == 0:
+            return grad.new_zeros((0,) + tuple(grad.shape[1:]))
+        # [R, max_n, ...]: every rank's slice of this rank's gradient, padded to one shape
+        per_rank = grad.new_zeros((len(sizes), max_n) + tuple(grad.shape[1:]))
+        for r, part in enumerate(grad.split(sizes, dim=0)):
+            per_rank[r, : sizes[r]] = part
+        if dist.get_backend() == "nccl":
+            mine = grad.new_empty((max_n,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, per_rank.reshape((-1,) + tuple(grad.shape[1:])))
+        else:  # gloo has no reduce_scatter: all_reduce and keep our own slice
+            dist.all_reduce(per_rank)
+            mine = per_rank[rank]
+        return mine[: sizes[rank]]
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `t` along dim 0 in rank order; gradients flow back to the rank that
+    produced each row, summed over ranks (sizes may differ). Identity with one process."""
+    if not is_dist():
+        return t
+    return _AllGatherWithGrad.apply(t)
+
+
+def all_gather_keep_local_grad(t: torch.Tensor) -> torch.Tensor:
+    """Like all_gather_no_grad, but this rank's own slice stays differentiable (OpenCLIP's trick);
+    remote rows are detached, as in the original TRIME code."""
+    if not is_dist():
+        return t
+    sizes = _gather_sizes(t.shape[0], t.device)
+    with torch.no_grad():
+        gathered = _all_gather_padded(t.detach(), sizes)
+    parts = list(gathered.split(sizes, dim=0))
+    parts[get_rank()] = t
+    return torch.cat(parts, dim=0)

@@ -1,0 +1,111 @@
+"""The one reader of the launcher's environment: rank, world size, local rank and rendezvous address.
+
+Understands the DeepSpeed launcher, torchrun, srun and mpiexec (MPICH / Open MPI). No torch here,
+so launchers and the MPI stages can use it without paying for the import.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+# Set by mpiexec (MPICH, Open MPI) or srun --mpi=pmi2/pmix in every rank it starts.
+_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # deepspeed/torchrun | slurm | mpi | single
+
+
+def _first_env(*names: str) -> Optional[str]:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            return v
+    return None
+
+
+def _slurm_master_addr() -> Optional[str]:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        hosts = out.stdout.split()
+        return hosts[0] if hosts else None
+    except (OSError, subprocess.CalledProcessError):
+        return nodelist.split(",")[0]
+
+
+def discover_env() -> DistEnv:
+    """Read rank / world / master from the environment of whichever launcher started us.
+
+    The one place that knows launchers: DeepSpeed's launcher and torchrun set RANK/WORLD_SIZE/
+    LOCAL_RANK/MASTER_ADDR; srun sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; mpiexec (MPICH
+    or Open MPI) sets PMI_RANK/PMI_SIZE or OMPI_COMM_WORLD_*. Without any, this is one process.
+    """
+    port_default = 29500
+    if _first_env("RANK") is not None and _first_env("WORLD_SIZE") is not None:
+        return DistEnv(
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            local_rank=int(_first_env("LOCAL_RANK") or 0),
+            master_addr=_first_env("MASTER_ADDR") or "127.0.0.1",
+            master_port=int(_first_env("MASTER_PORT") or port_default),
+            launcher="deepspeed/torchrun",
+        )
+    if _first_env("SLURM_PROCID") is not None and _first_env("SLURM_NTASKS") is not None and \
+            int(os.environ["SLURM_NTASKS"]) > 1:
+        return DistEnv(
+            rank=int(os.environ["SLURM_PROCID"]),
+            world_size=int(os.environ["SLURM_NTASKS"]),
+            local_rank=int(_first_env("SLURM_LOCALID") or 0),
+            master_addr=_first_env("MASTER_ADDR") or _slurm_master_addr() or "127.0.0.1",
+            master_port=int(_first_env("MASTER_PORT") or port_default),
+            launcher="slurm",
+        )
+    mpi_rank = _first_env("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+    mpi_size = _first_env("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+    if mpi_rank is not None and mpi_size is not None:
+        return DistEnv(
+            rank=int(mpi_rank),
+            world_size=int(mpi_size),
+            local_rank=int(_first_env("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK") or 0),
+            master_addr=_first_env("MASTER_ADDR") or "127.0.0.1",
+            master_port=int(_first_env("MASTER_PORT") or port_default),
+            launcher="mpi",
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", port_default, "single")
+
+
+def export_env(env: DistEnv) -> None:
+    """Write the discovered values back as RANK/WORLD_SIZE/... so DeepSpeed and torch agree."""
+    os.environ.update({
+        "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+        "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port),
+    })
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched_by_mpi() -> bool:
+    if os.environ.get("TRIME_USE_MPI") == "1" or any(v in os.environ for v in _LAUNCHER_VARS):
+        return True
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        # Every task would otherwise think it is rank 0 of 1 and write the same files.
+        raise ValueError("started by srun with several tasks but without MPI: use `srun --mpi=pmi2` "
+                         "(or pmix), or mpiexec")
+    return False

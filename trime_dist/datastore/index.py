@@ -1,0 +1,165 @@
+"""The faiss side of the datastore: build, train, add, merge, load and search inner-product indexes.
+
+The only module that imports faiss. Every function takes and returns plain numpy arrays or file
+paths; files are written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import numpy as np
+
+from trime_dist.core.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+_FACTORY = re.compile(r"^(Flat|IVF(\d+),PQ(\d+)(x\d+)?(fs)?|IVF(\d+),Flat)$")
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """Accept 'Flat', 'IVF{nlist},Flat' and 'IVF{nlist},PQ{m}[x{bits}][fs]' with m dividing dim
+    (fs = faiss fast-scan: 4-bit codes scanned with SIMD, several times faster to search on CPU)."""
+    match = _FACTORY.match(factory)
+    if not match:
+        raise ValueError(f"--factory {factory!r}: expected 'Flat', 'IVF{{nlist}},Flat' or "
+                         "'IVF{{nlist}},PQ{{m}}[x{{bits}}][fs]'")
+    m = match.group(3)
+    if m is not None and dim % int(m):
+        raise ValueError(f"--factory {factory!r}: PQ{m} needs m to divide the key dimension {dim}")
+
+
+def needs_training(factory: str) -> bool:
+    return factory != "Flat"
+
+
+def uses_ids(factory: str) -> bool:
+    """IVF indexes store explicit ids; a Flat index numbers vectors in insertion order."""
+    return factory != "Flat"
+
+
+def build_empty_index(factory: str, dim: int):
+    faiss = _faiss()
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if "PQ" in factory and not factory.endswith("fs"):
+        # The factory turns on polysemous training (a code reordering for Hamming pre-filtering, which
+        # we never use); it is ~30x the cost of the PQ training itself.
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    return index
+
+
+def train_index(factory: str, sample: np.ndarray, out_path: str, seed: int = 0) -> None:
+    """Train an empty `factory` index on `sample` [n, D] float32 (GPU faiss when present) and save it."""
+    faiss = _faiss()
+    index = build_empty_index(factory, sample.shape[1])
+    if needs_training(factory):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        if faiss.get_num_gpus() > 0:
+            log.info("training %s on %d keys with GPU faiss", factory, len(sample))
+            gpu = faiss.index_cpu_to_all_gpus(index)
+            gpu.train(sample)
+            index = faiss.index_gpu_to_cpu(gpu)
+        else:
+            log.info("training %s on %d keys (CPU faiss)", factory, len(sample))
+            index.train(sample)
+    write_index(index, out_path)
+
+
+def write_index(index, path: str) -> None:
+    with atomic_path(path) as tmp:
+        _faiss().write_index(index, tmp)
+
+
+def read_index(path: str, mmap: bool = False):
+    faiss = _faiss()
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_MMAP if mmap else 0)
+    return faiss.read_index(path, flags)
+
+
+def add_part(trained_path: str, keys: np.ndarray, first_id: int, out_path: str, factory: str,
+             batch: int = 65536) -> int:
+    """Add keys [n, D] (ids first_id, first_id+1, ...) to a copy of the trained index; save it."""
+    index = read_index(trained_path)
+    for i0 in range(0, len(keys), batch):
+        block = np.ascontiguousarray(keys[i0:i0 + batch], dtype=np.float32)   # [b, D]
+        if uses_ids(factory):
+            ids = np.arange(first_id + i0, first_id + i0 + len(block), dtype=np.int64)
+            index.add_with_ids(block, ids)
+        else:
+            index.add(block)
+    write_index(index, out_path)
+    return int(index.ntotal)
+
+
+def merge_parts(trained_path: str, part_paths: list[str], out_path: str, factory: str,
+                ondisk: bool = False) -> int:
+    """Merge part indexes (in part order) into one index at out_path; returns its ntotal.
+
+    In memory: `merge_from` appends each part's vectors (Flat) or inverted lists (IVF) in order,
+    which is exactly the order one process adding all keys would produce. With `ondisk`, IVF
+    lists go to `index.ivfdata` next to out_path (faiss.contrib.ondisk), so RAM use stays small.
+    """
+    faiss = _faiss()
+    if ondisk:
+        if not uses_ids(factory):
+            raise ValueError("--ondisk needs an IVF factory (a Flat index has no inverted lists)")
+        from faiss.contrib.ondisk import merge_ondisk
+
+        ivfdata = os.path.join(os.path.dirname(os.path.abspath(out_path)), "index.ivfdata")
+        os.makedirs(os.path.dirname(ivfdata), exist_ok=True)
+        if os.path.exists(ivfdata):  # a merge killed half-way: start over
+            os.remove(ivfdata)
+        index = read_index(trained_path)
+        merge_ondisk(index, part_paths, ivfdata)
+        write_index(index, out_path)
+        return int(index.ntotal)
+    index = read_index(trained_path)
+    for path in part_paths:
+        part = read_index(path)
+        index.merge_from(part, 0)
+    write_index(index, out_path)
+    return int(index.ntotal)
+
+
+def load_search_index(path: str, nprobe: int, mmap: bool = True):
+    """The merged index, ready to search (nprobe set on IVF indexes)."""
+    index = read_index(path, mmap=mmap)
+    set_nprobe(index, nprobe)
+    return index
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    try:
+        _faiss().extract_index_ivf(index).nprobe = nprobe
+    except RuntimeError:
+        pass  # Flat: no lists to probe
+
+
+def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [N, k] float32 inner products, ids [N, k] int64; -1 where fewer than k were found)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(k, max(int(index.ntotal), 1))
+    scores, ids = index.search(queries, k)
+    return scores, ids
+
+
+def brute_force_search(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner product over keys [M, D] with faiss.knn (reference for tests and recall)."""
+    faiss = _faiss()
+    scores, ids = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
+                            np.ascontiguousarray(keys, dtype=np.float32), k, faiss.METRIC_INNER_PRODUCT)
+    return scores, ids
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        _faiss().omp_set_num_threads(n)

@@ -1,0 +1,211 @@
+"""The steps of `trime datastore build`: encode parts, train the index, add parts, merge.
+
+Segments are numbered in manifest (= stream) order and cut into parts of `part_segments`
+consecutive segments; part p is encoded by rank p % R. Key ids are global positions in that
+order, so the store (and every id) is the same whatever the number of ranks. Every artifact is
+written under a temporary name, renamed when complete, and checked before it is reused.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from trime_dist.core.io import atomic_path, atomic_write_json, read_json
+from trime_dist.datastore import index as dsi
+
+log = logging.getLogger(__name__)
+
+KEY_DTYPE = np.float16
+VALUE_DTYPE = np.int32
+EXIT_ENV = "TRIME_DATASTORE_EXIT_AFTER"  # test hook: "encode:N", "train" or "add:N" ends the process there
+
+
+@dataclass
+class Part:
+    index: int
+    first_segment: int
+    end_segment: int  # exclusive
+
+    @property
+    def stem(self) -> str:
+        return f"p{self.index:05d}"
+
+
+def plan_parts(n_segments: int, part_segments: int) -> list[Part]:
+    return [Part(i, s, min(s + part_segments, n_segments))
+            for i, s in enumerate(range(0, n_segments, part_segments))]
+
+
+def part_paths(ds_dir: str, part: Part) -> dict[str, str]:
+    d = os.path.join(ds_dir, "parts")
+    return {"keys": os.path.join(d, f"keys-{part.stem}.npy"), "values": os.path.join(d, f"values-{part.stem}.npy"),
+            "info": os.path.join(d, f"part-{part.stem}.json"), "index": os.path.join(d, f"index-{part.stem}.faiss"),
+            "index_info": os.path.join(d, f"index-{part.stem}.json")}
+
+
+def maybe_exit(stage: str, count: int = 0) -> None:
+    """Simulate a kill (tests): leave the process at once, without cleanup, after the named step."""
+    spec = os.environ.get(EXIT_ENV, "")
+    name, _, n = spec.partition(":")
+    if name == stage and (not n or int(n) == count):
+        log.warning("%s=%s: exiting after %s %d (simulated kill)", EXIT_ENV, spec, stage, count)
+        logging.shutdown()
+        os._exit(17)
+
+
+# ----------------------------------------------------------------------------- reading segments
+
+def iter_segment_range(data_dir: str, manifest: dict, start: int, end: int) -> Iterator[tuple[np.ndarray, dict]]:
+    """(tokens int32 [n+1], meta) of segments start..end-1 in manifest order; skips shards unread."""
+    from trime_dist.core import shards
+
+    seen = 0
+    for entry in manifest["shards"]:
+        n = int(entry["segments"])
+        if seen + n <= start:
+            seen += n
+            continue
+        if seen >= end:
+            return
+        for _, tokens, meta in shards.iter_segments(os.path.join(data_dir, entry["path"])):
+            if start <= seen < end:
+                yield tokens, meta
+            seen += 1
+            if seen >= end:
+                return
+
+
+def count_targets(data_dir: str, manifest: dict, part: Part) -> int:
+    return sum(int(meta["length"]) for _, meta in iter_segment_range(data_dir, manifest, part.first_segment,
+                                                                     part.end_segment))
+
+
+# ----------------------------------------------------------------------------- encoding
+
+@torch.inference_mode()
+def encode_keys(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids [B, T] -> memory keys [B, T, D]: model.forward without the output layer (not needed here)."""
+    B, T = input_ids.shape
+    pos = torch.arange(T, device=input_ids.device)
+    x = model.drop(model.tok_emb(input_ids) + model.pos_emb(pos))  # [B, T, D]
+    keys = x
+    for block in model.blocks:
+        x, keys = block(x)
+    return keys
+
+
+def _batches(segments: Iterator[tuple[np.ndarray, dict]], batch_size: int, seq_len: int, pad_id: int):
+    """Yield (input_ids [B, L] long, targets [B, L] int32 numpy, lengths [B]) over the segments."""
+    rows: list[np.ndarray] = []
+    for tokens, _ in segments:
+        rows.append(tokens)
+        if len(rows) == batch_size:
+            yield _pack(rows, seq_len, pad_id)
+            rows = []
+    if rows:
+        yield _pack(rows, seq_len, pad_id)
+
+
+def _pack(rows: list[np.ndarray], seq_len: int, pad_id: int):
+    T = max(len(r) - 1 for r in rows)
+    tokens = np.full((len(rows), T + 1), pad_id, dtype=np.int64)
+    lengths = np.array([len(r) - 1 for r in rows])
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    return torch.from_numpy(tokens[:, :-1].copy()), tokens[:, 1:].astype(VALUE_DTYPE), lengths
+
+
+def encode_part(model, data_dir: str, manifest: dict, part: Part, paths: dict, batch_size: int) -> int:
+    """Write keys [n, D] fp16 and values [n] int32 of one part (pads dropped); returns n."""
+    from tqdm import tqdm
+
+    count = count_targets(data_dir, manifest, part)
+    dim, seq_len = model.cfg.d_model, int(manifest["seq_len"])
+    pad_id = int(manifest["tokenizer"]["pad_id"])
+    os.makedirs(os.path.dirname(paths["keys"]), exist_ok=True)
+    with atomic_path(paths["keys"]) as k_tmp, atomic_path(paths["values"]) as v_tmp:
+        keys = np.lib.format.open_memmap(k_tmp, mode="w+", dtype=KEY_DTYPE, shape=(count, dim))
+        values = np.lib.format.open_memmap(v_tmp, mode="w+", dtype=VALUE_DTYPE, shape=(count,))
+        at = 0
+        segments = iter_segment_range(data_dir, manifest, part.first_segment, part.end_segment)
+        n_batches = -(-(part.end_segment - part.first_segment) // batch_size)
+        for input_ids, targets, lengths in tqdm(_batches(segments, batch_size, seq_len, pad_id), total=n_batches,
+                                                desc=f"encode {part.stem}", unit="batch", leave=False):
+            out = encode_keys(model, input_ids).float().numpy()                       # [B, T, D]
+            valid = np.arange(input_ids.shape[1])[None, :] < lengths[:, None]          # [B, T]
+            n = int(valid.sum())
+            keys[at:at + n] = out[valid].astype(KEY_DTYPE)
+            values[at:at + n] = targets[valid]
+            at += n
+        if at != count:
+            raise ValueError(f"{data_dir}: part {part.stem} changed while encoding ({at} targets, expected {count})")
+        keys.flush(), values.flush()
+        del keys, values
+    atomic_write_json(paths["info"], {"part": part.index, "segments": [part.first_segment, part.end_segment],
+                                      "count": count, "dim": dim, "keys_bytes": os.path.getsize(paths["keys"]),
+                                      "values_bytes": os.path.getsize(paths["values"])})
+    return count
+
+
+def part_is_encoded(paths: dict, part: Part, dim: int) -> bool:
+    """True only if the info file exists and both arrays are whole, with the recorded shapes."""
+    if not os.path.isfile(paths["info"]):
+        return False
+    try:
+        info = read_json(paths["info"], "datastore part info")
+        keys = np.load(paths["keys"], mmap_mode="r")
+        values = np.load(paths["values"], mmap_mode="r")
+    except (OSError, ValueError) as e:
+        log.warning("part %s is incomplete or corrupt (%s): encoding it again", part.stem, e)
+        return False
+    ok = (info.get("segments") == [part.first_segment, part.end_segment] and keys.shape == (info["count"], dim)
+          and values.shape == (info["count"],) and keys.dtype == KEY_DTYPE and values.dtype == VALUE_DTYPE
+          and os.path.getsize(paths["keys"]) == info["keys_bytes"]
+          and os.path.getsize(paths["values"]) == info["values_bytes"])
+    if not ok:
+        log.warning("part %s does not match its info file: encoding it again", part.stem)
+    return ok
+
+
+def open_part(paths: dict) -> tuple[np.ndarray, np.ndarray]:
+    return np.load(paths["keys"], mmap_mode="r"), np.load(paths["values"], mmap_mode="r")
+
+
+# ----------------------------------------------------------------------------- index steps
+
+def part_offsets(ds_dir: str, parts: list[Part]) -> list[int]:
+    """Global id of each part's first key (prefix sums of the part counts)."""
+    counts = [int(read_json(part_paths(ds_dir, p)["info"], "datastore part info")["count"]) for p in parts]
+    return [int(x) for x in np.concatenate([[0], np.cumsum(counts)[:-1]])] if counts else []
+
+
+def sample_keys(ds_dir: str, parts: list[Part], offsets: list[int], total: int, n: int, seed: int) -> np.ndarray:
+    """[min(n, total), D] float32: a seeded uniform sample of all keys, read part by part."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(total, size=min(n, total), replace=False))
+    out = []
+    for part, first in zip(parts, offsets):
+        keys, _ = open_part(part_paths(ds_dir, part))
+        local = chosen[(chosen >= first) & (chosen < first + len(keys))] - first
+        out.append(np.asarray(keys[local], dtype=np.float32))
+    return np.concatenate(out, 0)
+
+
+def index_part_is_added(paths: dict, count: int) -> bool:
+    if not (os.path.isfile(paths["index_info"]) and os.path.isfile(paths["index"])):
+        return False
+    info = read_json(paths["index_info"], "datastore index part info")
+    return info.get("ntotal") == count and os.path.getsize(paths["index"]) == info.get("bytes")
+
+
+def add_part(ds_dir: str, part: Part, first_id: int, factory: str) -> None:
+    paths = part_paths(ds_dir, part)
+    keys, _ = open_part(paths)
+    ntotal = dsi.add_part(os.path.join(ds_dir, "trained.index"), keys, first_id, paths["index"], factory)
+    atomic_write_json(paths["index_info"], {"part": part.index, "first_id": first_id, "ntotal": ntotal,
+                                            "bytes": os.path.getsize(paths["index"])})

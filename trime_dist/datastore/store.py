@@ -1,0 +1,80 @@
+"""A complete datastore as eval reads it: metadata, values, keys (memmapped per part) and the faiss index."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from trime_dist.core.io import read_json
+from trime_dist.datastore import index as dsi
+
+FORMAT = "trime-datastore/v1"
+KEY_TYPE = "last_ffn_input"
+META_FILE = "datastore.json"
+
+
+class Datastore:
+    """A complete datastore: metadata, values (in RAM), keys (memmapped per part) and the index."""
+
+    def __init__(self, path: str, load_values: bool = True):
+        self.path = path
+        meta_path = os.path.join(path, META_FILE)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{meta_path} not found: {path} is not a complete datastore "
+                                    "(run `trime datastore build`, or rerun it to finish an interrupted build)")
+        self.meta = read_json(meta_path, "datastore metadata")
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        self.first_ids = np.array([p["first_id"] for p in self.meta["parts"]], dtype=np.int64)
+        self.values = np.concatenate([np.load(os.path.join(path, p["values"]), mmap_mode="r")
+                                      for p in self.meta["parts"]]) if load_values else None
+        self._index = None
+
+    @property
+    def id(self) -> str:
+        return self.meta["datastore_id"]
+
+    def check_compatible(self, model_info: dict, tokenizer_sha256: str, data_dir: str = "") -> None:
+        """Refuse a store built by other weights, or whose tokens are not those of the data evaluated."""
+        m = self.meta
+        if m["model_id"] != model_info["model_id"]:
+            raise ValueError(f"datastore {self.path} was built with model {m['model_id']} ({m.get('model')}), "
+                             f"but the model evaluated is {model_info['model_id']}: its keys are not comparable. "
+                             "Build a datastore with this model (`trime datastore build --model ...`)")
+        if m["tokenizer_sha256"] != tokenizer_sha256:
+            raise ValueError(f"datastore {self.path} uses tokenizer {m['tokenizer_sha256'][:12]}..., but the data "
+                             f"{data_dir} uses tokenizer {tokenizer_sha256[:12]}...: token ids do not match")
+
+    def keys(self, ids: np.ndarray) -> np.ndarray:
+        """[*, D] float32 stored keys of global ids (ids >= 0)."""
+        flat = ids.reshape(-1)
+        part = np.searchsorted(self.first_ids, flat, side="right") - 1
+        out = np.empty((len(flat), self.meta["dim"]), dtype=np.float32)
+        for p in np.unique(part):
+            keys = np.load(os.path.join(self.path, self.meta["parts"][p]["keys"]), mmap_mode="r")
+            sel = part == p
+            out[sel] = keys[flat[sel] - self.first_ids[p]]
+        return out.reshape(ids.shape + (self.meta["dim"],))
+
+    def all_keys(self) -> np.ndarray:
+        """[count, D] float32 (tests, small stores)."""
+        return self.keys(np.arange(self.meta["count"], dtype=np.int64))
+
+    def index(self, nprobe: int):
+        """The faiss index (loaded once, memory-mapped), with nprobe set."""
+        if self._index is None:
+            # on-disk lists are memory-mapped by faiss itself; IO_FLAG_MMAP on top of them crashes faiss 1.15
+            self._index = dsi.load_search_index(os.path.join(self.path, self.meta["index"]), nprobe,
+                                                      mmap=not self.meta["ondisk"])
+        dsi.set_nprobe(self._index, nprobe)
+        return self._index
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores [N, k] inner products, ids [N, k], labels [N, k]; id -1 / label -100 where missing)."""
+        scores, ids = dsi.search(self.index(nprobe), queries, k)
+        labels = np.where(ids >= 0, self.values[np.maximum(ids, 0)], -100).astype(np.int64)
+        return scores, ids, labels
+
+
+def open_datastore(path: str, load_values: bool = True) -> Datastore:
+    return Datastore(path, load_values)

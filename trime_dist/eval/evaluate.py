@@ -1,0 +1,227 @@
+"""`trime eval`: perplexity under none / local / long / external memory, kNN-LM interpolation, τ search.
+
+Settings that share a model share one pass over the data: each batch of windows is encoded once,
+each datastore searched once (batched), then every setting's loss is computed from the same
+logits and keys. Runs in one process; prints a table and writes a JSON file.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trime_dist.eval.memory import IGNORE, KeyCache, window_nll
+from trime_dist.eval.windows import Window, iter_windows
+
+log = logging.getLogger(__name__)
+
+MEMORY = ("none", "local", "long", "external")
+
+
+@dataclass
+class EvalSetting:
+    """One row of the table: a model under one memory setting."""
+    name: str = ""
+    model: str = ""
+    memory: str = "local"          # none | local | long | external
+    datastore: str = ""            # needed by external and by kNN interpolation
+    k: int = 1024                  # neighbours retrieved per query
+    nprobe: int = 32               # IVF lists visited per search
+    temperature: float = 1.0       # τ of memory similarities q·k / (sqrt(d)·τ)
+    mem_size: int = 1024           # long / external: cached keys from preceding windows of the stream
+    knn_lambda: float = 0.0        # λ of P = (1-λ)·P_trime + λ·P_knn (0 = no interpolation)
+    knn_temperature: float = 1.0   # τ_knn of P_knn = softmax(q·k / (sqrt(d)·τ_knn))
+
+    def validate(self) -> None:
+        if self.memory not in MEMORY:
+            raise ValueError(f"setting {self.name!r}: memory {self.memory!r}, expected one of {MEMORY}")
+        if not self.model:
+            raise ValueError(f"setting {self.name!r}: no model (--model or model=...)")
+        if self.retrieves and not self.datastore:
+            raise ValueError(f"setting {self.name!r}: memory={self.memory}, knn_lambda={self.knn_lambda} "
+                             "needs a datastore (--datastore DIR)")
+        if not 0.0 <= self.knn_lambda <= 1.0 or self.temperature <= 0 or self.knn_temperature <= 0:
+            raise ValueError(f"setting {self.name!r}: need 0 <= knn_lambda <= 1 and positive temperatures")
+        if self.k < 1 or self.nprobe < 1 or self.mem_size < 0:
+            raise ValueError(f"setting {self.name!r}: need k >= 1, nprobe >= 1, mem_size >= 0")
+
+    @property
+    def retrieves(self) -> bool:
+        return self.memory == "external" or self.knn_lambda > 0
+
+
+# ----------------------------------------------------------------------------- the passes
+
+def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str = "", taus: list[float] = (),
+                      context_window: int = 0, batch_size: int = 8, max_segments: int = 0) -> list[dict]:
+    """One row dict per setting (in order); settings of one model share each pass."""
+    from trime_dist.core import shards
+    from trime_dist.model.export import load_model
+
+    manifest = shards.read_manifest(data_dir)
+    rows: dict[int, dict] = {}
+    for model_path in dict.fromkeys(s.model for s in settings):
+        group = [i for i, s in enumerate(settings) if s.model == model_path]
+        model, info = load_model(model_path)
+        log.info("model %s (%s): %s in one pass over %s", model_path, info["model_id"],
+                 ", ".join(settings[i].name for i in group), data_dir)
+        stores = open_stores([settings[i] for i in group], info, manifest, data_dir)
+        chosen = {i: [settings[i].temperature] for i in group}
+        searched = {}
+        tuned = [i for i in group if settings[i].memory != "none"]  # τ only scales memory similarities
+        if taus and tuned:
+            valid_manifest = shards.read_manifest(valid_dir)
+            check_tokenizer(info, valid_manifest, valid_dir, model_path)
+            result = eval_pass(model, valid_dir, valid_manifest, [settings[i] for i in tuned], stores,
+                               [taus] * len(tuned), context_window, batch_size, max_segments)
+            for i, r in zip(tuned, result["settings"]):
+                losses = r["nll"] / max(r["tokens"], 1)
+                searched[i] = {f"{t:g}": float(l) for t, l in zip(taus, losses)}
+                chosen[i] = [taus[int(np.argmin(losses))]]
+                log.info("%s: τ search on %s: %s -> τ = %g", settings[i].name, valid_dir,
+                         ", ".join(f"{t}: {l:.4f}" for t, l in searched[i].items()), chosen[i][0])
+        check_tokenizer(info, manifest, data_dir, model_path)
+        result = eval_pass(model, data_dir, manifest, [settings[i] for i in group], stores,
+                           [chosen[i] for i in group], context_window, batch_size, max_segments)
+        for i, r in zip(group, result["settings"]):
+            rows[i] = make_row(settings[i], info, stores, r, chosen[i][0], searched.get(i), context_window,
+                               data_dir, result["tokens_per_s"])
+    return [rows[i] for i in range(len(settings))]
+
+
+def check_tokenizer(info: dict, manifest: dict, data_dir: str, model_path: str) -> None:
+    tok = manifest["tokenizer"]["sha256"]
+    if info.get("tokenizer_sha256") not in (None, tok):
+        raise ValueError(f"{data_dir} uses tokenizer {tok[:12]}..., but {model_path} was trained with "
+                         f"{info['tokenizer_sha256'][:12]}...: prepare the data with the model's tokenizer")
+
+
+def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_dir: str) -> dict:
+    from trime_dist.datastore.store import open_datastore
+
+    stores = {}
+    for s in settings:
+        if s.retrieves and s.datastore not in stores:
+            ds = open_datastore(s.datastore)
+            ds.check_compatible(info, manifest["tokenizer"]["sha256"], data_dir)
+            stores[s.datastore] = ds
+    return stores
+
+
+def make_row(s: EvalSetting, info: dict, stores: dict, r: dict, tau: float, searched, context_window: int,
+             data_dir: str, tokens_per_s: float) -> dict:
+    loss = float(r["nll"][0] / max(r["tokens"], 1))
+    ds = stores.get(s.datastore)
+    return {"name": s.name, "model": s.model, "model_id": info["model_id"], "memory": s.memory,
+            "loss": loss, "ppl": math.exp(loss), "tokens": int(r["tokens"]), "temperature": tau,
+            "k": s.k if s.retrieves else None, "nprobe": s.nprobe if s.retrieves else None,
+            "knn_lambda": s.knn_lambda, "knn_temperature": s.knn_temperature if s.knn_lambda > 0 else None,
+            "mem_size": s.mem_size if s.memory in ("long", "external") else None,
+            "datastore": s.datastore if s.retrieves else None, "datastore_id": ds.id if ds and s.retrieves else None,
+            "tau_search": searched, "context_window": context_window, "data": data_dir,
+            "pass_tokens_per_s": tokens_per_s}
+
+
+def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting], stores: dict,
+              taus: list[list[float]], context_window: int = 0, batch_size: int = 8,
+              max_segments: int = 0) -> dict:
+    """{"settings": [{"nll": [n_tau] summed nats, "tokens"}], "tokens_per_s", "seconds": {forward, search,
+    memory}} for one model (tokens_per_s: scored tokens over the whole pass, data reading included)."""
+    from tqdm import tqdm
+
+    L = int(manifest["seq_len"])
+    pad_id = int(manifest["tokenizer"]["pad_id"])
+    cached = [s.mem_size for s in settings if s.memory in ("long", "external")]
+    cache = KeyCache(max(cached) + context_window if cached else 0)
+    sums = [np.zeros(len(t)) for t in taus]
+    tokens = [0] * len(settings)
+    stream, start_time, n_scored = None, time.perf_counter(), 0
+    windows = iter_windows(data_dir, manifest, L, context_window, max_segments)
+    seconds = {"forward": 0.0, "search": 0.0, "memory": 0.0}
+    for batch in tqdm(_batched(windows, batch_size), desc="eval", unit="batch", leave=False):
+        t0 = time.perf_counter()
+        logits, keys, targets = forward_windows(model, batch, pad_id)       # [B, T, V], [B, T, D], [B, T]
+        t1 = time.perf_counter()
+        found = search_batch(batch, keys, settings, stores)
+        t2 = time.perf_counter()
+        seconds["forward"] += t1 - t0
+        seconds["search"] += t2 - t1
+        for b, w in enumerate(batch):
+            if w.stream != stream:
+                cache.reset()
+                stream = w.stream
+            n, s0 = w.length, w.score_from
+            for i, s in enumerate(settings):
+                ext = found.get((s.datastore, s.k, s.nprobe))
+                nll = setting_nll(s, logits[b, s0:n], targets[b, :n], keys[b, :n], s0, cache, w,
+                                  None if ext is None else (ext[0][b], ext[1][b]), taus[i])   # [n_tau, N]
+                sums[i] += nll.sum(1).double().numpy()
+                tokens[i] += int((targets[b, s0:n] != IGNORE).sum())
+            cache.push(keys[b, s0:n], targets[b, s0:n], w.start + torch.arange(s0, n))
+            n_scored += int((targets[b, s0:n] != IGNORE).sum())
+        seconds["memory"] += time.perf_counter() - t2
+    elapsed = time.perf_counter() - start_time
+    return {"settings": [{"nll": sums[i], "tokens": tokens[i]} for i in range(len(settings))],
+            "tokens_per_s": n_scored / max(elapsed, 1e-9), "seconds": seconds}
+
+
+def _batched(it, n):
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def forward_windows(model, batch: list[Window], pad_id: int):
+    """Pad the windows into [B, T] and run the model: (logits [B, T, V] fp32, keys [B, T, D], targets [B, T])."""
+    T = max(w.length for w in batch)
+    tokens = torch.full((len(batch), T + 1), pad_id, dtype=torch.long)
+    targets = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+    for b, w in enumerate(batch):
+        tokens[b, :w.length + 1] = torch.from_numpy(w.tokens)
+        targets[b, :w.length] = tokens[b, 1:w.length + 1]
+    logits, keys = model(tokens[:, :-1])
+    return logits.float(), keys.float(), targets
+
+
+def search_batch(batch: list[Window], keys: torch.Tensor, settings: list[EvalSetting], stores: dict) -> dict:
+    """{(datastore, k, nprobe): ([scores [N_b, k]] per window, [labels [N_b, k]] per window)}: one search each."""
+    out = {}
+    for s in settings:
+        spec = (s.datastore, s.k, s.nprobe)
+        if not s.retrieves or spec in out:
+            continue
+        queries = torch.cat([keys[b, w.score_from:w.length] for b, w in enumerate(batch)])   # [Q, D]
+        scores, _, labels = stores[s.datastore].search(queries.numpy(), s.k, s.nprobe)     # [Q, k]
+        sizes = [w.length - w.score_from for w in batch]
+        out[spec] = (torch.from_numpy(scores).split(sizes), torch.from_numpy(labels).split(sizes))
+    return out
+
+
+def setting_nll(s: EvalSetting, vocab_logits, window_targets, window_keys, s0: int, cache: KeyCache,
+                w: Window, ext, taus: list[float]) -> torch.Tensor:
+    """[n_tau, N] NLL of the scored positions s0.. of one window under setting s."""
+    n = window_keys.shape[0]
+    queries, targets = window_keys[s0:], window_targets[s0:]                        # [N, D], [N]
+    keys = labels = mask = None
+    if s.memory != "none":
+        keys, labels = window_keys, window_targets                                  # [n, D], [n]
+        mask = torch.arange(n)[None, :] < torch.arange(s0, n)[:, None]              # [N, n] j < i
+        if s.memory in ("long", "external"):
+            c_keys, c_labels = cache.memory(w.start, s.mem_size)                    # [m, D], [m]
+            if c_keys is not None and len(c_labels):
+                keys, labels = torch.cat([c_keys, keys]), torch.cat([c_labels, labels])
+                mask = torch.cat([torch.ones(len(queries), len(c_labels), dtype=torch.bool), mask], 1)
+    ext_scores, ext_labels = ext if ext is not None else (None, None)
+    return window_nll(vocab_logits, targets, queries, keys, labels, mask, ext_scores, ext_labels, taus,
+                      ext_in_softmax=s.memory == "external", knn_lambda=s.knn_lambda,
+                      knn_temperature=s.knn_temperature)

@@ -1,0 +1,72 @@
+"""Which memory entries each query may use: per-token metadata and the masks of DESIGN.md §1.
+
+Pure functions over tensors; the tiled objective uses the same rules block by block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+LAYOUTS = ("local", "long", "ext")
+
+
+# --------------------------------------------------------------------------------------------
+# Token metadata and memory masks
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenMeta:
+    """Where each token sits in the global batch; every field is a [N] long tensor."""
+    segment: torch.Tensor   # unique id of the token's segment within the global batch
+    position: torch.Tensor  # index of the token within its segment
+    stream: torch.Tensor    # id of the token stream the segment was cut from
+    order: torch.Tensor     # index of the segment within its stream
+
+    def __post_init__(self):
+        shapes = {f.name: tuple(getattr(self, f.name).shape) for f in fields(self)}
+        if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
+            raise ValueError(f"TokenMeta fields must all be [N] tensors of one length, got {shapes}")
+
+    def __len__(self) -> int:
+        return self.segment.shape[0]
+
+    def slice(self, start: int, end: int) -> "TokenMeta":
+        return TokenMeta(*(getattr(self, f.name)[start:end] for f in fields(self)))
+
+    def select(self, index: torch.Tensor) -> "TokenMeta":
+        return TokenMeta(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def stack(self) -> torch.Tensor:
+        """[N, 4] long tensor (segment, position, stream, order), e.g. to gather in one collective."""
+        return torch.stack([getattr(self, f.name).long() for f in fields(self)], dim=1)
+
+    @staticmethod
+    def unstack(t: torch.Tensor) -> "TokenMeta":
+        return TokenMeta(*t.unbind(dim=1))
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown memory layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def build_memory_mask(query_meta: TokenMeta, key_meta: TokenMeta, layout: str,
+                      use_local: bool = True) -> torch.Tensor:
+    """[N, M] bool: True where query i may use memory entry j (DESIGN.md §1, table of M_i).
+
+    local: same segment, earlier position.  long: local, or any position of an earlier segment
+    of the same stream.  ext: (local if use_local) or any position of any other segment.
+    Key validity (ignored labels) is not applied here; the objectives apply it.
+    """
+    check_layout(layout)
+    q, k = query_meta, key_meta
+    same_segment = q.segment[:, None] == k.segment[None, :]                       # [N, M]
+    local = same_segment & (k.position[None, :] < q.position[:, None])             # [N, M]
+    if layout == "local":
+        return local
+    if layout == "long":
+        earlier = (q.stream[:, None] == k.stream[None, :]) & (k.order[None, :] < q.order[:, None])
+        return local | earlier
+    other = ~same_segment                                                          # ext
+    return (local | other) if use_local else other

@@ -1,0 +1,163 @@
+"""The one module that imports DeepSpeed: engine construction, LR schedules, checkpoints.
+
+The DeepSpeed JSON is derived from the project's own config (GPT-NeoX's good idea), so batch
+arithmetic cannot drift between the two.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import shutil
+from typing import Any, Optional
+
+import torch
+
+from trime_dist.train.config import OptimConfig, TrainConfig, grad_accum_steps
+
+log = logging.getLogger(__name__)
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config from TrainConfig: batch sizes, ZeRO stage, precision, optimizer, clipping."""
+    op, ds = cfg.optim, cfg.deepspeed
+    config: dict[str, Any] = {
+        "train_batch_size": cfg.data.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
+        "gradient_clipping": op.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": op.lr, "betas": list(op.betas), "eps": op.eps, "weight_decay": op.weight_decay}}
+        if op.name == "adamw" else {"type": "SGD", "params": {"lr": op.lr, "weight_decay": op.weight_decay}},
+        # ZeRO partitions any torch optimizer; DeepSpeed only wants SGD acknowledged explicitly.
+        "zero_allow_untested_optimizer": op.name != "adamw",
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    # The LR schedule is a torch LambdaLR passed to deepspeed.initialize (see lr_factor), not a
+    # DeepSpeed "scheduler" entry: DeepSpeed's warmup schedulers run the first two steps at lr 0.
+    return _deep_merge(config, ds.extra)
+
+
+def lr_factor(step: int, op: OptimConfig, total_steps: int) -> float:
+    """Multiplier of optim.lr for optimizer step `step` (0-based): linear warmup from lr/warmup_steps
+    to lr, then cosine decay to min_lr_ratio * lr at total_steps, fairseq's inverse_sqrt, or constant."""
+    warmup = max(op.warmup_steps, 0)
+    if step < warmup:
+        return (step + 1) / warmup
+    if op.schedule == "constant":
+        return 1.0
+    if op.schedule == "inverse_sqrt":
+        return math.sqrt(max(warmup, 1) / (step + 1))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return op.min_lr_ratio + (1.0 - op.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in (extra or {}).items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and embeddings' position table (1-D or position params)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "pos_emb" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
+    """Wrap the model in a DeepSpeed engine (process group already initialised)."""
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, world_size)
+    optim_cfg, total = cfg.optim, cfg.run.max_steps
+
+    def lr_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim_cfg, total))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=ds_config, lr_scheduler=lr_scheduler)
+    return engine
+
+
+def init_deepspeed_distributed() -> None:
+    """Let DeepSpeed set up the process group (gloo on CPU, nccl on GPU) from the launcher env."""
+    from dataclasses import replace
+
+    import deepspeed
+
+    from trime_dist.core.distributed import backend_for_device
+    from trime_dist.core.launch_env import discover_env, export_env, free_port
+
+    env = discover_env()
+    if env.launcher == "single":  # DeepSpeed wants a process group even for one process
+        env = replace(env, master_port=free_port())
+    export_env(env)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    deepspeed.init_distributed(dist_backend=backend_for_device(), auto_mpi_discovery=False)
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, keep: int) -> str:
+    """Save tag `step{N}`; DeepSpeed rewrites `latest` only after the tag is complete."""
+    from trime_dist.core.distributed import barrier, get_rank
+
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+    barrier()
+    if get_rank() == 0 and keep > 0:
+        tags = sorted(p for p in glob.glob(os.path.join(ckpt_dir, "step*")) if os.path.isdir(p))
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return tag
+
+
+def latest_tag(ckpt_dir: str) -> Optional[str]:
+    path = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    tag = open(path).read().strip()
+    return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
+
+
+def load_checkpoint(engine, ckpt_dir: str) -> Optional[dict]:
+    """Load the latest complete checkpoint; returns its client state (None when there is none)."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if path is None:
+        raise ValueError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+    log.info("resumed from %s", path)
+    return client_state
+
+
+def full_state_dict(engine, ckpt_dir: str, tag: str, zero_stage: int) -> Optional[dict]:
+    """fp32 weights of the whole model on rank 0 (consolidating ZeRO-3 partitions from the checkpoint)."""
+    from trime_dist.core.distributed import get_rank
+
+    if get_rank() != 0:
+        return None
+    if zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
+
+        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}

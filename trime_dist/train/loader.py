@@ -1,0 +1,225 @@
+"""Streaming loader: reads segment or grouped shards strictly in order and deals each group to ranks.
+
+A *group* is the set of G = ranks x micro_batch segments that share one memory in one forward
+pass. Grouped shards (from `trime group`) store groups as samples; plain segment shards (from
+`trime prepare`) are cut into groups of G consecutive segments on the fly. Every rank reads every
+group and keeps its own rows, so all ranks see the same number of steps (no rank can run dry)
+and the position is one number per epoch: the index of the next group.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from trime_dist.train.batch import IGNORE_INDEX, Batch
+
+log = logging.getLogger(__name__)
+
+from trime_dist.core.shards import GROUPS_FORMAT
+
+
+@dataclass
+class Group:
+    """One global group: G segments, row r padded to L+1 tokens."""
+    epoch: int
+    index: int              # position of the group in its epoch
+    tokens: np.ndarray      # [G, L+1] int32, padded with pad_id
+    lengths: np.ndarray     # [G] number of targets per row (0 = empty filler row)
+    stream: np.ndarray      # [G] int64
+    order: np.ndarray       # [G] int64: segment index within its stream
+
+
+class ShardDataset:
+    """The groups of one shard directory, in a deterministic (seeded, per-epoch) order."""
+
+    def __init__(self, data_dir: str, group_size: int, *, shuffle_shards: bool = False, seed: int = 0,
+                 drop_last: bool = True, verify: bool = False):
+        from trime_dist.core import shards
+
+        self.data_dir = data_dir
+        self.manifest = shards.read_manifest(data_dir)
+        self.format = self.manifest["format"]
+        self.seq_len = int(self.manifest["seq_len"])
+        self.pad_id = int(self.manifest["tokenizer"]["pad_id"])
+        self.group_size = group_size
+        self.shuffle_shards, self.seed, self.drop_last = shuffle_shards, seed, drop_last
+        if self.format == GROUPS_FORMAT and int(self.manifest["group_size"]) != group_size:
+            raise ValueError(
+                f"{data_dir}/manifest.json: shards hold groups of {self.manifest['group_size']} segments, but "
+                f"training needs groups of ranks x data.micro_batch_size = {group_size}; regroup with "
+                f"`trime group --group-size {group_size}` or change data.micro_batch_size / the number of ranks")
+        if verify:
+            for entry in self.manifest["shards"]:
+                shards.verify_shard(entry, data_dir)
+
+    @property
+    def shard_entries(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    def groups_per_epoch(self) -> int:
+        if self.format == GROUPS_FORMAT:
+            return int(self.manifest["groups"])
+        n = int(self.manifest["segments"])
+        return n // self.group_size if self.drop_last else -(-n // self.group_size)
+
+    def shard_order(self, epoch: int) -> list[dict]:
+        entries = list(self.shard_entries)
+        if self.shuffle_shards:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(entries)
+        return entries
+
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Group]:
+        """Groups of `epoch` from index `start` on (whole shards before it are skipped unread)."""
+        if self.format == GROUPS_FORMAT:
+            yield from self._iter_grouped(epoch, start)
+        else:
+            yield from self._iter_segments(epoch, start)
+
+    def _iter_grouped(self, epoch: int, start: int) -> Iterator[Group]:
+        from trime_dist.core import shards
+
+        index = 0
+        for entry in self.shard_order(epoch):
+            n = int(entry["groups"])
+            if index + n <= start:  # whole shard already consumed
+                index += n
+                continue
+            for _, tokens, meta in shards.iter_groups(f"{self.data_dir}/{entry['path']}"):
+                if index >= start:
+                    segs = meta["segments"]
+                    yield Group(epoch, index, np.asarray(tokens, dtype=np.int32),
+                                np.array([s["length"] for s in segs]), np.array([s["stream"] for s in segs]),
+                                np.array([s["index"] for s in segs]))
+                index += 1
+
+    def _iter_segments(self, epoch: int, start: int) -> Iterator[Group]:
+        from trime_dist.core import shards
+
+        G, skip = self.group_size, start * self.group_size
+        seen, rows = 0, []
+        index = start
+        for entry in self.shard_order(epoch):
+            n = int(entry["segments"])
+            if seen + n <= skip:
+                seen += n
+                continue
+            for _, tokens, meta in shards.iter_segments(f"{self.data_dir}/{entry['path']}"):
+                seen += 1
+                if seen <= skip:
+                    continue
+                rows.append((tokens, meta))
+                if len(rows) == G:
+                    yield self._make_group(epoch, index, rows)
+                    index, rows = index + 1, []
+        if rows and not self.drop_last:
+            yield self._make_group(epoch, index, rows)
+
+    def _make_group(self, epoch: int, index: int, rows: list) -> Group:
+        G, width = self.group_size, self.seq_len + 1
+        tokens = np.full((G, width), self.pad_id, dtype=np.int32)
+        lengths = np.zeros(G, dtype=np.int64)
+        stream = np.full(G, -1, dtype=np.int64)  # filler rows get their own stream id: never memory for others
+        order = np.zeros(G, dtype=np.int64)
+        for r, (tok, meta) in enumerate(rows):
+            tokens[r, :len(tok)] = tok
+            lengths[r], stream[r], order[r] = meta["length"], meta["stream"], meta["index"]
+        for r in range(len(rows), G):
+            stream[r] = -1 - r
+        return Group(epoch, index, tokens, lengths, stream, order)
+
+
+def rows_for_rank(group_size: int, rank: int, world_size: int, placement: str) -> np.ndarray:
+    """Which rows of a group a rank trains on: a contiguous block, or every world_size-th row."""
+    per_rank = group_size // world_size
+    if placement == "contiguous":
+        return np.arange(rank * per_rank, (rank + 1) * per_rank)
+    if placement == "interleaved":
+        return np.arange(rank, group_size, world_size)
+    raise ValueError(f"data.placement: got {placement!r}, allowed: contiguous, interleaved")
+
+
+def group_to_batch(group: Group, rows: np.ndarray) -> Batch:
+    tokens = torch.from_numpy(group.tokens[rows].astype(np.int64))   # [B, L+1]
+    lengths = torch.from_numpy(group.lengths[rows])                   # [B]
+    T = tokens.shape[1] - 1
+    targets = tokens[:, 1:].clone()
+    targets[torch.arange(T)[None, :] >= lengths[:, None]] = IGNORE_INDEX
+    return Batch(
+        input_ids=tokens[:, :-1].contiguous(), targets=targets,
+        stream=torch.from_numpy(group.stream[rows]), order=torch.from_numpy(group.order[rows]),
+        segment=torch.from_numpy(rows.astype(np.int64)), group_tokens=int(group.lengths.sum()))
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    next_index: int = 0   # index (within `epoch`) of the next group to train on
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "next_index": self.next_index}
+
+
+class _WorkerGroups(torch.utils.data.IterableDataset):
+    """One epoch's batches for DataLoader workers: worker w builds groups with index % workers == w.
+
+    DataLoader takes items from its workers round-robin, so the merged order is the group order.
+    """
+
+    def __init__(self, dataset: ShardDataset, epoch: int, start: int, rows: np.ndarray):
+        self.dataset, self.epoch, self.start, self.rows = dataset, epoch, start, rows
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for group in self.dataset.iter_epoch(self.epoch, self.start):
+            if (group.index - self.start) % nw == wid:
+                yield group.index, group_to_batch(group, self.rows)
+
+
+class RankLoader:
+    """Endless iterator of this rank's micro-batches over epochs, resumable from a LoaderState."""
+
+    def __init__(self, dataset: ShardDataset, rank: int, world_size: int, placement: str,
+                 state: Optional[LoaderState] = None, max_epochs: int = 1_000_000, num_workers: int = 0):
+        if dataset.group_size % world_size:
+            raise ValueError(f"group size {dataset.group_size} is not divisible by the world size {world_size}")
+        self.dataset, self.max_epochs, self.num_workers = dataset, max_epochs, num_workers
+        self.rows = rows_for_rank(dataset.group_size, rank, world_size, placement)
+        self.state = state or LoaderState()
+        if dataset.groups_per_epoch() == 0:
+            raise ValueError(f"{dataset.data_dir}: {dataset.manifest['segments']} segments make no complete group "
+                             f"of {dataset.group_size}; use more data or fewer segments per group")
+
+    def __iter__(self) -> Iterator[tuple[Batch, int]]:
+        """Yields (batch, epoch); the state always points at the next unseen group."""
+        while self.state.epoch < self.max_epochs:
+            epoch = self.state.epoch
+            for index, batch in self._epoch_batches(epoch, self.state.next_index):
+                self.state = LoaderState(epoch, index + 1)
+                yield batch, epoch
+            self.state = LoaderState(epoch + 1, 0)
+
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[int, Batch]]:
+        if self.num_workers == 0:
+            return ((g.index, group_to_batch(g, self.rows)) for g in self.dataset.iter_epoch(epoch, start))
+        workers = _WorkerGroups(self.dataset, epoch, start, self.rows)
+        return iter(torch.utils.data.DataLoader(workers, batch_size=None, num_workers=self.num_workers))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = LoaderState(int(state["epoch"]), int(state["next_index"]))
+
+
+def iter_eval_batches(data_dir: str, rank: int, world_size: int, micro_batch_size: int,
+                      max_batches: int = 0) -> Iterator[Batch]:
+    """One ordered pass over a split (no shuffling, last group padded so no token is lost)."""
+    dataset = ShardDataset(data_dir, world_size * micro_batch_size, drop_last=False)
+    rows = rows_for_rank(dataset.group_size, rank, world_size, "contiguous")
+    for i, group in enumerate(dataset.iter_epoch(0)):
+        if max_batches and i >= max_batches:
+            return
+        yield group_to_batch(group, rows)

@@ -1,0 +1,298 @@
+"""`trime train`: DeepSpeed training with the TRIME objective, resumable, one JSON line per step.
+
+Run it under a launcher (`deepspeed --num_gpus 2 $(which trime) train ...`, `trime launch`,
+srun/mpiexec) or as one process. The loop is split into small steps: set-up, one optimizer
+step, validation, checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from trime_dist.core.config import save_config
+from trime_dist.core.io import atomic_write_json
+from trime_dist.train.config import TrainConfig, grad_accum_steps, validate_train_config
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = {"ce": None, "trime_local": "local", "trime_long": "long", "trime_ext": "ext"}
+
+
+# ----------------------------------------------------------------------------- set-up
+
+@dataclass
+class TrainState:
+    step: int = 0                 # optimizer steps done
+    tokens_seen: int = 0
+    best_valid: Optional[float] = None
+    history: list = field(default_factory=list)
+
+
+def setup_run(cfg: TrainConfig, world_size: int, rank: int, resume: bool):
+    """Check the config against the data, fill in sizes from the manifest, write the resolved config."""
+    from trime_dist.train.loader import ShardDataset
+
+    validate_train_config(cfg, world_size)
+    ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
+    if not resume and os.path.isfile(os.path.join(ckpt_dir, "latest")):
+        raise ValueError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run "
+                         "or choose a new run.out_dir")
+    group_size = world_size * cfg.data.micro_batch_size
+    train_data = ShardDataset(cfg.data.train, group_size, shuffle_shards=cfg.data.shuffle_shards,
+                              seed=cfg.run.seed, verify=(rank == 0))
+    tok = train_data.manifest["tokenizer"]
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = int(tok["vocab_size"])
+    elif cfg.model.vocab_size < int(tok["vocab_size"]):
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tok['vocab_size']} ({cfg.data.train}/manifest.json); set it to 0 to take it from the data")
+    if train_data.seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the data's segment length "
+                         f"{train_data.seq_len} ({cfg.data.train}/manifest.json)")
+    check_layout(cfg, train_data, world_size)
+    if rank == 0:
+        os.makedirs(cfg.run.out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run.out_dir, "config.yaml"))
+        add_log_file(os.path.join(cfg.run.out_dir, "train.log"))
+    return train_data
+
+
+def check_layout(cfg: TrainConfig, train_data, world_size: int) -> None:
+    """Refuse layouts the data cannot satisfy, saying which setting to change."""
+    method = train_data.manifest.get("grouping", {}).get("method")
+    if cfg.objective.name == "trime_long":
+        if method not in (None, "consecutive"):
+            raise ValueError(f"objective.name=trime_long needs consecutive segments, but {cfg.data.train} holds "
+                             f"{method!r} groups; use shards from `trime prepare` or `trime group --method consecutive`")
+        if cfg.data.placement == "contiguous" and cfg.data.micro_batch_size < 2:
+            raise ValueError("objective.name=trime_long with data.placement=contiguous keeps memory on each rank, "
+                             "but data.micro_batch_size=1 leaves one segment per rank: nothing earlier to remember. "
+                             "Use data.placement=interleaved (memory gathered across ranks) or a larger "
+                             "data.micro_batch_size")
+        if world_size * cfg.data.micro_batch_size < 2:
+            raise ValueError("objective.name=trime_long needs at least 2 consecutive segments per global batch: "
+                             "raise data.micro_batch_size")
+
+
+def add_log_file(path: str) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+# ----------------------------------------------------------------------------- one step
+
+def step_objective(cfg: TrainConfig, step: int, epoch: int) -> tuple[Optional[str], bool]:
+    """(memory layout or None for plain CE, use_local) for this optimizer step; same on every rank."""
+    o = cfg.objective
+    if LAYOUTS[o.name] is None or step < o.ce_warmup_steps or epoch < o.ce_warmup_epochs:
+        return None, True
+    layout = LAYOUTS[o.name]
+    use_local = True
+    if layout == "ext":
+        # Seeded by (seed, step), so every rank draws the same value without communicating.
+        use_local = random.Random(cfg.run.seed * 7_919 + step).random() >= o.cross_sent_ratio
+    return layout, use_local
+
+
+def train_step(engine, batches, cfg: TrainConfig, state: TrainState, world_size: int) -> dict:
+    """One optimizer step over grad-accumulation micro-batches; returns the step's metrics."""
+    from trime_dist.core.distributed import all_reduce_sum
+    from trime_dist.train.loss import micro_batch_loss, needs_gather
+
+    start = time.perf_counter()
+    totals = torch.zeros(3, dtype=torch.float64)  # nll_sum, ce_sum, tokens (this rank)
+    memory_sizes, epoch, layout = [], 0, None
+    accum = grad_accum_steps(cfg, world_size)
+    for micro_step in range(accum):
+        batch, epoch = next(batches)
+        layout, use_local = step_objective(cfg, state.step, epoch)
+        logits, memory_keys = engine(batch.input_ids)
+        out = micro_batch_loss(
+            logits, memory_keys, batch, layout, use_local=use_local,
+            gather=layout is not None and needs_gather(layout, cfg.data.placement),
+            gather_grad=cfg.memory.gather_grad, temperature=cfg.objective.temperature,
+            tiled=cfg.memory.tiled, tile_size=cfg.memory.tile_size)
+        totals += torch.stack([out.nll_sum.double(), out.ce_sum.double(), out.n_tokens.double()])
+        memory_sizes.append(out.memory_size)
+        engine.backward(out.loss)
+        if micro_step == accum - 1:
+            # One collective per optimizer step, before the update: every rank sees a NaN anywhere.
+            totals = all_reduce_sum(totals)
+            if not math.isfinite(float(totals[0])):
+                raise FloatingPointError(
+                    f"non-finite loss at step {state.step + 1} (epoch {epoch}); stopping without saving, the "
+                    f"last good checkpoint in {cfg.run.out_dir}/checkpoints is intact. Try a lower optim.lr "
+                    "or deepspeed.precision=fp32")
+        engine.step()
+    elapsed = time.perf_counter() - start
+    state.step += 1
+    tokens = int(totals[2])
+    state.tokens_seen += tokens
+    loss, ce_loss = float(totals[0] / max(tokens, 1)), float(totals[1] / max(tokens, 1))
+    from trime_dist.train.engine import current_lr
+
+    grad_norm = engine.get_global_grad_norm()
+    return {"step": state.step, "epoch": epoch, "objective": layout or "ce", "loss": loss, "ce_loss": ce_loss,
+            "ppl": math.exp(min(loss, 50.0)), "tokens": tokens, "tokens_seen": state.tokens_seen,
+            "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "lr": current_lr(engine),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "memory_size": sum(memory_sizes) / len(memory_sizes)}
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: TrainConfig, rank: int, world_size: int) -> dict:
+    """Validation loss and perplexity with plain CE and with the run's memory layout (no cross-rank memory)."""
+    from trime_dist.core.distributed import all_reduce_sum
+    from trime_dist.train.loader import iter_eval_batches
+    from trime_dist.train.loss import micro_batch_loss
+
+    layout = LAYOUTS[cfg.objective.name] or "local"
+    engine.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for batch in iter_eval_batches(cfg.data.valid, rank, world_size, cfg.data.micro_batch_size,
+                                   cfg.run.eval_batches):
+        logits, memory_keys = engine(batch.input_ids)
+        # Validation memory stays within this rank's segments (gather=False): cheap and identical for any R.
+        out = micro_batch_loss(logits.float(), memory_keys.float(), batch, "local" if layout == "ext" else layout,
+                               temperature=cfg.objective.temperature, tiled=cfg.memory.tiled,
+                               tile_size=cfg.memory.tile_size)
+        totals += torch.stack([out.nll_sum.double(), out.ce_sum.double(), out.n_tokens.double()])
+    engine.train()
+    totals = all_reduce_sum(totals)
+    tokens = max(float(totals[2]), 1.0)
+    return {"valid_tokens": int(totals[2]), "valid_ce_loss": float(totals[1]) / tokens,
+            "valid_ce_ppl": math.exp(float(totals[1]) / tokens), "valid_memory_loss": float(totals[0]) / tokens,
+            "valid_memory_ppl": math.exp(float(totals[0]) / tokens)}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train until run.max_steps (or run.max_epochs); returns the final summary (also RUN/summary.json)."""
+    from trime_dist.core.distributed import get_rank, get_world_size
+    from trime_dist.core.launch_env import discover_env
+    from trime_dist.model.transformer import build_model
+    from trime_dist.train.engine import (
+        build_engine,
+        init_deepspeed_distributed,
+        load_checkpoint,
+    )
+    from trime_dist.train.loader import RankLoader
+    from trime_dist.train.metrics import MetricsLog
+
+    env = discover_env()  # config and data are checked before any process group or engine exists
+    train_data = setup_run(cfg, env.world_size, env.rank, resume)
+    init_deepspeed_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
+
+    engine = build_engine(build_model(cfg.model, seed=cfg.run.seed), cfg, world_size)
+    loader = RankLoader(train_data, rank, world_size, cfg.data.placement, max_epochs=cfg.run.max_epochs,
+                        num_workers=cfg.data.num_workers)
+    state = TrainState()
+    client = load_checkpoint(engine, ckpt_dir) if resume else None
+    if client is not None:
+        state.step, state.tokens_seen = int(client["step"]), int(client["tokens_seen"])
+        loader.load_state_dict(client["loader"])
+    metrics = MetricsLog(os.path.join(cfg.run.out_dir, "metrics.jsonl"), state.step if resume else None) \
+        if rank == 0 else None
+    log.info("rank %d/%d: %d params, %s, %d optimizer steps from step %d, loader at %s", rank, world_size,
+             sum(p.numel() for p in engine.module.parameters()), cfg.objective.name, cfg.run.max_steps,
+             state.step, loader.state.state_dict())
+
+    if state.step == 0 and cfg.data.valid:
+        start_eval = evaluate(engine, cfg, rank, world_size)
+        _record(metrics, {"step": 0, **start_eval})
+        state.history.append({"step": 0, **start_eval})
+    batches = iter(loader)
+    progress = _progress(cfg, state, rank)
+    last_saved = state.step
+    while state.step < cfg.run.max_steps:
+        try:
+            record = train_step(engine, batches, cfg, state, world_size)
+        except StopIteration:
+            log.info("run.max_epochs=%d reached at step %d", cfg.run.max_epochs, state.step)
+            break
+        if cfg.data.valid and cfg.run.eval_every and state.step % cfg.run.eval_every == 0:
+            record.update(evaluate(engine, cfg, rank, world_size))
+            state.history.append({k: v for k, v in record.items() if k.startswith("valid") or k == "step"})
+        _record(metrics, record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}")
+        if rank == 0 and (state.step % cfg.run.log_every == 0 or state.step == 1):
+            log.info("step %d epoch %d %s loss %.4f ce %.4f lr %.2e grad_norm %s tok/s %.0f", state.step,
+                     record["epoch"], record["objective"], record["loss"], record["ce_loss"], record["lr"],
+                     record["grad_norm"], record["tokens_per_s"])
+        if state.step % cfg.run.save_every == 0:
+            _save(engine, cfg, ckpt_dir, state, loader)
+            last_saved = state.step
+    if progress is not None:
+        progress.close()
+    if last_saved != state.step or not os.path.isfile(os.path.join(ckpt_dir, "latest")):
+        _save(engine, cfg, ckpt_dir, state, loader)
+    return _finish(engine, cfg, ckpt_dir, state, train_data, rank, world_size, metrics)
+
+
+def _progress(cfg: TrainConfig, state: TrainState, rank: int):
+    if rank != 0:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    # On a terminal the bar redraws in place; in a log file (SLURM, CI) one update every 30 s is enough.
+    return tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+
+def _record(metrics, record: dict) -> None:
+    if metrics is not None:
+        metrics.write(record)
+
+
+def _save(engine, cfg: TrainConfig, ckpt_dir: str, state: TrainState, loader) -> str:
+    from trime_dist.train.engine import save_checkpoint
+
+    client = {"step": state.step, "tokens_seen": state.tokens_seen, "loader": loader.state.state_dict()}
+    return save_checkpoint(engine, ckpt_dir, state.step, client, keep=cfg.run.keep_checkpoints)
+
+
+def _finish(engine, cfg, ckpt_dir, state, train_data, rank, world_size, metrics) -> dict:
+    """Final validation, exported model, summary JSON and loss-curve PNG."""
+    from trime_dist.core.distributed import barrier
+    from trime_dist.core.io import sha256_file
+    from trime_dist.model.export import export_model
+    from trime_dist.train.engine import full_state_dict, latest_tag
+    from trime_dist.train.metrics import plot_loss_curve
+
+    summary = {"steps": state.step, "tokens_seen": state.tokens_seen, "objective": cfg.objective.name,
+               "world_size": world_size}
+    if cfg.data.valid:
+        final_eval = evaluate(engine, cfg, rank, world_size)
+        _record(metrics, {"step": state.step, **final_eval})
+        summary.update(final=final_eval, start=next((h for h in state.history if h["step"] == 0), None))
+    barrier()
+    tag = latest_tag(ckpt_dir)
+    weights = full_state_dict(engine, ckpt_dir, tag, cfg.deepspeed.zero_stage)
+    if rank == 0:
+        info = {"step": state.step, "objective": cfg.objective.name,
+                "tokenizer_sha256": train_data.manifest["tokenizer"]["sha256"],
+                "train_manifest_sha256": sha256_file(os.path.join(cfg.data.train, "manifest.json")),
+                "seq_len": train_data.seq_len}
+        export_model(weights, cfg.model, cfg.run.out_dir, info, run_config=cfg)
+        atomic_write_json(os.path.join(cfg.run.out_dir, "summary.json"), summary)
+        plot_loss_curve(os.path.join(cfg.run.out_dir, "metrics.jsonl"), os.path.join(cfg.run.out_dir, "loss.png"))
+        log.info("done: %s", summary)
+    barrier()
+    return summary
