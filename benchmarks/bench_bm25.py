@@ -10,7 +10,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # single-thread comparisons (BLAS included)
 import argparse  # noqa: E402
-import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -182,8 +181,8 @@ def bench_scale(args) -> None:
         t0 = time.perf_counter()
         write_synthetic(src, args.segments, args.seq_len)
         print(f"wrote {src} in {time.perf_counter() - t0:.0f}s")
-    print(f"\n| ranks | max_df_ratio | segments | wall s | segments/s | peak RSS per rank GiB | recall@20 vs no cut-off "
-          f"| within-group BM25 (bm25 / random) |")
+    print("\n| ranks | max_df_ratio | segments | wall s | segments/s | peak RSS per rank GiB | recall@20 vs no cut-off "
+          "| within-group BM25 (bm25 / random) |")
     print("|---|---|---|---|---|---|---|---|")
     reference = None
     for max_df in args.max_df_ratios:

@@ -22,7 +22,7 @@ sys.path.insert(0, REPO)
 
 
 def tiny_model_and_data(tmp: str, n_segments: int):
-    sys.path.insert(0, os.path.join(REPO, "tests"))
+    sys.path.insert(0, os.path.join(REPO, "tests", "helpers"))
     from trime_dist.model.config import ModelConfig
     from trime_dist.model.export import export_model
     from trime_dist.model.transformer import build_model
@@ -58,12 +58,13 @@ def bench_encode(model_dir: str, data_dir: str, batch_size: int, repeats: int) -
             times.append(time.perf_counter() - t0)
     rows.append({"what": "encode_part (read + forward + write)", "tokens": n, "s": min(times)})
     batches = [b for b, _, _ in build._batches(build.iter_segment_range(data_dir, manifest, 0, part.end_segment),
-                                             batch_size, int(manifest["seq_len"]), 0)]
+                                             batch_size, 0)]
     t0 = time.perf_counter()
-    for _ in range(repeats):
-        for ids in batches:
-            build.encode_keys(model, ids)
-    rows.append({"what": "encode_keys forward only (inference)", "tokens": n, "s": (time.perf_counter() - t0) / repeats})
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for ids in batches:
+                model.encode(ids)
+    rows.append({"what": "model.encode forward only (inference)", "tokens": n, "s": (time.perf_counter() - t0) / repeats})
     model.train()
     t0 = time.perf_counter()
     for _ in range(repeats):

@@ -20,24 +20,25 @@ def run_case(method: str, n: int, args) -> dict:
     """One forward+backward in this process (called in a fresh subprocess)."""
     import torch
 
+    from trime_dist.core.constants import IGNORE_INDEX
     from trime_dist.objective.masks import TokenMeta, build_memory_mask
     from trime_dist.objective.trime_loss import trime_nll, trime_nll_tiled
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    segment = torch.arange(n) // args.T                                  # [N] segments of T tokens
-    meta = TokenMeta(segment, torch.arange(n) % args.T, segment // 4, segment % 4)
+    row = torch.arange(n) // args.T                                      # [N] segments of T tokens
+    meta = TokenMeta(row=row, position=torch.arange(n) % args.T, stream=row // 4, stream_index=row % 4)
     vocab_logits = torch.randn(n, args.V, requires_grad=True)            # [N, V]
     queries = torch.randn(n, args.d, requires_grad=True)                 # [N, d]; keys = queries, as in training
     targets = torch.randint(0, args.V, (n,))                             # [N]
-    targets[torch.rand(n) < 0.05] = -100                                 # some padding
+    targets[torch.rand(n) < 0.05] = IGNORE_INDEX                         # some padding
 
     def step():
         if method == "dense":
-            mask = build_memory_mask(meta, meta, "ext")                   # [N, N]
+            mask = build_memory_mask(meta, meta, "external")              # [N, N]
             nll = trime_nll(vocab_logits, targets, queries, queries, targets, mask)
         else:
-            nll = trime_nll_tiled(vocab_logits, targets, queries, queries, targets, meta, meta, "ext",
+            nll = trime_nll_tiled(vocab_logits, targets, queries, queries, targets, meta, meta, "external",
                                   tile_size=args.tile_size)
         nll.sum().backward()
         vocab_logits.grad = queries.grad = None
@@ -76,7 +77,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_case(args.one[0], int(args.one[1]), args)))
         return
-    print(f"ext layout, d={args.d}, V={args.V}, T={args.T}, tile={args.tile_size}, threads={args.threads}, "
+    print(f"external layout, d={args.d}, V={args.V}, T={args.T}, tile={args.tile_size}, threads={args.threads}, "
           f"forward+backward, keys = queries")
     print(f"{'N=M':>7} | {'dense s':>8} | {'dense MB':>9} | {'tiled s':>8} | {'tiled MB':>9} | "
           f"{'time ratio':>10} | {'mem ratio':>9}")

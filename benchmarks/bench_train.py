@@ -23,12 +23,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from trime_dist.core.config import load_config  # noqa: E402
+from trime_dist.core.constants import IGNORE_INDEX  # noqa: E402
 from trime_dist.core.distributed import get_rank, get_world_size  # noqa: E402
 from trime_dist.model.transformer import build_model  # noqa: E402
 from trime_dist.train.config import TrainConfig  # noqa: E402
 from trime_dist.train.engine import build_engine, init_deepspeed_distributed  # noqa: E402
 from trime_dist.train.loader import RankLoader, ShardDataset  # noqa: E402
 from trime_dist.train.loop import TrainState, train_step  # noqa: E402
+from trime_dist.train.loss import build_loss_spec  # noqa: E402
 
 VARIANTS = {  # name -> config overrides
     "ce": ["objective.name=ce"],
@@ -66,6 +68,7 @@ class Variant:
         data = ShardDataset(cfg.data.train, world * cfg.data.micro_batch_size, shuffle_shards=False)
         cfg.model.vocab_size = cfg.model.vocab_size or int(data.manifest["tokenizer"]["vocab_size"])
         self.cfg, self.bare = cfg, bare
+        self.spec = build_loss_spec(cfg)
         self.engine = build_engine(build_model(cfg.model, seed=0), cfg, world)
         self.batches = iter(RankLoader(data, get_rank(), world, cfg.data.placement))
         self.state = TrainState()
@@ -80,7 +83,8 @@ class Variant:
             if self.bare:
                 tokens += self._bare_step(self.fixed[i % len(self.fixed)])
             else:
-                tokens += train_step(self.engine, self.batches, self.cfg, self.state, get_world_size())["tokens"]
+                tokens += train_step(self.engine, self.batches, self.cfg, self.spec, self.state,
+                                     get_world_size())["tokens"]
         torch.distributed.barrier()
         return tokens / (time.perf_counter() - start)
 
@@ -89,7 +93,7 @@ class Variant:
         n = 0
         for _ in range(accum):
             logits, _ = self.engine(batch.input_ids)
-            loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
             self.engine.backward(loss)
             self.engine.step()
             n += batch.n_tokens

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from trime_dist.core.config import opt
 from trime_dist.core.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,14 @@ CODAS = ("", "", "", "n", "r", "l", "s", "t", "nd", "st", "rk", "m", "ng", "x")
 
 @dataclass
 class CorpusConfig:
-    out: str = field(default="data/corpus", metadata={"help": "output directory (train/ valid/ test/)"})
-    seed: int = field(default=0, metadata={"help": "random seed: same seed, same corpus"})
-    scale: float = field(default=1.0, metadata={"help": "multiplies the number of documents"})
-    train_files: int = field(default=8, metadata={"help": "number of train/ text files"})
-    train_docs: int = field(default=320, metadata={"help": "training documents at scale 1"})
-    heldout_docs: int = field(default=36, metadata={"help": "valid and test documents each at scale 1"})
-    families: int = field(default=32, metadata={"help": "topical families (shared names and topic words)"})
-    doc_words: int = field(default=700, metadata={"help": "mean words per document"})
+    out: str = opt("data/corpus", "output directory (train/ valid/ test/)")
+    seed: int = opt(0, "random seed: same seed, same corpus")
+    scale: float = opt(1.0, "multiplies the number of documents")
+    train_files: int = opt(8, "number of train/ text files")
+    train_docs: int = opt(320, "training documents at scale 1")
+    heldout_docs: int = opt(36, "valid and test documents each at scale 1")
+    families: int = opt(32, "topical families (shared names and topic words)")
+    doc_words: int = opt(700, "mean words per document")
 
 
 @dataclass

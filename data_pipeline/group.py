@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from data_pipeline.group_search import (
     wait_for_all_ranks,
 )
 from trime_dist.core import mpi, shards
-from trime_dist.core.config import ConfigError
+from trime_dist.core.config import ConfigError, opt
 from trime_dist.core.flags import add_dataclass_flags, dataclass_from_flags
 from trime_dist.core.io import atomic_path, read_json, sha256_file
 
@@ -40,28 +40,28 @@ METHODS = ("random", "consecutive", "bm25")
 
 @dataclass
 class GroupConfig:
-    input: str = field(default="", metadata={"help": "segment shard directory made by `trime prepare`"})
-    output: str = field(default="", metadata={"help": "directory for the grouped shards"})
-    method: str = field(default="bm25", metadata={"help": "grouping method", "choices": METHODS})
-    group_size: int = field(default=16, metadata={"help": "G: segments per group = ranks x micro-batch in training"})
-    seed: int = field(default=0, metadata={"help": "seed of the random order / the chain's random restarts"})
-    top_k: int = field(default=20, metadata={"help": "bm25: neighbours kept per segment"})
-    k1: float = field(default=0.9, metadata={"help": "bm25: k1"})
-    b: float = field(default=0.4, metadata={"help": "bm25: b"})
-    min_df: int = field(default=1, metadata={"help": "bm25: terms in fewer segments are not scored"})
-    max_df_ratio: float = field(default=1.0, metadata={
-        "help": "bm25: terms in more than this fraction of segments are not scored (1.0 = keep all; faster below)"})
-    stopwords: list[int] = field(default_factory=list, metadata={
-        "help": "bm25: token ids removed from every segment before indexing (also from its length)"})
-    query_block: int = field(default=256, metadata={"help": "bm25: queries scored per block (one file each)"})
-    dense_df_ratio: float = field(default=0.05, metadata={
-        "help": "bm25: terms in at least this fraction of segments are scored with a dense matmul"})
-    max_dense_terms: int = field(default=1024, metadata={"help": "bm25: cap on the dense terms"})
-    numba: bool = field(default=True, metadata={
-        "help": "bm25: compiled sparse loop when numba is installed (~2x faster search; else scipy only)"})
-    groups_per_shard: int = field(default=256, metadata={"help": "groups per output tar shard"})
-    similarity_groups: int = field(default=1000, metadata={
-        "help": "groups sampled for the mean within-group BM25 similarity report (0 = skip the report)"})
+    input: str = opt("", "segment shard directory made by `trime prepare`")
+    output: str = opt("", "directory for the grouped shards")
+    method: str = opt("bm25", "grouping method", choices=METHODS)
+    group_size: int = opt(16, "G: segments per group = ranks x micro-batch in training")
+    seed: int = opt(0, "seed of the random order / the chain's random restarts")
+    top_k: int = opt(20, "bm25: neighbours kept per segment")
+    k1: float = opt(0.9, "bm25: k1")
+    b: float = opt(0.4, "bm25: b")
+    min_df: int = opt(1, "bm25: terms in fewer segments are not scored")
+    max_df_ratio: float = opt(1.0, "bm25: terms in more than this fraction of segments are not scored "
+                                   "(1.0 = keep all; faster below)")
+    stopwords: list[int] = opt(doc="bm25: token ids removed from every segment before indexing (also from its "
+                                   "length)", factory=list)
+    query_block: int = opt(256, "bm25: queries scored per block (one file each)")
+    dense_df_ratio: float = opt(0.05, "bm25: terms in at least this fraction of segments are scored with a "
+                                      "dense matmul")
+    max_dense_terms: int = opt(1024, "bm25: cap on the dense terms")
+    numba: bool = opt(True, "bm25: compiled sparse loop when numba is installed (~2x faster search; "
+                            "else scipy only)")
+    groups_per_shard: int = opt(256, "groups per output tar shard")
+    similarity_groups: int = opt(1000, "groups sampled for the mean within-group BM25 similarity report "
+                                       "(0 = skip the report)")
 
     def bm25_params(self) -> BM25Params:
         return BM25Params(k1=self.k1, b=self.b, min_df=self.min_df, max_df_ratio=self.max_df_ratio,
@@ -230,13 +230,9 @@ def _write_my_shards(cfg: GroupConfig, source: dict, groups: np.ndarray, rank: i
     seq_len, pad = source["seq_len"], source["tokenizer"]["pad_id"]
     writer = shards.GroupShardWriter(cfg.output, max_groups=cfg.groups_per_shard, start_index=lo)
     for gi, members in enumerate(mine):
-        tokens = np.full((len(members), seq_len + 1), pad, dtype=np.int32)             # [G, L + 1]
-        metas = []
-        for row, sid in enumerate(members):
-            seg_tokens, meta = segs[int(sid)]
-            tokens[row, : len(seg_tokens)] = seg_tokens
-            metas.append(meta)
-        writer.add(g_lo + gi, tokens, metas)
+        rows = [segs[int(sid)] for sid in members]                                     # (tokens, meta) each
+        tokens, _ = shards.pad_rows([t for t, _ in rows], seq_len + 1, pad)            # [G, L + 1]
+        writer.add(g_lo + gi, tokens, [meta for _, meta in rows])
     return [{k: v for k, v in e.items() if k != "reused"} for e in writer.close()]
 
 

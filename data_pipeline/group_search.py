@@ -30,14 +30,9 @@ def wait_for_all_ranks(poll_s: float = 0.05) -> None:
         time.sleep(poll_s)
 
 
-def shard_offsets(manifest: dict) -> np.ndarray:
-    """Global id of each shard's first segment: [n_shards + 1] (segments are numbered in manifest order)."""
-    return np.concatenate([[0], np.cumsum([e["segments"] for e in manifest["shards"]])]).astype(np.int64)
-
-
 def rank_shards(manifest: dict, rank: int, world: int) -> range:
     """The contiguous shards read by `rank`, balanced by segment count."""
-    offsets = shard_offsets(manifest)
+    offsets = shards.shard_offsets(manifest)
     n = offsets[-1]
     starts = offsets[:-1]
     lo = int(np.searchsorted(starts, rank * n / world, side="left"))
@@ -45,35 +40,16 @@ def rank_shards(manifest: dict, rank: int, world: int) -> range:
     return range(lo, hi if rank < world - 1 else len(starts))
 
 
-def _read_shard(src_dir: str, manifest: dict, i: int):
-    """Yield (tokens, meta) of shard i, checked against its checksum, the manifest's L and vocabulary."""
-    entry = manifest["shards"][i]
-    path = os.path.join(src_dir, entry["path"])
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"shard listed in {os.path.join(src_dir, shards.MANIFEST)} not found: {path}")
-    seq_len, vocab = manifest["seq_len"], manifest["tokenizer"]["vocab_size"]
-    count = 0
-    for key, tokens, meta in shards.iter_segments(path, sha256=entry["sha256"]):
-        if meta["length"] > seq_len:
-            raise ValueError(f"{path}: segment {key} has {meta['length']} targets but the manifest says "
-                             f"seq_len={seq_len} (shard made with another L?)")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise ValueError(f"{path}: segment {key} has token id {int(tokens.max())} outside the manifest's "
-                             f"vocabulary [0, {vocab}) (shard made with another tokenizer?)")
-        count += 1
-        yield tokens, meta
-    if count != entry["segments"]:
-        raise ValueError(f"{path}: holds {count} segments but the manifest says {entry['segments']}")
-
-
 def read_local_segments(src_dir: str, manifest: dict, rank: int, world: int, stopwords: set[int]) -> list:
     """This rank's documents (a segment's input tokens, stop words removed), in global id order."""
     stop = np.array(sorted(stopwords), dtype=np.int32)
+    mine = rank_shards(manifest, rank, world)
+    offsets = shards.shard_offsets(manifest)
     docs = []
-    for i in rank_shards(manifest, rank, world):
-        for tokens, _ in _read_shard(src_dir, manifest, i):
-            doc = tokens[:-1]  # the inputs: consecutive segments of a stream then cover it exactly once
-            docs.append(doc[~np.isin(doc, stop)] if stop.size else doc)
+    # check: each shard against its checksum, the manifest's L and vocabulary
+    for _, tokens, _ in shards.iter_range(src_dir, manifest, offsets[mine.start], offsets[mine.stop], check=True):
+        doc = tokens[:-1]  # the inputs: consecutive segments of a stream then cover it exactly once
+        docs.append(doc[~np.isin(doc, stop)] if stop.size else doc)
     return docs
 
 
@@ -149,12 +125,12 @@ def load_neighbours(work: str, n: int, k: int, block: int) -> np.ndarray:
 
 def read_segments_by_id(src_dir: str, manifest: dict, ids: np.ndarray) -> dict[int, tuple[np.ndarray, dict]]:
     """{global id: (tokens, meta)} for the segments `ids`, reading only the shards that hold them."""
-    offsets = shard_offsets(manifest)
+    offsets = shards.shard_offsets(manifest)
     ids = np.unique(np.asarray(ids, dtype=np.int64))
     out = {}
     for i in np.unique(np.searchsorted(offsets, ids, side="right") - 1):
         wanted = set(ids[(ids >= offsets[i]) & (ids < offsets[i + 1])].tolist())
-        for j, (tokens, meta) in enumerate(_read_shard(src_dir, manifest, int(i))):
-            if offsets[i] + j in wanted:
-                out[int(offsets[i] + j)] = (tokens, meta)
+        for index, tokens, meta in shards.iter_range(src_dir, manifest, offsets[i], offsets[i + 1], check=True):
+            if index in wanted:
+                out[index] = (tokens, meta)
     return out

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -23,6 +23,7 @@ from data_pipeline.segmenter import Segmenter, stream_id
 from data_pipeline.text_input import FORMATS, expand_inputs, iter_documents
 from data_pipeline.tokenizer import KINDS, UNK
 from trime_dist.core import shards
+from trime_dist.core.config import opt
 from trime_dist.core.io import (
     atomic_write_json,
     atomic_write_text,
@@ -39,19 +40,18 @@ DOC_BATCH = 64                           # documents per tokenizer call
 
 @dataclass
 class PrepareConfig:
-    input: list[str] = field(default_factory=list, metadata={"help": "input files or directories"})
-    output: str = field(default="", metadata={"help": "output shard directory"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per segment L"})
-    tokenizer_kind: str = field(default="bpe", metadata={"help": "tokenizer to train", "choices": KINDS})
-    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size"})
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "use this tokenizer.json instead of training"})
-    tokenizer_sample_mb: float = field(default=256.0, metadata={"help": "MiB of text (spread over files) to train on"})
-    stream_per_document: bool = field(default=False, metadata={"help": "each document is its own stream"})
-    format: str = field(default="auto", metadata={
-        "help": "text: blank-line separated docs; file: one doc per file; wikitext: ' = Title = ' headings; "
-                "jsonl: a 'text' field per line; auto: by extension and content", "choices": FORMATS})
-    shard_segments: int = field(default=2000, metadata={"help": "segments per shard"})
-    overwrite: bool = field(default=False, metadata={"help": "start from scratch, replacing an existing output"})
+    input: list[str] = opt(doc="input files or directories", factory=list)
+    output: str = opt("", "output shard directory")
+    seq_len: int = opt(128, "tokens per segment L")
+    tokenizer_kind: str = opt("bpe", "tokenizer to train", choices=KINDS)
+    vocab_size: int = opt(4096, "BPE vocabulary size")
+    tokenizer: Optional[str] = opt(None, "use this tokenizer.json instead of training")
+    tokenizer_sample_mb: float = opt(256.0, "MiB of text (spread over files) to train on")
+    stream_per_document: bool = opt(False, "each document is its own stream")
+    format: str = opt("auto", "text: blank-line separated docs; file: one doc per file; wikitext: ' = Title = ' "
+                      "headings; jsonl: a 'text' field per line; auto: by extension and content", choices=FORMATS)
+    shard_segments: int = opt(2000, "segments per shard")
+    overwrite: bool = opt(False, "start from scratch, replacing an existing output")
 
 
 # ----------------------------------------------------------------------------- one rank's work
@@ -272,26 +272,6 @@ def build_manifest(cfg: PrepareConfig, files: list[str], settings: dict, results
 
 # ----------------------------------------------------------------------------- the stage
 
-def _error_of(e: Exception, prefix: str = "") -> tuple[bool, str]:
-    return isinstance(e, FileNotFoundError), prefix + str(e)
-
-
-def _raise_error(error: tuple[bool, str]) -> None:
-    from trime_dist.core import mpi
-
-    raise mpi.agreed((FileNotFoundError if error[0] else ValueError)(error[1]))
-
-
-def _collective_check(error: Optional[tuple[bool, str]]) -> None:
-    """Raise the same error on every rank if any rank failed (so no rank waits in a collective)."""
-    from trime_dist.core import mpi
-
-    errors = mpi.gather(error)
-    first = mpi.bcast(next((e for e in errors if e), None) if errors is not None else None)
-    if first:
-        _raise_error(first)
-
-
 def _plan(cfg: PrepareConfig, world: int) -> dict:
     """Rank 0: validate inputs and output, fix the tokenizer; the plan is broadcast."""
     files = expand_inputs(cfg.input)
@@ -311,15 +291,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.seq_len < 1 or cfg.shard_segments < 1:
         raise ValueError(f"--seq-len and --shard-segments must be >= 1 (got {cfg.seq_len}, {cfg.shard_segments})")
     rank, world = mpi.rank(), mpi.size()
-    plan, error = None, None
-    if rank == 0:
-        try:
-            plan = _plan(cfg, world)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            error = _error_of(e)
-    plan = mpi.bcast(plan if error is None else {"error": error})
-    if "error" in plan:
-        _raise_error(plan["error"])
+    plan = mpi.plan_on_root(lambda: _plan(cfg, world), rank=rank, bcast=mpi.bcast)
     if plan["done"]:
         log.info("%s is already complete with these settings; nothing to do", cfg.output)
         return shards.read_manifest(cfg.output)
@@ -332,21 +304,12 @@ def prepare(cfg: PrepareConfig) -> dict:
             result = process_rank(cfg, plan["files"], rank, world, plan["tok_json"])
             atomic_write_json(os.path.join(cfg.output, RANK_RECORD.format(rank=rank)),
                               {"fingerprint": fingerprint, "result": result})
-    except (ValueError, FileNotFoundError, OSError) as e:
-        error = _error_of(e, f"rank {rank}: " if world > 1 else "")
-    _collective_check(error)
+    except mpi.USER_ERRORS as e:
+        error = e
+    mpi.raise_first_error(error, f"rank {rank}: " if world > 1 else "")  # no rank waits for a failed one
     results = mpi.gather(result)
     mpi.barrier()
-    manifest, error = None, None
-    if rank == 0:
-        try:
-            manifest = finish(cfg, plan, results)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            error = _error_of(e)
-    final = mpi.bcast({"error": error} if error else {"manifest": manifest})
-    if "error" in final:
-        _raise_error(final["error"])
-    return final["manifest"]
+    return mpi.plan_on_root(lambda: finish(cfg, plan, results), rank=rank, bcast=mpi.bcast)
 
 
 def finish(cfg: PrepareConfig, plan: dict, results: list[dict]) -> dict:

@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass, field
 from typing import Optional
 
 from launcher.hostfile import format_hostfile, is_local
-from launcher.stages import MPI, SINGLE, TORCH, env_bin, quote, runner_for, split_stage
+from trime_dist.core.stages import (
+    MPI,
+    SINGLE,
+    STAGES,
+    TORCH,
+    env_bin,
+    runner_for,
+    split_stage,
+)
 
 DEFAULT_ENV_VARS = ("PYTHONPATH", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -39,7 +48,7 @@ def local_command(argv: list[str], nproc: int, master_port: Optional[int] = None
 
 def run_command(cmd: list[str], env: Optional[dict] = None, dry_run: bool = False, cwd: Optional[str] = None) -> int:
     """Print `$ cmd` and run it (or only print it); returns its exit status."""
-    print(f"$ {quote(cmd)}", flush=True)
+    print(f"$ {shlex.join(cmd)}", flush=True)
     if dry_run:
         return 0
     full_env = dict(os.environ)
@@ -130,8 +139,7 @@ def deepspeed_multinode_plan(argv: list[str], hosts: dict[str, int], run_dir: st
 
 
 def stage_kind_help() -> str:
-    from launcher.stages import RUNNERS
-
+    """`corpus: one process, prepare: mpiexec, ...`: how `trime launch local` starts each stage."""
     names = {TORCH: "DeepSpeed launcher", MPI: "mpiexec", SINGLE: "one process"}
-    return ", ".join(f"{s}: {names[k]}" for s, k in RUNNERS.items())
+    return ", ".join(f"{name}: {names[s.runner]}" for name, s in STAGES.items() if s.runner is not None)
 

@@ -8,18 +8,13 @@ from __future__ import annotations
 import datetime
 import os
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 from launcher.slurm_config import SlurmConfig, resources_for
-from launcher.stages import (
-    MPI,
-    SINGLE,
-    env_bin,
-    runner_for,
-    split_stage,
-    train_checkpoint_dir,
-)
+from trime_dist.core.stages import MPI, SINGLE, env_bin, runner_for, split_stage
 
 
 @dataclass
@@ -80,19 +75,27 @@ def script_body(cfg: SlurmConfig, stage: str, stage_args: list[str], workdir: st
               'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
               f"export MASTER_PORT={port}"]
     srun = ["srun", *srun_opts, *trime]
-    if stage == "train" and "--resume" not in stage_args:
-        ckpt = train_checkpoint_dir(stage_args, workdir)
-        lines += ["", "# Requeue-friendly: when the run has a checkpoint, continue from it.",
-                  "RESUME=()", f"if [ -f {shlex.quote(ckpt)}/latest ]; then",
-                  f'  echo "resuming from {ckpt}/$(cat {shlex.quote(ckpt)}/latest)"', "  RESUME=(--resume)", "fi",
-                  " ".join([shlex.join(srun), '"${RESUME[@]}"', shlex.join(stage_args)]).rstrip()]
-        return lines
+    if stage == "train" and "--resume" not in stage_args and "--auto-resume" not in stage_args:
+        return lines + ["", "# Requeue-friendly: a rerun of this script continues from the run's latest checkpoint.",
+                        shlex.join(srun + ["--auto-resume", *stage_args])]
     return lines + [shlex.join(srun + stage_args)]
+
+
+def check_train_args(stage_args: list[str], workdir: str) -> None:
+    """Load the train step's config now (`trime train --print-config`, run in `workdir`), so an unknown key
+    or a wrong type is reported at submission, not after the job waited in the queue."""
+    cmd = [sys.executable, "-m", "trime_dist.cli", "train", "--print-config", *stage_args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise ValueError(f"the train step's arguments do not load: {last}")
 
 
 def render_script(argv: list[str], cfg: SlurmConfig, workdir: str, script_path: str) -> Job:
     """The sbatch script for `trime STAGE ARGS` (logs go to RUN_DIR/logs)."""
     stage, stage_args = split_stage(argv)
+    if stage == "train":
+        check_train_args(stage_args, workdir)
     run_dir = os.path.dirname(script_path)
     log_dir = os.path.join(run_dir, "logs")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from launcher.stages import RUNNERS, TORCH
+from trime_dist.core.config import ConfigError, load_config, opt
+from trime_dist.core.stages import TORCH, launchable, runner_for
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 
@@ -14,36 +15,37 @@ _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 @dataclass
 class StageResources:
     """Per-stage overrides of SlurmConfig's resources (unset = the top-level value)."""
-    nodes: Optional[int] = None
-    tasks_per_node: Optional[int] = None
-    gpus_per_node: Optional[int] = None
-    cpus_per_task: Optional[int] = None
-    mem: Optional[str] = None
-    time: Optional[str] = None
-    partition: Optional[str] = None
+    nodes: Optional[int] = opt(None, "--nodes")
+    tasks_per_node: Optional[int] = opt(None, "--ntasks-per-node (MPI stages; torch stages: one per GPU)")
+    gpus_per_node: Optional[int] = opt(None, "--gpus-per-node")
+    cpus_per_task: Optional[int] = opt(None, "--cpus-per-task")
+    mem: Optional[str] = opt(None, "--mem per node")
+    time: Optional[str] = opt(None, "--time limit")
+    partition: Optional[str] = opt(None, "--partition")
 
 
 @dataclass
 class SlurmConfig:
-    run_dir: str = "runs/slurm"        # sbatch scripts, logs/ and jobs.jsonl are written here
-    job_name: str = "trime"            # job names are JOB_NAME-STAGE
-    partition: Optional[str] = None    # --partition (None = the cluster's default)
-    account: Optional[str] = None      # --account
-    qos: Optional[str] = None          # --qos
-    time: str = "01:00:00"             # --time limit, [D-]HH:MM:SS
-    nodes: int = 1                     # --nodes
-    tasks_per_node: int = 1            # MPI stages; torch stages without GPUs (one task = one CPU rank)
-    gpus_per_node: int = 0             # torch stages run one task per GPU; 0 = CPU ranks
-    cpus_per_task: int = 1             # --cpus-per-task (also OMP_NUM_THREADS unless env sets it)
-    mem: Optional[str] = None          # --mem per node, e.g. 200G (None = cluster default)
-    mpi: str = "pmi2"                  # srun --mpi= for MPI stages (pmi2 works with the pip MPICH)
-    requeue: bool = True               # --requeue: a requeued training job resumes from RUN/checkpoints
-    master_port: int = 0               # torch rendezvous port; 0 = 20000 + SLURM_JOB_ID % 20000
-    setup: list[str] = field(default_factory=list)      # shell lines run first (module load, venv activation)
-    env: dict[str, str] = field(default_factory=dict)   # variables exported in every job
-    sbatch_options: list[str] = field(default_factory=list)  # more options, e.g. ["--exclusive"]
-    stages: dict[str, StageResources] = field(default_factory=dict)  # per-stage resource overrides
-    chain: list[str] = field(default_factory=list)      # slurm-chain steps: "STAGE ARGS..." in order
+    run_dir: str = opt("runs/slurm", "sbatch scripts, logs/ and jobs.jsonl are written here")
+    job_name: str = opt("trime", "job names are JOB_NAME-STAGE")
+    partition: Optional[str] = opt(None, "--partition (None = the cluster's default)")
+    account: Optional[str] = opt(None, "--account")
+    qos: Optional[str] = opt(None, "--qos")
+    time: str = opt("01:00:00", "--time limit, [D-]HH:MM:SS")
+    nodes: int = opt(1, "--nodes")
+    tasks_per_node: int = opt(1, "MPI stages; torch stages without GPUs (one task = one CPU rank)")
+    gpus_per_node: int = opt(0, "torch stages run one task per GPU; 0 = CPU ranks")
+    cpus_per_task: int = opt(1, "--cpus-per-task (also OMP_NUM_THREADS unless env sets it)")
+    mem: Optional[str] = opt(None, "--mem per node, e.g. 200G (None = cluster default)")
+    mpi: str = opt("pmi2", "srun --mpi= for MPI stages (pmi2 works with the pip MPICH)")
+    requeue: bool = opt(True, "--requeue: a requeued training job resumes from RUN/checkpoints")
+    master_port: int = opt(0, "torch rendezvous port; 0 = 20000 + SLURM_JOB_ID % 20000")
+    setup: list[str] = opt(doc="shell lines run first (module load, venv activation)", factory=list)
+    env: dict[str, str] = opt(doc="variables exported in every job", factory=dict)
+    sbatch_options: list[str] = opt(doc='more options, e.g. ["--exclusive"]', factory=list)
+    stages: dict[str, StageResources] = opt(doc="per-stage resource overrides: stages.STAGE.KEY, KEY as in "
+                                                "StageResources", factory=dict)
+    chain: list[str] = opt(doc='slurm-chain steps: "STAGE ARGS..." in order', factory=list)
 
 
 @dataclass
@@ -59,19 +61,15 @@ class JobResources:
 
 
 def load_slurm_config(path: Optional[str], overrides: list[str] = ()) -> SlurmConfig:
-    from trime_dist.core.config import load_config
-
     cfg = load_config(SlurmConfig, path, list(overrides))
     validate_slurm_config(cfg, path or "slurm config")
     return cfg
 
 
 def validate_slurm_config(cfg: SlurmConfig, where: str) -> None:
-    from trime_dist.core.config import ConfigError
-
     for name in cfg.stages:
-        if name not in RUNNERS:
-            raise ConfigError(f"{where}: stages.{name}: unknown stage; expected one of {', '.join(RUNNERS)}")
+        if name not in launchable():
+            raise ConfigError(f"{where}: stages.{name}: unknown stage; expected one of {', '.join(launchable())}")
     for name in ("nodes", "tasks_per_node", "cpus_per_task"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{where}: {name}={getattr(cfg, name)}; expected at least 1")
@@ -80,9 +78,9 @@ def validate_slurm_config(cfg: SlurmConfig, where: str) -> None:
     for label, value in [("time", cfg.time)] + [(f"stages.{s}.time", r.time) for s, r in cfg.stages.items()]:
         if value is not None and not _TIME.match(value):
             raise ConfigError(f"{where}: {label}={value!r}; expected [D-]HH:MM:SS, MM:SS or minutes")
-    for opt in cfg.sbatch_options:
-        if not opt.startswith("--") or "\n" in opt:
-            raise ConfigError(f"{where}: sbatch_options entry {opt!r}; expected one option like '--exclusive'")
+    for option in cfg.sbatch_options:
+        if not option.startswith("--") or "\n" in option:
+            raise ConfigError(f"{where}: sbatch_options entry {option!r}; expected one option like '--exclusive'")
 
 
 def resources_for(cfg: SlurmConfig, stage: str) -> JobResources:
@@ -90,10 +88,8 @@ def resources_for(cfg: SlurmConfig, stage: str) -> JobResources:
     over = cfg.stages.get(stage, StageResources())
     pick = {f.name: getattr(over, f.name) if getattr(over, f.name) is not None else getattr(cfg, f.name)
             for f in dataclasses.fields(StageResources)}
-    if RUNNERS[stage] == TORCH and pick["gpus_per_node"] > 0:
+    if runner_for(stage) == TORCH and pick["gpus_per_node"] > 0:
         if over.tasks_per_node is not None and over.tasks_per_node != pick["gpus_per_node"]:
-            from trime_dist.core.config import ConfigError
-
             raise ConfigError(f"stages.{stage}: tasks_per_node={over.tasks_per_node} but gpus_per_node="
                               f"{pick['gpus_per_node']}; {stage} runs one task per GPU")
         pick["tasks_per_node"] = pick["gpus_per_node"]

@@ -10,28 +10,32 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
+from trime_dist.core.config import opt
 from trime_dist.core.io import atomic_write_json
+from trime_dist.core.stages import env_bin
+
+
+@dataclass
+class DemoConfig:
+    out: str = opt("runs/demo", "directory for the corpus, shards, runs and results")
+    ranks: int = opt(2, "ranks for every distributed stage")
+    steps: int = opt(300, "optimizer steps per training run")
+    config: Optional[str] = opt(None, "training config (default: configs/tiny.yaml of the repo)", metavar="FILE")
+    seed: int = opt(1234, "corpus and training seed")
+    scale: float = opt(1.0, "corpus size multiplier")
+    fresh: bool = opt(False, "delete --out first instead of resuming")
+    factory: str = opt("IVF256,PQ32", "faiss index of the demo datastores")
+    k: int = opt(256, "neighbours retrieved per token in external memory")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="directory for the corpus, shards, runs and results")
-    parser.add_argument("--ranks", type=int, default=2, help="ranks for every distributed stage")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training run")
-    parser.add_argument("--config", default=None, help="training config (default: configs/tiny.yaml of the repo)")
-    parser.add_argument("--seed", type=int, default=1234, help="corpus and training seed")
-    parser.add_argument("--scale", type=float, default=1.0, help="corpus size multiplier")
-    parser.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
-    parser.add_argument("--factory", default="IVF256,PQ32", help="faiss index of the demo datastores")
-    parser.add_argument("--k", type=int, default=256, help="neighbours retrieved per token in external memory")
+    from trime_dist.core.flags import add_dataclass_flags
 
-
-def _bin(name: str) -> str:
-    """A console script of this environment (trime, mpiexec, deepspeed)."""
-    path = os.path.join(os.path.dirname(sys.executable), name)
-    return path if os.path.exists(path) else name
+    add_dataclass_flags(parser, DemoConfig, config_file=False)  # --config here is the training config
 
 
 def run_stage(title: str, cmd: list[str], done_marker: str | None = None, env: dict | None = None) -> float:
@@ -53,13 +57,13 @@ def default_config() -> str:
     return os.path.join(here, "configs", "tiny.yaml")
 
 
-def train_cmd(args, name: str, objective: str, train_dir: str, extra: list[str] = ()) -> list[str]:
-    out = os.path.join(args.out, "runs", name)
+def train_cmd(cfg: DemoConfig, name: str, objective: str, train_dir: str, extra: list[str] = ()) -> list[str]:
+    out = os.path.join(cfg.out, "runs", name)
     overrides = [f"objective.name={objective}", f"data.train={train_dir}",
-                 f"data.valid={os.path.join(args.out, 'data', 'valid')}", f"run.out_dir={out}",
-                 f"run.max_steps={args.steps}", f"run.seed={args.seed}", *extra]
-    return [_bin("deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(_port()),
-            _bin("trime"), "train", "--config", args.config or default_config(), *overrides]
+                 f"data.valid={os.path.join(cfg.out, 'data', 'valid')}", f"run.out_dir={out}",
+                 f"run.max_steps={cfg.steps}", f"run.seed={cfg.seed}", *extra]
+    return [env_bin("deepspeed"), "--num_gpus", str(cfg.ranks), "--master_port", str(_port()),
+            env_bin("trime"), "train", "--config", cfg.config or default_config(), *overrides]
 
 
 def _port() -> int:
@@ -69,58 +73,61 @@ def _port() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.fresh and os.path.isdir(args.out):
+    from trime_dist.core.flags import dataclass_from_flags
+
+    cfg = dataclass_from_flags(DemoConfig, args)
+    if cfg.fresh and os.path.isdir(cfg.out):
         import shutil
 
-        shutil.rmtree(args.out)
-    data = os.path.join(args.out, "data")
-    corpus = os.path.join(args.out, "corpus")
-    mpi = [_bin("mpiexec"), "-n", str(args.ranks)]
-    run_stage("built-in corpus", [_bin("trime"), "corpus", "--out", corpus, "--seed", str(args.seed),
-                                  "--scale", str(args.scale)], os.path.join(corpus, "corpus.json"))
+        shutil.rmtree(cfg.out)
+    data = os.path.join(cfg.out, "data")
+    corpus = os.path.join(cfg.out, "corpus")
+    mpi = [env_bin("mpiexec"), "-n", str(cfg.ranks)]
+    run_stage("built-in corpus", [env_bin("trime"), "corpus", "--out", corpus, "--seed", str(cfg.seed),
+                                  "--scale", str(cfg.scale)], os.path.join(corpus, "corpus.json"))
     run_stage("prepare train split (BPE tokenizer trained here)",
-              mpi + [_bin("trime"), "prepare", "--input", os.path.join(corpus, "train"), "--output",
+              mpi + [env_bin("trime"), "prepare", "--input", os.path.join(corpus, "train"), "--output",
                      os.path.join(data, "train"), "--seq-len", "128", "--vocab-size", "2000"],
               os.path.join(data, "train", "manifest.json"))
     for split in ("valid", "test"):
         run_stage(f"prepare {split} split (same tokenizer)",
-                  mpi + [_bin("trime"), "prepare", "--input", os.path.join(corpus, split), "--output",
+                  mpi + [env_bin("trime"), "prepare", "--input", os.path.join(corpus, split), "--output",
                          os.path.join(data, split), "--seq-len", "128",
                          "--tokenizer", os.path.join(data, "train", "tokenizer.json")],
                   os.path.join(data, split, "manifest.json"))
-    group_size = str(args.ranks * 8)  # ranks x data.micro_batch_size of configs/tiny.yaml
+    group_size = str(cfg.ranks * 8)  # ranks x data.micro_batch_size of configs/tiny.yaml
     run_stage("group train segments by BM25 similarity (external memory batches)",
-              mpi + [_bin("trime"), "group", "--input", os.path.join(data, "train"), "--output",
+              mpi + [env_bin("trime"), "group", "--input", os.path.join(data, "train"), "--output",
                      os.path.join(data, "train_bm25"), "--method", "bm25", "--group-size", group_size],
               os.path.join(data, "train_bm25", "manifest.json"))
     runs = {
-        "ce": train_cmd(args, "ce", "ce", os.path.join(data, "train")),
-        "trime_local": train_cmd(args, "trime_local", "trime_local", os.path.join(data, "train")),
+        "ce": train_cmd(cfg, "ce", "ce", os.path.join(data, "train")),
+        "trime_local": train_cmd(cfg, "trime_local", "trime_local", os.path.join(data, "train")),
         # prepared shards are in stream order, so each group holds consecutive segments
-        "trime_long": train_cmd(args, "trime_long", "trime_long", os.path.join(data, "train"),
+        "trime_long": train_cmd(cfg, "trime_long", "trime_long", os.path.join(data, "train"),
                                 ["data.placement=interleaved", "data.shuffle_shards=false"]),
-        "trime_ext": train_cmd(args, "trime_ext", "trime_ext", os.path.join(data, "train_bm25")),
+        "trime_ext": train_cmd(cfg, "trime_ext", "trime_ext", os.path.join(data, "train_bm25")),
     }
     for name, cmd in runs.items():
-        run_stage(f"train {name} with {args.ranks} DeepSpeed ranks", cmd,
-                  os.path.join(args.out, "runs", name, "summary.json"))
-    print_training_table(args.out, list(runs))
+        run_stage(f"train {name} with {cfg.ranks} DeepSpeed ranks", cmd,
+                  os.path.join(cfg.out, "runs", name, "summary.json"))
+    print_training_table(cfg.out, list(runs))
     # The kNN-LM baseline needs keys from the CE model: a datastore is tied to the model that built it.
     for name in ("trime_ext", "ce"):
-        store = os.path.join(args.out, "datastore", name)
-        run_stage(f"datastore of the {name} model over the training set ({args.ranks} ranks)",
-                  mpi + [_bin("trime"), "datastore", "build", "--model", os.path.join(args.out, "runs", name),
-                         "--data", os.path.join(data, "train"), "--out", store, "--factory", args.factory,
+        store = os.path.join(cfg.out, "datastore", name)
+        run_stage(f"datastore of the {name} model over the training set ({cfg.ranks} ranks)",
+                  mpi + [env_bin("trime"), "datastore", "build", "--model", os.path.join(cfg.out, "runs", name),
+                         "--data", os.path.join(data, "train"), "--out", store, "--factory", cfg.factory,
                          "--threads", "1"],
                   os.path.join(store, "datastore.json"), env={"MASTER_PORT": str(_port())})
-    run_stage("evaluate every model and memory setting on the held-out test documents", eval_cmd(args, data),
-              os.path.join(args.out, "eval.json"))
-    return print_eval_table(os.path.join(args.out, "eval.json"))
+    run_stage("evaluate every model and memory setting on the held-out test documents", eval_cmd(cfg, data),
+              os.path.join(cfg.out, "eval.json"))
+    return print_eval_table(os.path.join(cfg.out, "eval.json"))
 
 
-def eval_cmd(args, data: str) -> list[str]:
+def eval_cmd(cfg: DemoConfig, data: str) -> list[str]:
     """One `trime eval` with a row per (model, memory) setting; tau tuned on the validation split."""
-    run, store = (lambda n: os.path.join(args.out, "runs", n)), (lambda n: os.path.join(args.out, "datastore", n))
+    run, store = (lambda n: os.path.join(cfg.out, "runs", n)), (lambda n: os.path.join(cfg.out, "datastore", n))
     settings = [
         f"name=CE,model={run('ce')},memory=none",
         f"name=kNN-LM,model={run('ce')},memory=none,datastore={store('ce')},knn_lambda=0.25",
@@ -130,9 +137,9 @@ def eval_cmd(args, data: str) -> list[str]:
         f"name=TrimeLM_ext+kNN,model={run('trime_ext')},memory=external,datastore={store('trime_ext')},"
         "knn_lambda=0.25",
     ]
-    return [_bin("trime"), "eval", "--data", os.path.join(data, "test"), "--valid", os.path.join(data, "valid"),
-            "--tau-search", "1.0,1.25,1.5", "--k", str(args.k), "--nprobe", "16", "--mem-size", "1024",
-            "--threads", "1", "--out", os.path.join(args.out, "eval.json"),
+    return [env_bin("trime"), "eval", "--data", os.path.join(data, "test"), "--valid", os.path.join(data, "valid"),
+            "--tau-search", "1.0,1.25,1.5", "--k", str(cfg.k), "--nprobe", "16", "--mem-size", "1024",
+            "--threads", "1", "--out", os.path.join(cfg.out, "eval.json"),
             *[a for s in settings for a in ("--setting", s)]]
 
 

@@ -1,7 +1,22 @@
-"""Config loading: defaults < YAML < overrides, strict keys and types, cross-field validation."""
+"""Config loading: defaults < YAML < overrides, strict keys and types, cross-field validation; `opt` fields,
+their docs in help, choices, flags generated from a dataclass, and errors that name their source."""
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
 import pytest
 
-from trime_dist.core.config import ConfigError, load_config
+from trime_dist.core.config import (
+    ConfigError,
+    config_help,
+    field_default,
+    load_config,
+    opt,
+    type_name,
+)
+from trime_dist.core.flags import add_dataclass_flags, dataclass_from_flags
+from trime_dist.model.config import ModelConfig
 from trime_dist.train.config import OptimConfig, TrainConfig, validate_train_config
 from trime_dist.train.engine import build_ds_config, lr_factor
 
@@ -71,3 +86,102 @@ def test_lr_schedules():
     assert lr_factor(60, cos, 110) == pytest.approx(0.55)
     assert lr_factor(110, cos, 110) == pytest.approx(0.1)
     assert lr_factor(0, OptimConfig(schedule="constant", warmup_steps=0), 5) == 1.0
+
+
+# ----------------------------------------------------------------------------- opt, docs, choices, sources
+
+@dataclass
+class _Inner:
+    mode: str = opt("a", "how", choices=("a", "b"))
+
+
+@dataclass
+class _Flat:
+    name: str = opt("x", "a name")
+    size: int = opt(3, "how many, 100% sure")
+    kinds: list[str] = opt(doc="kinds to use", factory=lambda: ["a"], choices=("a", "b", "c"))
+    tags: list[str] = opt(doc="repeatable", factory=list, repeat=True, metavar="TAG")
+    path: Optional[str] = opt(None, "optional path")
+    on: bool = opt(False, "a switch")
+
+
+@dataclass
+class _Nested:
+    inner: _Inner = opt(doc="nested", factory=_Inner)
+    n: int = opt(1, "a number")
+
+
+def test_opt_puts_doc_choices_and_factory_in_the_field():
+    f = {x.name: x for x in dataclasses.fields(_Flat)}
+    assert f["name"].metadata["help"] == "a name" and f["name"].default == "x"
+    assert f["kinds"].metadata["choices"] == ("a", "b", "c") and f["tags"].metadata["repeat"]
+    a, b = _Flat(), _Flat()
+    assert a.kinds == ["a"] and a.kinds is not b.kinds  # a fresh default per instance
+    assert field_default(f["kinds"]) == ["a"] and field_default(f["path"]) is None
+
+
+def test_config_help_reads_docs_from_the_fields():
+    text = config_help(_Nested)
+    assert "  inner.mode (str, default 'a', one of a | b): how" in text.splitlines()
+    assert "  n (int, default 1): a number" in text.splitlines()
+    assert "  path (Optional[str], default None): optional path" in config_help(_Flat).splitlines()
+    assert "model.n_layers (int, default 2): transformer blocks" in config_help(TrainConfig)
+    assert type_name(dict[str, _Inner]) == "dict[str, _Inner]"
+
+
+def test_errors_name_the_source_of_the_bad_value(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  n_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"\(on the command line\).*model\.n_layerz"):
+        load_config(TrainConfig, str(y), ["model.n_layerz=3"])
+    with pytest.raises(ConfigError, match=r"\(on the command line\).*model\.n_layers"):
+        load_config(TrainConfig, str(y), ["model.n_layers=two"])
+    y.write_text("model:\n  n_layerz: 3\n")
+    with pytest.raises(ConfigError, match=rf"\(in {y}\).*model\.n_layerz"):
+        load_config(TrainConfig, str(y), ["model.n_layers=3"])
+    with pytest.raises(ConfigError, match=r"\(in run/info\.json \[model\]\).*d_modle"):
+        load_config(ModelConfig, values={"d_modle": 3}, where="run/info.json [model]")
+    with pytest.raises(ConfigError, match=r"\(on the command line\).*size"):
+        load_config(_Flat, flags={"size": "many"})
+    with pytest.raises(ConfigError, match=r"\(on the command line\).*flow node"):  # not even YAML
+        load_config(_Flat, None, ["kinds=[a,"])
+
+
+def test_choices_are_enforced_per_source(tmp_path):
+    with pytest.raises(ConfigError, match=r"\(on the command line\): objective\.name: got 'trime', allowed: ce"):
+        load_config(TrainConfig, None, ["objective.name=trime"])
+    y = tmp_path / "c.yaml"
+    y.write_text("inner:\n  mode: z\n")
+    with pytest.raises(ConfigError, match=rf"\(in {y}\): inner\.mode: got 'z', allowed: a, b"):
+        load_config(_Nested, str(y))
+    with pytest.raises(ConfigError, match=r"kinds: got 'd'"):  # every item of a list
+        load_config(_Flat, flags={"kinds": ["a", "d"]})
+    assert load_config(_Nested, None, ["inner.mode=b"]).inner.mode == "b"
+
+
+def _parse_flags(cls, argv):
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, cls)
+    return dataclass_from_flags(cls, parser.parse_args(argv))
+
+
+def test_flags_from_a_dataclass(tmp_path, capsys):
+    cfg = _parse_flags(_Flat, ["--size", "5", "--kinds", "b", "c", "--tags", "t1", "--tags", "t2", "--on",
+                               "--path", "p"])
+    assert cfg == _Flat(name="x", size=5, kinds=["b", "c"], tags=["t1", "t2"], path="p", on=True)
+    assert _parse_flags(_Flat, []) == _Flat()
+    y = tmp_path / "f.yaml"
+    y.write_text("name: from_yaml\nsize: 7\n")
+    cfg = _parse_flags(_Flat, ["--config", str(y), "--size", "8"])
+    assert (cfg.name, cfg.size) == ("from_yaml", 8)  # defaults < YAML < flags
+    y.write_text("nmae: typo\n")
+    with pytest.raises(ConfigError, match=rf"\(in {y}\).*nmae"):
+        _parse_flags(_Flat, ["--config", str(y)])
+    with pytest.raises(SystemExit):  # argparse enforces choices too
+        _parse_flags(_Flat, ["--kinds", "z"])
+    assert "invalid choice: 'z'" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, _Flat, config_file=False)
+    text = parser.format_help()
+    assert "--config" not in text and "how many, 100% sure (default: 3)" in " ".join(text.split())
+    assert "--tags TAG" in text and "--on, --no-on" in text

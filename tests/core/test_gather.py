@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from trime_dist.core import distributed as tdist
-from trime_dist.train.batch import IGNORE_INDEX, Batch
-from trime_dist.train.loss import micro_batch_loss, needs_gather, token_meta
+from trime_dist.core.constants import IGNORE_INDEX
+from trime_dist.train.batch import Batch
+from trime_dist.train.loss import LossSpec, micro_batch_loss, token_meta
 
 from dist_helpers import run_distributed
 
@@ -54,7 +55,7 @@ def test_gather_collectives_single_process_identity():
 
 # ---------------------------------------------------------------- micro_batch_loss, 2 ranks
 
-S, T, V, D = 4, 6, 11, 8   # global batch: 4 segments; streams (0, 0, 1, 1), orders (0, 1, 0, 1)
+S, T, V, D = 4, 6, 11, 8   # global batch: 4 segments; streams (0, 0, 1, 1), stream indices (0, 1, 0, 1)
 INTERLEAVED = [[0, 2], [1, 3]]  # rank -> segments: consecutive segments of a stream on different ranks
 CONTIGUOUS = [[0, 1], [2, 3]]   # rank -> segments: each rank holds whole streams
 
@@ -68,20 +69,25 @@ def global_batch(seed, pad_lengths):
         if n_pad:
             targets[s, T - n_pad:] = IGNORE_INDEX
     segs = torch.arange(S)
-    batch = Batch(input_ids=targets.clamp(min=0), targets=targets, stream=segs // 2, order=segs % 2, segment=segs)
+    batch = Batch(input_ids=targets.clamp(min=0), targets=targets, stream=segs // 2, stream_index=segs % 2, row=segs)
     return logits, keys, batch
 
 
 def select(logits, keys, batch, idx):
     idx = torch.tensor(idx, dtype=torch.long)
-    b = Batch(*(t[idx] for t in (batch.input_ids, batch.targets, batch.stream, batch.order, batch.segment)))
+    b = Batch(*(t[idx] for t in (batch.input_ids, batch.targets, batch.stream, batch.stream_index, batch.row)))
     return logits[idx], keys[idx], b
+
+
+def loss(logits, keys, batch, layout, use_local=True, **spec_fields):
+    """micro_batch_loss under a LossSpec of `layout` with the given fields."""
+    return micro_batch_loss(logits, keys, batch, LossSpec(layout, **spec_fields), layout, use_local)
 
 
 def loss_and_grads(logits, keys, batch, layout, **kwargs):
     logits = logits.clone().requires_grad_(True)
     keys = keys.clone().requires_grad_(True)
-    out = micro_batch_loss(logits, keys, batch, layout, **kwargs)
+    out = loss(logits, keys, batch, layout, **kwargs)
     g_logits, g_keys = torch.autograd.grad(out.loss, [logits, keys], allow_unused=True)
     g_keys = torch.zeros_like(keys) if g_keys is None else g_keys
     return dict(loss=out.loss.detach(), nll_sum=out.nll_sum, ce_sum=out.ce_sum, n_tokens=out.n_tokens,
@@ -96,13 +102,13 @@ CASES = [  # (name, layout, kwargs, pad lengths per segment[, placement of segme
     ("local", "local", dict(gather=True), (0, 2, 5, 1)),
     ("long_contiguous_no_gather", "long", dict(gather=False), (1, 0, 3, 2), CONTIGUOUS),
     ("long", "long", dict(gather=True), (1, 0, 3, 0)),
-    ("ext", "ext", dict(gather=True), (0, 4, 0, 2)),
-    ("ext_no_local", "ext", dict(gather=True, use_local=False, tile_size=5), (2, 0, 0, 1)),
-    ("ext_dense", "ext", dict(gather=True, tiled=False, temperature=1.3), (0, 1, 2, 3)),
-    ("ext_rank1_all_pad", "ext", dict(gather=True), (0, T, 1, T)),
+    ("ext", "external", dict(gather=True), (0, 4, 0, 2)),
+    ("ext_no_local", "external", dict(gather=True, use_local=False, tile_size=5), (2, 0, 0, 1)),
+    ("ext_dense", "external", dict(gather=True, tiled=False, temperature=1.3), (0, 1, 2, 3)),
+    ("ext_rank1_all_pad", "external", dict(gather=True), (0, T, 1, T)),
     ("long_rank1_all_pad", "long", dict(gather=True, tile_size=4), (2, T, 0, T)),
-    ("ce", None, dict(gather=False), (0, 3, 1, 0)),
-    ("ext_detached", "ext", dict(gather=True, gather_grad=False), (0, 4, 0, 2)),
+    ("ce", "none", dict(gather=True), (0, 3, 1, 0)),
+    ("ext_detached", "external", dict(gather=True, gather_grad=False), (0, 4, 0, 2)),
 ]
 
 
@@ -153,7 +159,7 @@ def test_all_pad_rank_contributes_nothing(two_rank_results):
 
 def test_ce_layout_is_mean_cross_entropy():
     logits, keys, batch = global_batch(0, (0, 2, 6, 1))
-    out = micro_batch_loss(logits, keys, batch, None)
+    out = loss(logits, keys, batch, "none")
     ref = F.cross_entropy(logits.reshape(-1, V), batch.targets.reshape(-1), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out.loss, ref)
     torch.testing.assert_close(out.nll_sum, out.ce_sum)
@@ -162,8 +168,8 @@ def test_ce_layout_is_mean_cross_entropy():
 
 def test_local_memory_size_and_tiled_equals_dense():
     logits, keys, batch = global_batch(1, (0, 0, 0, 0))
-    tiled = micro_batch_loss(logits, keys, batch, "local", tile_size=5)
-    dense = micro_batch_loss(logits, keys, batch, "local", tiled=False)
+    tiled = loss(logits, keys, batch, "local", tile_size=5)
+    dense = loss(logits, keys, batch, "local", tiled=False)
     torch.testing.assert_close(tiled.loss, dense.loss)
     assert tiled.memory_size == dense.memory_size == pytest.approx(sum(range(T)) / T)  # j < i in each segment
 
@@ -171,26 +177,18 @@ def test_local_memory_size_and_tiled_equals_dense():
 def test_token_meta_rows_follow_targets():
     _, _, batch = global_batch(2, (0, 0, 0, 0))
     meta = token_meta(batch)
-    assert torch.equal(meta.segment.reshape(S, T)[:, 0], batch.segment)
+    assert torch.equal(meta.row.reshape(S, T)[:, 0], batch.row)
     assert torch.equal(meta.position.reshape(S, T)[1], torch.arange(T))
-    assert torch.equal(meta.order.reshape(S, T)[:, -1], batch.order)
-
-
-def test_needs_gather():
-    assert needs_gather("ext", "contiguous") and needs_gather("ext", "interleaved")
-    assert needs_gather("long", "interleaved") and not needs_gather("long", "contiguous")
-    assert not needs_gather("local", "interleaved") and not needs_gather(None, "interleaved")
-    with pytest.raises(ValueError, match="placement"):
-        needs_gather("ext", "random")
+    assert torch.equal(meta.stream_index.reshape(S, T)[:, -1], batch.stream_index)
 
 
 def test_gather_is_identity_in_one_process_and_bf16_smoke():
     logits, keys, batch = global_batch(3, (0, 1, 2, 3))
-    plain = micro_batch_loss(logits, keys, batch, "ext")
-    gathered = micro_batch_loss(logits, keys, batch, "ext", gather=True)
+    plain = loss(logits, keys, batch, "external")
+    gathered = loss(logits, keys, batch, "external", gather=True)
     torch.testing.assert_close(gathered.loss, plain.loss)
     lo, ke = logits.bfloat16().requires_grad_(True), keys.bfloat16().requires_grad_(True)
-    out = micro_batch_loss(lo, ke, batch, "ext", tile_size=7)
+    out = loss(lo, ke, batch, "external", tile_size=7)
     assert out.loss.dtype == torch.float32
     torch.testing.assert_close(out.loss.double(), plain.loss, rtol=0.03, atol=0.03)
     out.loss.backward()

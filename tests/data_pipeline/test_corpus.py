@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from data_pipeline import corpus
 from data_pipeline.text_input import iter_documents
 
-from cli_runner import REPO
+from cli_runner import run_trime
 
 
 def _cfg(out, seed=0, scale=0.05):
@@ -102,9 +101,8 @@ def test_bad_scale_is_rejected(tmp_path):
 
 
 def test_cli_stage(tmp_path):
-    trime = os.path.join(REPO, ".venv", "bin", "trime")
-    r = subprocess.run([trime, "corpus", "--out", str(tmp_path), "--seed", "2", "--scale", "0.02",
-                        "--train-files", "2"], capture_output=True, text=True, timeout=300)
+    r = run_trime(["corpus", "--out", tmp_path, "--seed", "2", "--scale", "0.02", "--train-files", "2"],
+                  check=False, timeout=300)
     assert r.returncode == 0, r.stderr
     corpus.write_corpus(corpus.CorpusConfig(out=str(tmp_path / "ref"), seed=2, scale=0.02, train_files=2))
     assert (tmp_path / "train" / "train-01.txt").read_bytes() == (tmp_path / "ref" / "train" / "train-01.txt").read_bytes()

@@ -2,11 +2,11 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+from cli_runner import MPIEXEC, run_trime
 
 from data_pipeline.group import GroupConfig, group_segments
 from data_pipeline.group_search import STOP_ENV
@@ -16,7 +16,6 @@ from trime_dist.core.io import atomic_write_json
 
 from group_fixtures import write_topic_corpus
 
-MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +95,7 @@ def test_two_mpi_ranks_give_identical_output(corpus, tmp_path, method):
     one = _cfg(corpus, str(tmp_path / "one"), method=method)
     two = _cfg(corpus, str(tmp_path / "two"), method=method)
     group_segments(one)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "trime_dist.cli", *_flags(two)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_trime(_flags(two), 2, launcher="mpi", check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d1, m1 = _shard_digests(one.output)
     d2, m2 = _shard_digests(two.output)
@@ -114,8 +111,7 @@ def test_error_on_one_mpi_rank_stops_all_ranks(corpus, tmp_path):
     last = shards.read_manifest(src)["shards"][-1]["path"]  # read by rank 1 only
     os.remove(os.path.join(src, last))
     cfg = _cfg(src, str(tmp_path / "out"))
-    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "trime_dist.cli", *_flags(cfg)],
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    proc = run_trime(_flags(cfg), 2, launcher="mpi", check=False, timeout=120)
     assert proc.returncode != 0 and f"not found: {os.path.join(src, last)}" in proc.stderr
     assert not os.path.exists(os.path.join(cfg.output, "manifest.json"))
 

@@ -15,9 +15,9 @@ from data_pipeline.segmenter import Segmenter
 from data_pipeline.text_input import iter_documents
 from trime_dist.core import shards
 
+from cli_runner import BIN, run_trime  # noqa: E402
 from cli_runner import REPO as ROOT  # noqa: E402
 
-BIN = os.path.join(ROOT, ".venv", "bin")
 TEXTS = ["Hello  world\twith tabs\n\n = Title = \n", "ünïcödé 日本語 🙂 and\r\nCRLF", " leading space ",
          "a literal <eod> and <pad> are text", "x"]
 
@@ -154,11 +154,7 @@ def test_jsonl_and_existing_tokenizer(tmp_path):
 
 
 def _run_cli(args, n_ranks=0):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [os.path.join(BIN, "trime"), "prepare"] + [str(a) for a in args]
-    if n_ranks:
-        cmd = [os.path.join(BIN, "mpiexec"), "-n", str(n_ranks)] + cmd
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return run_trime(["prepare", *args], n_ranks or 1, launcher="mpi", check=False, timeout=300)
 
 
 def test_two_mpi_ranks_give_the_same_segments(small_corpus, tmp_path):

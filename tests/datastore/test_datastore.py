@@ -3,8 +3,6 @@ kill, key encoding = the model's memory keys, external eval = brute force on Fla
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,8 +14,7 @@ from trime_dist.model.transformer import build_model
 
 from shard_fixtures import write_segment_dir
 
-BIN = os.path.dirname(sys.executable)
-from cli_runner import REPO  # noqa: E402
+from cli_runner import run_trime  # noqa: E402
 
 IVF = "IVF4,PQ4x4"  # 16-centroid PQ: trains in well under a second
 
@@ -39,17 +36,9 @@ def setup(tmp_path_factory):
 
 
 def build(root, out, ranks=2, factory="Flat", extra=(), env_extra=None, check=True):
-    from trime_dist.core.launch_env import free_port
-
     args = ["datastore", "build", "--model", str(root / "run"), "--data", str(root / "train"), "--out", str(out),
             "--factory", factory, "--part-segments", "12", "--batch-size", "5", "--threads", "1", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), **(env_extra or {}))
-    cmd = [f"{BIN}/mpiexec", "-n", str(ranks), f"{BIN}/trime", *args] if ranks > 1 else \
-        [sys.executable, "-m", "trime_dist.cli", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_trime(args, ranks, launcher="mpi", env=env_extra, check=check, timeout=300)
 
 
 def one_process_index(ds, factory):
@@ -70,7 +59,6 @@ def one_process_index(ds, factory):
 @pytest.mark.parametrize("factory", ["Flat", IVF])
 def test_two_rank_build_equals_one_process(setup, tmp_path, factory):
     from trime_dist.core import shards
-    from trime_dist.datastore.parts import encode_keys
     from trime_dist.datastore.store import open_datastore
 
     build(setup, tmp_path / "ds", ranks=2, factory=factory)
@@ -95,7 +83,7 @@ def test_two_rank_build_equals_one_process(setup, tmp_path, factory):
         exp_vals.append(tokens[1:])
     np.testing.assert_array_equal(ds.values, np.concatenate(exp_vals))
     np.testing.assert_allclose(ds.all_keys(), np.concatenate(exp_keys), atol=2e-3, rtol=2e-3)  # fp16 storage
-    torch.testing.assert_close(encode_keys(model, ids), model(ids)[1].detach())
+    assert torch.equal(model.encode(ids), model(ids)[1].detach())  # what the datastore stores (fp16)
 
     # the merged index answers exactly like one index built in one process
     rng = np.random.default_rng(0)
@@ -173,11 +161,11 @@ def test_one_rank_ondisk_equals_in_memory_merge(setup, tmp_path):
 def test_external_eval_equals_brute_force(setup, tmp_path):
     """External memory on a Flat store: same neighbours as exact search over the stored keys, same loss."""
     from trime_dist.core import shards
+    from trime_dist.core.constants import IGNORE_INDEX
     from trime_dist.datastore.build import build_datastore
     from trime_dist.datastore.config import DatastoreConfig
     from trime_dist.datastore.store import open_datastore
     from trime_dist.eval.evaluate import EvalSetting, eval_pass, forward_windows
-    from trime_dist.eval.memory import IGNORE
     from trime_dist.eval.windows import iter_windows
     from trime_dist.objective.trime_loss import trime_nll
 
@@ -215,7 +203,7 @@ def test_external_eval_equals_brute_force(setup, tmp_path):
                           torch.arange(n * k)[None, :] // k == torch.arange(n)[:, None]], 1)
         ref = trime_nll(logits[0, :n].double(), t, q.double(), all_keys, labels, mask, temperature=tau)
         total += float(ref.sum())
-        n_tok += int((t != IGNORE).sum())
+        n_tok += int((t != IGNORE_INDEX).sum())
     assert got["settings"][0]["tokens"] == n_tok
     assert got["settings"][0]["nll"][0] == pytest.approx(total, rel=1e-5)
 

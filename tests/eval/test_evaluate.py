@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from trime_dist.eval.memory import IGNORE, KeyCache, window_nll
+from trime_dist.core.constants import IGNORE_INDEX
+from trime_dist.eval.memory import KeyCache, window_nll
 from trime_dist.eval.windows import iter_windows
 from trime_dist.model.config import ModelConfig
 from trime_dist.model.export import export_model
@@ -24,14 +25,14 @@ def _eval_case(seed, N=7, n=10, m=5, K=4, V=5, D=6):
     s0 = n - N
     window_keys = torch.randn(n, D, generator=g, dtype=torch.float64)
     window_labels = torch.randint(0, V, (n,), generator=g)
-    window_labels[2] = IGNORE
+    window_labels[2] = IGNORE_INDEX
     targets = window_labels[s0:].clone()
-    targets[1] = IGNORE
+    targets[1] = IGNORE_INDEX
     cache_keys = torch.randn(m, D, generator=g, dtype=torch.float64)
     cache_labels = torch.randint(0, V, (m,), generator=g)
     ext_keys = torch.randn(N, K, D, generator=g, dtype=torch.float64)
     ext_labels = torch.randint(0, V, (N, K), generator=g)
-    ext_labels[0, 1] = IGNORE  # a missing neighbour
+    ext_labels[0, 1] = IGNORE_INDEX  # a missing neighbour
     logits = torch.randn(N, V, generator=g, dtype=torch.float64)
     return locals()
 
@@ -48,7 +49,7 @@ def _reference(c, tau, ext_in_softmax=True):
         labels.append(c["ext_labels"].reshape(-1))
         mask.append(torch.arange(N * K)[None, :] // K == torch.arange(N)[:, None])  # query i sees its own K
     return trime_nll(c["logits"], c["targets"], queries, torch.cat(keys), torch.cat(labels), torch.cat(mask, 1),
-                     temperature=tau, ignore_index=IGNORE)
+                     temperature=tau, ignore_index=IGNORE_INDEX)
 
 
 def _ours(c, taus, ext_in_softmax=True, **kw):
@@ -80,13 +81,13 @@ def test_knn_interpolation_matches_explicit_sum():
     p_trime = torch.exp(-_reference(c, 1.1, ext_in_softmax=False))
     queries = c["window_keys"][c["s0"]:]
     for i in range(c["N"]):
-        if c["targets"][i] == IGNORE:
+        if c["targets"][i] == IGNORE_INDEX:
             assert ours[i] == 0
             continue
         weights = {}
         for j in range(c["K"]):
             y = int(c["ext_labels"][i, j])
-            if y != IGNORE:
+            if y != IGNORE_INDEX:
                 s = float(queries[i] @ c["ext_keys"][i, j]) / (math.sqrt(D) * tau_knn)
                 weights[y] = weights.get(y, 0.0) + math.exp(s)
         p_knn = weights.get(int(c["targets"][i]), 0.0) / sum(weights.values())
@@ -96,10 +97,10 @@ def test_knn_interpolation_matches_explicit_sum():
 
 def test_query_without_neighbours_is_plain_model():
     c = _eval_case(3)
-    c["ext_labels"][:] = IGNORE
+    c["ext_labels"][:] = IGNORE_INDEX
     ours = _ours(c, [1.0], ext_in_softmax=True, knn_lambda=0.5)[0]
     ref = _reference(c, 1.0, ext_in_softmax=False) - math.log(0.5)  # P = 0.5 * P_trime
-    valid = c["targets"] != IGNORE
+    valid = c["targets"] != IGNORE_INDEX
     torch.testing.assert_close(ours[valid], ref[valid], rtol=1e-10, atol=1e-10)
 
 
@@ -116,9 +117,9 @@ def test_key_cache_is_newest_entries_before_the_window():
         n = int(rng.integers(1, 7))
         keys = torch.arange(pos, pos + n, dtype=torch.float64)[:, None].repeat(1, 3)
         labels = torch.from_numpy(rng.integers(0, 5, n))
-        labels[rng.random(n) < 0.2] = IGNORE               # pads are never memory
+        labels[rng.random(n) < 0.2] = IGNORE_INDEX               # pads are never memory
         cache.push(keys, labels, torch.arange(pos, pos + n))
-        pushed += [(float(pos + i), int(labels[i]), pos + i) for i in range(n) if labels[i] != IGNORE]
+        pushed += [(float(pos + i), int(labels[i]), pos + i) for i in range(n) if labels[i] != IGNORE_INDEX]
         pos += n
 
 
@@ -164,14 +165,14 @@ def test_eval_pass_equals_training_objective(small_split, memory, layout):
     windows = list(iter_windows(str(root / "test"), manifest, 16))
     logits, keys, targets = forward_windows(model.double(), windows, 0)            # [B, T, *]
     B, T = targets.shape
-    meta = TokenMeta(segment=torch.arange(B).repeat_interleave(T), position=torch.arange(T).repeat(B),
+    meta = TokenMeta(row=torch.arange(B).repeat_interleave(T), position=torch.arange(T).repeat(B),
                      stream=torch.tensor([w.stream for w in windows]).repeat_interleave(T),
-                     order=torch.tensor([w.start // 16 for w in windows]).repeat_interleave(T))
+                     stream_index=torch.tensor([w.start // 16 for w in windows]).repeat_interleave(T))
     flat_t = targets.reshape(-1)
     q = keys.reshape(B * T, -1)
     ref = trime_nll(logits.reshape(B * T, -1), flat_t, q, q, flat_t, build_memory_mask(meta, meta, layout),
                     temperature=1.2)
-    assert got["tokens"] == int((flat_t != IGNORE).sum()) == manifest["tokens"]
+    assert got["tokens"] == int((flat_t != IGNORE_INDEX).sum()) == manifest["tokens"]
     assert got["nll"][0] == pytest.approx(float(ref.sum()), rel=1e-5)
 
 

@@ -13,10 +13,10 @@ from launcher.hostfile import parse_hostfile_text, parse_hosts_arg, read_hostfil
 from launcher.local import collect_env, deepspeed_multinode_plan, local_command
 from launcher.slurm import dry_run_text, plan_jobs
 from launcher.slurm_config import load_slurm_config, resources_for
-from launcher.stages import split_stage
 from trime_dist.core.config import ConfigError
+from trime_dist.core.stages import split_stage
 
-from cli_runner import REPO  # noqa: E402
+from cli_runner import BIN, REPO, run_trime  # noqa: E402
 from shard_fixtures import write_segment_dir
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -24,12 +24,7 @@ EXAMPLE = os.path.join(REPO, "configs", "slurm_example.yaml")
 
 
 def trime_launch(*args, cwd=REPO, check=True):
-    proc = subprocess.run([sys.executable, "-m", "trime_dist.cli", "launch", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if check and proc.returncode != 0:
-        raise AssertionError(f"trime launch {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
+    return run_trime(["launch", *args], cwd=str(cwd), check=check)
 
 
 # ----------------------------------------------------------------------------- hostfiles
@@ -61,6 +56,18 @@ def test_malformed_hostfile_refused_by_the_cli(tmp_path):
                         "train", "--config", TINY, check=False)
     assert proc.returncode == 2
     assert f"{hostfile}:2: malformed line 'localhost'" in proc.stderr
+
+
+def test_launch_modes_flags_and_help():
+    proc = trime_launch("deepspeed", "--", "train", check=False)
+    assert proc.returncode == 2 and "give one of --hosts HOST:SLOTS,... or --hostfile FILE" in proc.stderr
+    proc = trime_launch("deepspeed", "--hosts", "a:1", "--hostfile", "h", "--", "train", check=False)
+    assert proc.returncode == 2 and "give one of --hosts" in proc.stderr
+    proc = trime_launch("deepspeed", "--hosts", "a:1", "--launcher", "ssh", "--", "train", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'ssh'" in proc.stderr
+    text = " ".join(trime_launch("slurm-chain", "--help").stdout.split())
+    assert "--step 'STAGE ARGS'" in text and "--set KEY=VALUE" in text
+    assert "requeue (bool, default True): --requeue: a requeued training job resumes" in text  # SlurmConfig keys
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -187,8 +194,11 @@ def test_slurm_scripts_for_a_two_node_gpu_cluster(tmp_path):
                  "#SBATCH --cpus-per-task=6", "#SBATCH --time=48:00:00", "#SBATCH --partition=gpu",
                  "#SBATCH --account=proj42", "#SBATCH --requeue", "source .venv/bin/activate",
                  'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-                 f"cd {REPO}", f"if [ -f {REPO}/runs/wt103_ext/checkpoints/latest ]; then"):
+                 f"cd {REPO}"):
         assert line in train.splitlines(), line
+    # a requeued job reruns the script: `trime train --auto-resume` continues from the run's latest checkpoint
+    assert (f"srun --kill-on-bad-exit=1 --cpus-per-task=6 {BIN}/trime train --auto-resume --config "
+            "configs/wt103_247m.yaml objective.name=trime_ext") in train
     assert "--gpus-per-node" not in by_stage["group"] and "#SBATCH --ntasks-per-node=16" in by_stage["group"]
     assert "srun --mpi=pmi2 --kill-on-bad-exit=1 --cpus-per-task=2 " in by_stage["group"]
     assert "srun --kill-on-bad-exit=1 --cpus-per-task=6 " in train
@@ -211,7 +221,9 @@ def test_slurm_cli_dry_run_writes_nothing(tmp_path):
     proc = trime_launch("slurm", "--write-only", "--set", "run_dir=out", "--", "train", "--config", TINY,
                         "run.out_dir=r", cwd=tmp_path)
     script = (tmp_path / "out" / "train.sbatch").read_text()
-    assert f"if [ -f {tmp_path}/r/checkpoints/latest ]" in script and os.path.isdir(tmp_path / "out" / "logs")
+    assert f"train --auto-resume --config {TINY} run.out_dir=r" in script and os.path.isdir(tmp_path / "out" / "logs")
+    proc = trime_launch("slurm", "--dry-run", "--", "train", "--resume", "--config", TINY, cwd=tmp_path)
+    assert f"train --resume --config {TINY}" in proc.stdout and "--auto-resume" not in proc.stdout
 
 
 def test_slurm_config_errors(tmp_path):
@@ -227,6 +239,7 @@ def test_slurm_config_errors(tmp_path):
     assert resources_for(cfg, "prepare").tasks_per_node == 1 and resources_for(cfg, "datastore").tasks_per_node == 4
     proc = trime_launch("slurm", "--dry-run", "--", "train", "--config", TINY, "model.n_layerz=2", check=False)
     assert proc.returncode == 2 and "model.n_layerz" in proc.stderr  # the train config is checked at render time
+    assert "(on the command line)" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- one rank discovery for every launcher

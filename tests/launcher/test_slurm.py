@@ -1,4 +1,4 @@
-"""`trime launch slurm` against a real one-node SLURM (tests/slurm_cluster.py): MPI stages under
+"""`trime launch slurm` against a real one-node SLURM (tests/helpers/slurm_cluster.py): MPI stages under
 `srun --mpi=pmi2`, 2-task DeepSpeed training, requeue -> resume, a dependency chain, sbatch refusals.
 
 Where SLURM cannot be started these tests skip with the reason; in CI (CI=true) that is a failure.
@@ -18,7 +18,7 @@ import pytest
 from slurm_cluster import SlurmCluster, unavailable_reason
 
 pytestmark = pytest.mark.slurm
-from cli_runner import REPO  # noqa: E402
+from cli_runner import REPO, run_trime  # noqa: E402
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -49,18 +49,12 @@ def slurm(tmp_path_factory):
 def work(slurm, tmp_path_factory):
     """A working directory with the built-in corpus (tiny); jobs run with it as their cwd."""
     root = tmp_path_factory.mktemp("slurm_work")
-    subprocess.run([sys.executable, "-m", "trime_dist.cli", "corpus", "--out", str(root / "corpus"),
-                    "--scale", "0.05"], check=True, capture_output=True, cwd=root)
+    run_trime(["corpus", "--out", root / "corpus", "--scale", "0.05"], cwd=str(root))
     return root
 
 
 def launch(work, *args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "trime_dist.cli", "launch", *args], capture_output=True, text=True,
-                          cwd=work, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if check and proc.returncode != 0:
-        raise AssertionError(f"trime launch {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}\n{logs_of(work)}")
-    return proc
+    return run_trime(["launch", *args], cwd=str(work), check=check, context=lambda: logs_of(work))
 
 
 def logs_of(work) -> str:

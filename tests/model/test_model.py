@@ -1,7 +1,10 @@
-"""Model: shapes, causality, tied embeddings, and that memory keys are the last FFN input after its LN."""
+"""Model: shapes, causality, tied embeddings, memory keys = the last FFN input after its LN (also via encode()),
+and the tokenizer check of an exported model against data."""
+import pytest
 import torch
 
 from trime_dist.model.config import ModelConfig
+from trime_dist.model.export import check_tokenizer
 from trime_dist.model.transformer import TransformerLM
 
 
@@ -51,3 +54,25 @@ def test_too_long_input_refused():
         assert "max_seq_len" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_encode_gives_forward_keys_exactly_without_the_last_ffn():
+    model = _model(dropout=0.1)  # eval mode: dropout off, as in the datastore
+    x = torch.randint(0, 37, (3, 13))
+    calls = []
+    model.blocks[-1].ffn.register_forward_hook(lambda m, inp, out: calls.append(1))
+    model.lm_head.register_forward_hook(lambda m, inp, out: calls.append(2))
+    keys = model.encode(x)
+    assert calls == []  # neither the last feed-forward nor the output layer ran
+    _, ref = model(x)
+    assert keys.shape == (3, 13, 32) and torch.equal(keys, ref)
+
+
+def test_check_tokenizer_refuses_data_of_another_tokenizer():
+
+    manifest = {"tokenizer": {"sha256": "ab" * 32}}
+    check_tokenizer({"tokenizer_sha256": "ab" * 32}, manifest, "data/test", "runs/a")
+    check_tokenizer({}, manifest, "data/test", "runs/a")  # a model without a recorded tokenizer: not checked
+    with pytest.raises(ValueError, match=r"data/test was tokenized with tokenizer abababababab\.\.\., but the model "
+                                         r"runs/a was trained with tokenizer cdcdcdcdcdcd\.\.\."):
+        check_tokenizer({"tokenizer_sha256": "cd" * 32}, manifest, "data/test", "runs/a")

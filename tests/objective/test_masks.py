@@ -4,14 +4,15 @@ import torch
 
 from trime_dist.objective.masks import TokenMeta, build_memory_mask
 
-# Tokens 0..8: segment s = i // 3, position i % 3. Segments 0 and 1 are consecutive pieces of
-# stream 0 (orders 0, 1); segment 2 is the first piece of stream 1.
-META = TokenMeta(segment=torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]),
+# Tokens 0..8: segment (row) s = i // 3, position i % 3. Segments 0 and 1 are consecutive pieces of
+# stream 0 (stream indices 0, 1); segment 2 is the first piece of stream 1.
+META = TokenMeta(row=torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]),
                  position=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2]),
                  stream=torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1]),
-                 order=torch.tensor([0, 0, 0, 1, 1, 1, 0, 0, 0]))
+                 stream_index=torch.tensor([0, 0, 0, 1, 1, 1, 0, 0, 0]))
 
 EXPECTED = {
+    ("none", True): ["000 000 000"] * 9,
     ("local", True): ["000 000 000",
                       "100 000 000",
                       "110 000 000",
@@ -30,7 +31,7 @@ EXPECTED = {
                      "000 000 000",
                      "000 000 100",
                      "000 000 110"],
-    ("ext", True): ["000 111 111",
+    ("external", True): ["000 111 111",
                     "100 111 111",
                     "110 111 111",
                     "111 000 111",
@@ -39,7 +40,7 @@ EXPECTED = {
                     "111 111 000",
                     "111 111 100",
                     "111 111 110"],
-    ("ext", False): ["000 111 111",
+    ("external", False): ["000 111 111",
                      "000 111 111",
                      "000 111 111",
                      "111 000 111",
@@ -71,7 +72,7 @@ def test_mask_follows_token_order_and_key_subsets(layout, use_local):
     assert torch.equal(got, expected)
 
 
-def test_local_use_local_flag_only_matters_for_ext():
+def test_local_use_local_flag_only_matters_for_external():
     assert torch.equal(build_memory_mask(META, META, "local", use_local=False), as_tensor(EXPECTED[("local", True)]))
 
 

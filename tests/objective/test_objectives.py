@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trime_dist.core.constants import IGNORE_INDEX
 from trime_dist.objective.trime_loss import trime_nll
-
-IGNORE = -100
 
 
 def reference_nll(vocab_logits, targets, queries, keys, key_labels, mask, temperature, ignore_index):
@@ -40,10 +39,10 @@ def random_case(seed, N=10, M=13, V=7, d=5, n_labels=4, dtype=torch.float64):
     keys = torch.randn(M, d, generator=g, dtype=dtype)
     targets = torch.randint(0, n_labels, (N,), generator=g)
     key_labels = torch.randint(0, n_labels, (M,), generator=g)
-    targets[torch.rand(N, generator=g) < 0.2] = IGNORE
-    targets[0] = IGNORE
-    key_labels[torch.rand(M, generator=g) < 0.2] = IGNORE
-    key_labels[1] = IGNORE
+    targets[torch.rand(N, generator=g) < 0.2] = IGNORE_INDEX
+    targets[0] = IGNORE_INDEX
+    key_labels[torch.rand(M, generator=g) < 0.2] = IGNORE_INDEX
+    key_labels[1] = IGNORE_INDEX
     mask = torch.rand(N, M, generator=g) < 0.5
     mask[2] = False                       # a row without memory
     mask[3] = False
@@ -63,8 +62,8 @@ def _grads(fn, inputs):
 @pytest.mark.parametrize("temperature", [1.0, 1.17])
 def test_trime_nll_matches_row_formula(seed, temperature):
     vl, t, q, k, kl, mask = random_case(seed)
-    dense = lambda vl_, q_, k_: trime_nll(vl_, t, q_, k_, kl, mask, temperature, IGNORE)
-    ref = lambda vl_, q_, k_: reference_nll(vl_, t, q_, k_, kl, mask, temperature, IGNORE)
+    dense = lambda vl_, q_, k_: trime_nll(vl_, t, q_, k_, kl, mask, temperature, IGNORE_INDEX)
+    ref = lambda vl_, q_, k_: reference_nll(vl_, t, q_, k_, kl, mask, temperature, IGNORE_INDEX)
     out, grads = _grads(dense, (vl, q, k))
     out_ref, grads_ref = _grads(ref, (vl, q, k))
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
@@ -77,8 +76,9 @@ def test_shared_queries_and_keys_gradient():
     vl, t, q, _, _, mask = random_case(5, M=10)
     mask = mask & ~torch.eye(10, dtype=torch.bool)
     key_labels = t.clone()
-    out, grads = _grads(lambda vl_, q_: trime_nll(vl_, t, q_, q_, key_labels, mask, 1.0, IGNORE), (vl, q))
-    out_ref, grads_ref = _grads(lambda vl_, q_: reference_nll(vl_, t, q_, q_, key_labels, mask, 1.0, IGNORE), (vl, q))
+    out, grads = _grads(lambda vl_, q_: trime_nll(vl_, t, q_, q_, key_labels, mask, 1.0, IGNORE_INDEX), (vl, q))
+    out_ref, grads_ref = _grads(lambda vl_, q_: reference_nll(vl_, t, q_, q_, key_labels, mask, 1.0, IGNORE_INDEX),
+                                (vl, q))
     torch.testing.assert_close(out, out_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
@@ -86,27 +86,27 @@ def test_shared_queries_and_keys_gradient():
 
 def test_ignored_targets_zero_and_no_memory_is_cross_entropy():
     vl, t, q, k, kl, mask = random_case(3)
-    out, (g_vl, g_q, _) = _grads(lambda a, b, c: trime_nll(a, t, b, c, kl, mask, 1.0, IGNORE), (vl, q, k))
-    ignored = t == IGNORE
+    out, (g_vl, g_q, _) = _grads(lambda a, b, c: trime_nll(a, t, b, c, kl, mask, 1.0, IGNORE_INDEX), (vl, q, k))
+    ignored = t == IGNORE_INDEX
     assert ignored.any() and (out[ignored] == 0).all()
     assert (g_vl[ignored] == 0).all() and (g_q[ignored] == 0).all()
     ce = F.cross_entropy(vl[2:4], t[2:4], reduction="none")  # rows 2, 3: no usable memory
     torch.testing.assert_close(out[2:4], ce)
-    empty = trime_nll(vl, t, q, k, kl, torch.zeros_like(mask), 1.0, IGNORE)
-    torch.testing.assert_close(empty, F.cross_entropy(vl, t, ignore_index=IGNORE, reduction="none"))
+    empty = trime_nll(vl, t, q, k, kl, torch.zeros_like(mask), 1.0, IGNORE_INDEX)
+    torch.testing.assert_close(empty, F.cross_entropy(vl, t, ignore_index=IGNORE_INDEX, reduction="none"))
 
 
 def test_extreme_similarities_stay_finite():
     vl, t, q, k, kl, mask = random_case(4, dtype=torch.float32)
-    out, grads = _grads(lambda a, b, c: trime_nll(a, t, b, c, kl, mask, 1.0, IGNORE), (vl * 50, q * 100, k * 100))
+    out, grads = _grads(lambda a, b, c: trime_nll(a, t, b, c, kl, mask, 1.0, IGNORE_INDEX), (vl * 50, q * 100, k * 100))
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_bf16_smoke():
     vl, t, q, k, kl, mask = random_case(6, dtype=torch.float32)
-    out32 = trime_nll(vl, t, q, k, kl, mask, 1.0, IGNORE)
+    out32 = trime_nll(vl, t, q, k, kl, mask, 1.0, IGNORE_INDEX)
     leaves = [x.bfloat16().requires_grad_(True) for x in (vl, q, k)]
-    out16 = trime_nll(leaves[0], t, leaves[1], leaves[2], kl, mask, 1.0, IGNORE)
+    out16 = trime_nll(leaves[0], t, leaves[1], leaves[2], kl, mask, 1.0, IGNORE_INDEX)
     assert out16.dtype == torch.float32  # statistics in fp32
     torch.testing.assert_close(out16, out32, rtol=0.05, atol=0.05)
     grads = torch.autograd.grad(out16.sum(), leaves)

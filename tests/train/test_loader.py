@@ -1,11 +1,9 @@
 """Streaming loader: rank split, exact resume, worker processes, bad inputs."""
-import numpy as np
 import pytest
 import torch
 
-from trime_dist.train.batch import IGNORE_INDEX
+from trime_dist.core.constants import IGNORE_INDEX
 from trime_dist.train.loader import (
-    LoaderState,
     RankLoader,
     ShardDataset,
     iter_eval_batches,
@@ -22,7 +20,7 @@ def seg_dir(tmp_path):
 
 
 def _keys(batch):
-    return [key_of(s, o) for s, o in zip(batch.stream.tolist(), batch.order.tolist())]
+    return [key_of(s, i) for s, i in zip(batch.stream.tolist(), batch.stream_index.tolist())]
 
 
 @pytest.mark.parametrize("placement", ["contiguous", "interleaved"])
@@ -49,8 +47,8 @@ def test_two_ranks_cover_each_segment_once(seg_dir, placement):
             seen += _keys(b)
     assert len(seen) == len(set(seen)) == n_groups * G  # nothing duplicated
     assert len(segments) - len(seen) == len(segments) % G  # only the remainder is dropped
-    # rows of one group get distinct segment ids, the same on both ranks' view of the group
-    ids = torch.cat([per_rank[0][0].segment, per_rank[1][0].segment]).tolist()
+    # rows of one group get distinct row ids, the same on both ranks' view of the group
+    ids = torch.cat([per_rank[0][0].row, per_rank[1][0].row]).tolist()
     assert sorted(ids) == list(range(G))
 
 
@@ -67,7 +65,7 @@ def test_resume_gives_same_next_batch(seg_dir):
     it2 = iter(resumed)
     got = [next(it2)[0] for _ in range(5)]
     for a, b in zip(expected, got):
-        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.order, b.order)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.stream_index, b.stream_index)
 
 
 def test_epochs_reshuffle_shards_deterministically(seg_dir):

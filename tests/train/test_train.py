@@ -60,6 +60,17 @@ def test_resume_continues_exactly(pattern_data, tmp_path):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-7)
 
 
+def test_auto_resume_starts_fresh_then_resumes(pattern_data, tmp_path):
+    """What a requeued SLURM job runs: no checkpoint -> a fresh run; a checkpoint -> continue from it."""
+    out = tmp_path / "run"
+    first = run_trime(["train", "--auto-resume", *overrides(pattern_data, out, 2, "run.save_every=2")])
+    assert f"no checkpoint in {out}/checkpoints: starting fresh" in first.stdout
+    second = run_trime(["train", "--auto-resume", *overrides(pattern_data, out, 4, "run.save_every=2")])
+    assert f"resuming from {out}/checkpoints/step00000002" in second.stdout
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]  # steps 1-2 were not redone
+    assert json.load(open(out / "summary.json"))["steps"] == 4
+
+
 def test_nan_loss_stops_and_keeps_checkpoint(pattern_data, tmp_path):
     out = tmp_path / "run"
     run_trime(["train", *overrides(pattern_data, out, 3, "run.save_every=3")])

@@ -6,25 +6,41 @@ that runs the same in one process.
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from trime_dist.core.launch_env import DistEnv, discover_env, export_env
+from trime_dist.core.launch_env import DistEnv, discover_env, export_env, free_port
 
 
 def backend_for_device() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(timeout_s: int = 1800) -> DistEnv:
-    """Initialise the default process group (if world > 1) from the launcher's environment."""
+def init_distributed(timeout_s: int = 1800, *, group_of_one: bool = False,
+                     init_group: Optional[Callable[[str], None]] = None) -> DistEnv:
+    """Bring up the default process group from the launcher's environment (any launcher: DeepSpeed,
+    torchrun, srun, mpiexec); returns that environment.
+
+    One process gets no group unless group_of_one (DeepSpeed wants one; it then rendezvous on a free
+    port). The environment is exported as RANK/WORLD_SIZE/... and the GPU picked by local rank, then
+    init_group(backend) makes the group: torch's init_process_group unless the caller brings its own
+    (DeepSpeed's). Nothing is done when a group exists already.
+    """
     env = discover_env()
-    if env.world_size > 1 and not dist.is_initialized():
-        export_env(env)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    if dist.is_initialized() or (env.world_size == 1 and not group_of_one):
+        return env
+    if env.launcher == "single":
+        env = replace(env, master_port=free_port())
+    export_env(env)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    if init_group is None:
         dist.init_process_group(backend=backend_for_device(), timeout=datetime.timedelta(seconds=timeout_s))
+    else:
+        init_group(backend_for_device())
     return env
 
 

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: atomic writes and content hashes.
+"""Small helpers shared by every stage: atomic writes, content hashes, and chunking an iterator.
 
 A stage never trusts a half-written output: everything is written to a temporary name in the
 same directory and renamed into place when complete.
@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")  # the item type of batched
 
 
 @contextlib.contextmanager
@@ -69,3 +72,12 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    """Lists of n consecutive items, the last one shorter if they run out (itertools.batched, Python 3.12)."""
+    if n < 1:
+        raise ValueError(f"batch size must be >= 1, got {n}")
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch

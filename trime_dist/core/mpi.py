@@ -9,7 +9,7 @@ import contextlib
 import functools
 import sys
 import traceback
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -92,6 +92,50 @@ def agreed(exc: BaseException) -> BaseException:
     """Mark an exception that every rank raises together (so exiting normally cannot hang a rank)."""
     exc.all_ranks = True
     return exc
+
+
+# ----------------------------------------------------------------------------- errors every rank agrees on
+
+USER_ERRORS = (ValueError, FileNotFoundError, OSError)  # what one rank reports to all instead of crashing alone
+
+
+def _portable(e: BaseException, prefix: str = "") -> tuple[bool, str]:
+    """What travels to the other ranks: (is it a FileNotFoundError, the message)."""
+    return isinstance(e, FileNotFoundError), prefix + str(e)
+
+
+def _rebuild(error: tuple[bool, str]) -> BaseException:
+    """The same error on every rank: FileNotFoundError or ValueError (an OSError too, so the CLI prints
+    it as one line), with the failing rank's message, marked `agreed`."""
+    return agreed((FileNotFoundError if error[0] else ValueError)(error[1]))
+
+
+def plan_on_root(make_plan: Callable[[], Any], *, rank: int, bcast: Callable[[Any], Any],
+                 errors: tuple = USER_ERRORS) -> Any:
+    """Rank 0 runs make_plan(); every rank returns its result, or raises rank 0's error (see _rebuild).
+
+    bcast(obj) sends rank 0's picklable obj to every rank: this module's bcast for MPI stages,
+    core.distributed.broadcast_object for torch ones. Errors not in `errors` are raised on rank 0
+    alone (a bug, not bad input: under MPI, abort_on_error then ends the job)."""
+    box, cause = None, None
+    if rank == 0:
+        try:
+            box = {"plan": make_plan()}
+        except errors as e:
+            box, cause = {"error": _portable(e)}, e
+    box = bcast(box)
+    if "error" in box:
+        raise _rebuild(box["error"]) from cause  # rank 0 keeps the original traceback (--debug)
+    return box["plan"]
+
+
+def raise_first_error(error: Optional[BaseException], prefix: str = "") -> None:
+    """Collective: when any rank passes an error, every rank raises the first one (in rank order, with
+    `prefix` -- e.g. "rank 1: " -- before its message); otherwise returns on every rank."""
+    errors = gather(None if error is None else _portable(error, prefix))
+    first = bcast(next((e for e in errors if e), None) if errors is not None else None)
+    if first:
+        raise _rebuild(first) from error  # this rank's own error, if any, stays in the traceback (--debug)
 
 
 @contextlib.contextmanager

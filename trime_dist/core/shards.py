@@ -243,6 +243,83 @@ def iter_groups(path: str, sha256: Optional[str] = None) -> Iterator[tuple[str, 
         yield key, tokens, meta
 
 
+# ----------------------------------------------------------------------------- reading a range
+
+def shard_offsets(manifest: dict[str, Any], entries: Optional[list[dict]] = None) -> np.ndarray:
+    """Index of each shard's first sample: int64 [n_shards + 1], samples numbered in `entries` order
+    (default: the manifest's). Samples are segments for segment shards, groups for grouped shards."""
+    count = "groups" if manifest["format"] == GROUPS_FORMAT else "segments"
+    entries = manifest["shards"] if entries is None else entries
+    return np.concatenate([[0], np.cumsum([int(e[count]) for e in entries])]).astype(np.int64)
+
+
+def iter_range(data_dir: str, manifest: dict[str, Any], start: int = 0, end: Optional[int] = None, *,
+               entries: Optional[list[dict]] = None, check: bool = False) -> Iterator[tuple[int, np.ndarray, dict]]:
+    """Yield (index, tokens, meta) of samples start..end-1 (end None: to the last), numbered in
+    `entries` order (default: the manifest's). Whole shards outside the range are skipped unread.
+
+    Segment shards give tokens int32 [n + 1]; grouped shards tokens int32 [G, L + 1] (see iter_segments,
+    iter_groups). check=True also verifies each shard read against the manifest: its checksum and sample
+    count, every row's length <= seq_len and every token id inside the vocabulary.
+    """
+    entries = manifest["shards"] if entries is None else entries
+    grouped = manifest["format"] == GROUPS_FORMAT
+    read, what = (iter_groups, "groups") if grouped else (iter_segments, "segments")
+    offsets = shard_offsets(manifest, entries)
+    for entry, first, last in zip(entries, offsets[:-1].tolist(), offsets[1:].tolist()):
+        if last <= start:  # whole shard before the range
+            continue
+        if end is not None and first >= end:
+            return
+        path = os.path.join(data_dir, entry["path"])
+        if check and not os.path.isfile(path):
+            raise FileNotFoundError(f"shard listed in {os.path.join(data_dir, MANIFEST)} not found: {path}")
+        index = first
+        for key, tokens, meta in read(path, entry["sha256"] if check else None):
+            if check and index >= last:
+                raise ValueError(f"{path}: holds more {what} than the {last - first} the manifest says")
+            if check:
+                _check_sample(path, key, tokens, meta, manifest)
+            if index >= start and (end is None or index < end):
+                yield index, tokens, meta
+            index += 1
+            if not check and end is not None and index >= end:  # check reads the shard to its end
+                return
+        if check and index != last:
+            raise ValueError(f"{path}: holds {index - first} {what} but the manifest says {last - first}")
+
+
+def _check_sample(path: str, key: str, tokens: np.ndarray, meta: dict, manifest: dict[str, Any]) -> None:
+    """A sample of another L or tokenizer than the manifest's is refused, naming the shard and sample."""
+    seq_len, vocab = manifest["seq_len"], manifest["tokenizer"]["vocab_size"]
+    what = "group" if "segments" in meta else "segment"
+    lengths = [s["length"] for s in meta["segments"]] if "segments" in meta else [meta["length"]]
+    if max(lengths, default=0) > seq_len:
+        raise ValueError(f"{path}: {what} {key} has {max(lengths)} targets but the manifest says "
+                         f"seq_len={seq_len} (shard made with another L?)")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise ValueError(f"{path}: {what} {key} has token id {int(tokens.max())} outside the manifest's "
+                         f"vocabulary [0, {vocab}) (shard made with another tokenizer?)")
+
+
+def pad_rows(rows: list[np.ndarray], width: Optional[int], pad_id: int, *, n_rows: int = 0,
+             dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token rows (row r: int [n_r + 1]) into one array: (tokens [B, width], lengths [B]).
+
+    width None: the longest row's; lengths[r] = n_r, the row's number of targets. With n_rows > len(rows),
+    the extra rows are all padding with length 0 (B = max(len(rows), n_rows)).
+    """
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    tokens = np.full((max(len(rows), n_rows), width), pad_id, dtype=dtype)   # [B, width]
+    lengths = np.zeros(len(tokens), dtype=np.int64)                          # [B]
+    for r, row in enumerate(rows):
+        if len(row) > width:
+            raise ValueError(f"row {r} has {len(row)} tokens, more than the padded width {width}")
+        tokens[r, :len(row)] = row
+        lengths[r] = max(len(row) - 1, 0)
+    return tokens, lengths
+
+
 # ----------------------------------------------------------------------------- manifest
 
 def _check_fields(obj: dict, fields: dict[str, type], where: str) -> None:

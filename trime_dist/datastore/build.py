@@ -30,6 +30,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
 
     from trime_dist.core import shards
     from trime_dist.core.distributed import barrier, broadcast_object, init_distributed
+    from trime_dist.core.mpi import plan_on_root
     from trime_dist.model.export import load_model
 
     env = init_distributed()
@@ -38,15 +39,9 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
         build.dsi.set_threads(cfg.threads)
     model, info = load_model(cfg.model)
     manifest = shards.read_manifest(cfg.data)
-    plan = None
-    if env.rank == 0:
-        try:
-            plan = _resolve_plan(cfg, model, info, manifest, env.world_size)
-        except (ValueError, FileNotFoundError) as e:
-            plan = {"error": str(e)}  # every rank stops with the message instead of waiting at a barrier
-    plan = broadcast_object(plan)
-    if "error" in plan:
-        raise ValueError(plan["error"])
+    # every rank stops with rank 0's error instead of waiting at a barrier
+    plan = plan_on_root(lambda: _resolve_plan(cfg, model, info, manifest, env.world_size), rank=env.rank,
+                        bcast=broadcast_object)
     if os.path.isfile(os.path.join(cfg.out, META_FILE)):  # same plan (checked above): nothing to do
         log.info("%s is complete already (%s exists)", cfg.out, META_FILE)
         return read_json(os.path.join(cfg.out, META_FILE), "datastore metadata")
@@ -70,13 +65,13 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
 
 def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> dict:
     """What is being built; written once to build.json, and a rerun must agree with it."""
+    from trime_dist.model.export import check_tokenizer
+
     if manifest["format"] != "trime-segments/v1":
         raise ValueError(f"{cfg.data}: datastore build needs prepared segment shards (trime prepare output), "
                          f"got format {manifest['format']!r}")
+    check_tokenizer(info, manifest, cfg.data, cfg.model)
     data_tok = manifest["tokenizer"]["sha256"]
-    if info.get("tokenizer_sha256") not in (None, data_tok):
-        raise ValueError(f"{cfg.data} was tokenized with tokenizer {data_tok[:12]}..., but the model in {cfg.model} "
-                         f"was trained with tokenizer {info['tokenizer_sha256'][:12]}...: keys would be meaningless")
     build.dsi.check_factory(cfg.factory, model.cfg.d_model)
     n_segments = int(manifest["segments"])
     part_segments = cfg.part_segments or max(1, -(-n_segments // world_size))

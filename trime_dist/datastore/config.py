@@ -1,18 +1,20 @@
 """The datastore build stage's config."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from trime_dist.core.config import opt
 
 
 @dataclass
 class DatastoreConfig:
-    model: str = field(default="", metadata={"help": "trained run directory (or its model/ directory)"})
-    data: str = field(default="", metadata={"help": "prepared segment shards to store (`trime prepare` output)"})
-    out: str = field(default="", metadata={"help": "datastore directory (created; a rerun resumes it)"})
-    factory: str = field(default="Flat", metadata={"help": "faiss index: Flat | IVF{nlist},PQ{m} | IVF{nlist},Flat"})
-    train_sample: int = field(default=100_000, metadata={"help": "keys sampled to train an IVF index"})
-    batch_size: int = field(default=16, metadata={"help": "segments per forward pass when encoding"})
-    part_segments: int = field(default=0, metadata={"help": "segments per part (0 = split evenly over the ranks)"})
-    ondisk: bool = field(default=False, metadata={"help": "merge IVF lists into an on-disk index.ivfdata"})
-    seed: int = field(default=0, metadata={"help": "seed of the training sample and k-means"})
-    threads: int = field(default=0, metadata={"help": "torch / faiss threads per rank (0 = leave as is)"})
+    model: str = opt("", "trained run directory (or its model/ directory)")
+    data: str = opt("", "prepared segment shards to store (`trime prepare` output)")
+    out: str = opt("", "datastore directory (created; a rerun resumes it)")
+    factory: str = opt("Flat", "faiss index: Flat | IVF{nlist},PQ{m} | IVF{nlist},Flat")
+    train_sample: int = opt(100_000, "keys sampled to train an IVF index")
+    batch_size: int = opt(16, "segments per forward pass when encoding")
+    part_segments: int = opt(0, "segments per part (0 = split evenly over the ranks)")
+    ondisk: bool = opt(False, "merge IVF lists into an on-disk index.ivfdata")
+    seed: int = opt(0, "seed of the training sample and k-means")
+    threads: int = opt(0, "torch / faiss threads per rank (0 = leave as is)")

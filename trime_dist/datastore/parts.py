@@ -64,20 +64,7 @@ def iter_segment_range(data_dir: str, manifest: dict, start: int, end: int) -> I
     """(tokens int32 [n+1], meta) of segments start..end-1 in manifest order; skips shards unread."""
     from trime_dist.core import shards
 
-    seen = 0
-    for entry in manifest["shards"]:
-        n = int(entry["segments"])
-        if seen + n <= start:
-            seen += n
-            continue
-        if seen >= end:
-            return
-        for _, tokens, meta in shards.iter_segments(os.path.join(data_dir, entry["path"])):
-            if start <= seen < end:
-                yield tokens, meta
-            seen += 1
-            if seen >= end:
-                return
+    return ((tokens, meta) for _, tokens, meta in shards.iter_range(data_dir, manifest, start, end))
 
 
 def count_targets(data_dir: str, manifest: dict, part: Part) -> int:
@@ -87,37 +74,15 @@ def count_targets(data_dir: str, manifest: dict, part: Part) -> int:
 
 # ----------------------------------------------------------------------------- encoding
 
-@torch.inference_mode()
-def encode_keys(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """input_ids [B, T] -> memory keys [B, T, D]: model.forward without the output layer (not needed here)."""
-    B, T = input_ids.shape
-    pos = torch.arange(T, device=input_ids.device)
-    x = model.drop(model.tok_emb(input_ids) + model.pos_emb(pos))  # [B, T, D]
-    keys = x
-    for block in model.blocks:
-        x, keys = block(x)
-    return keys
+def _batches(segments: Iterator[tuple[np.ndarray, dict]], batch_size: int, pad_id: int):
+    """Yield (input_ids [B, T] long, targets [B, T] int32 numpy, lengths [B]) over the segments
+    (T: the longest segment of the batch)."""
+    from trime_dist.core.io import batched
+    from trime_dist.core.shards import pad_rows
 
-
-def _batches(segments: Iterator[tuple[np.ndarray, dict]], batch_size: int, seq_len: int, pad_id: int):
-    """Yield (input_ids [B, L] long, targets [B, L] int32 numpy, lengths [B]) over the segments."""
-    rows: list[np.ndarray] = []
-    for tokens, _ in segments:
-        rows.append(tokens)
-        if len(rows) == batch_size:
-            yield _pack(rows, seq_len, pad_id)
-            rows = []
-    if rows:
-        yield _pack(rows, seq_len, pad_id)
-
-
-def _pack(rows: list[np.ndarray], seq_len: int, pad_id: int):
-    T = max(len(r) - 1 for r in rows)
-    tokens = np.full((len(rows), T + 1), pad_id, dtype=np.int64)
-    lengths = np.array([len(r) - 1 for r in rows])
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-    return torch.from_numpy(tokens[:, :-1].copy()), tokens[:, 1:].astype(VALUE_DTYPE), lengths
+    for batch in batched(segments, batch_size):
+        tokens, lengths = pad_rows([tokens for tokens, _ in batch], None, pad_id)   # [B, T + 1]
+        yield torch.from_numpy(tokens[:, :-1].astype(np.int64)), tokens[:, 1:].astype(VALUE_DTYPE), lengths
 
 
 def encode_part(model, data_dir: str, manifest: dict, part: Part, paths: dict, batch_size: int) -> int:
@@ -125,7 +90,7 @@ def encode_part(model, data_dir: str, manifest: dict, part: Part, paths: dict, b
     from tqdm import tqdm
 
     count = count_targets(data_dir, manifest, part)
-    dim, seq_len = model.cfg.d_model, int(manifest["seq_len"])
+    dim = model.cfg.d_model
     pad_id = int(manifest["tokenizer"]["pad_id"])
     os.makedirs(os.path.dirname(paths["keys"]), exist_ok=True)
     with atomic_path(paths["keys"]) as k_tmp, atomic_path(paths["values"]) as v_tmp:
@@ -134,9 +99,10 @@ def encode_part(model, data_dir: str, manifest: dict, part: Part, paths: dict, b
         at = 0
         segments = iter_segment_range(data_dir, manifest, part.first_segment, part.end_segment)
         n_batches = -(-(part.end_segment - part.first_segment) // batch_size)
-        for input_ids, targets, lengths in tqdm(_batches(segments, batch_size, seq_len, pad_id), total=n_batches,
+        for input_ids, targets, lengths in tqdm(_batches(segments, batch_size, pad_id), total=n_batches,
                                                 desc=f"encode {part.stem}", unit="batch", leave=False):
-            out = encode_keys(model, input_ids).float().numpy()                       # [B, T, D]
+            with torch.inference_mode():
+                out = model.encode(input_ids).float().numpy()                          # [B, T, D]
             valid = np.arange(input_ids.shape[1])[None, :] < lengths[:, None]          # [B, T]
             n = int(valid.sum())
             keys[at:at + n] = out[valid].astype(KEY_DTYPE)

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from trime_dist.core.constants import IGNORE_INDEX
 from trime_dist.core.io import read_json
 from trime_dist.datastore import index as dsi
 
@@ -70,9 +71,9 @@ class Datastore:
         return self._index
 
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(scores [N, k] inner products, ids [N, k], labels [N, k]; id -1 / label -100 where missing)."""
+        """(scores [N, k] inner products, ids [N, k], labels [N, k]; id -1 / label IGNORE_INDEX where missing)."""
         scores, ids = dsi.search(self.index(nprobe), queries, k)
-        labels = np.where(ids >= 0, self.values[np.maximum(ids, 0)], -100).astype(np.int64)
+        labels = np.where(ids >= 0, self.values[np.maximum(ids, 0)], IGNORE_INDEX).astype(np.int64)
         return scores, ids, labels
 
 

@@ -1,45 +1,30 @@
-"""`trime eval`: the stage's flags, the table it prints and its entry point."""
+"""`trime eval`: the stage's flags (from EvalConfig), the table it prints and its entry point."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from trime_dist.eval.evaluate import MEMORY, EvalSetting
+from trime_dist.eval.config import EvalConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
-    a("--model", default="", help="trained run directory (or its model/ directory)")
-    a("--data", required=True, help="prepared segment shards to evaluate (e.g. the test split)")
-    a("--memory", nargs="+", default=["local"], choices=MEMORY, help="one row per memory setting")
-    a("--datastore", default="", help="datastore directory (external memory, kNN interpolation)")
-    a("--k", type=int, default=1024, help="neighbours per query")
-    a("--nprobe", type=int, default=32, help="IVF lists probed per search")
-    a("--temperature", type=float, default=1.0, help="τ of the memory similarities")
-    a("--mem-size", type=int, default=1024, help="long-term cache size (keys) for long / external")
-    a("--knn-lambda", type=float, default=0.0, help="kNN-LM interpolation weight λ (0 = off)")
-    a("--knn-temperature", type=float, default=1.0, help="τ_knn of the kNN distribution")
-    a("--tau-search", default="", help="comma-separated τ values tried on --valid; the best is used")
-    a("--valid", default="", help="validation split for --tau-search")
-    a("--context-window", type=int, default=0, help="sliding context: inputs per window that are context only")
-    a("--batch-size", type=int, default=8, help="windows per forward pass (and per batched search)")
-    a("--max-segments", type=int, default=0, help="evaluate only the first N segments (0 = all)")
-    a("--setting", action="append", default=[], metavar="KEY=VAL,...",
-      help="a row with its own fields (name, model, memory, datastore, k, nprobe, temperature, mem_size, "
-           "knn_lambda, knn_temperature) over the flags' values; repeatable; replaces --memory")
-    a("--out", default="", help="write the rows as JSON here")
-    a("--threads", type=int, default=0, help="torch / faiss threads (0 = leave as is)")
-    a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    from trime_dist.core.flags import add_dataclass_flags
+
+    add_dataclass_flags(parser, EvalConfig)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
-def settings_from_args(args: argparse.Namespace) -> list[EvalSetting]:
-    base = EvalSetting(model=args.model, datastore=args.datastore, k=args.k, nprobe=args.nprobe,
-                       temperature=args.temperature, mem_size=args.mem_size, knn_lambda=args.knn_lambda,
-                       knn_temperature=args.knn_temperature)
-    if args.setting:
-        out = [parse_setting(s, base) for s in args.setting]
+def settings_from_config(cfg: EvalConfig) -> list:
+    """The rows: one per --setting (over the flags' values), else one per --memory; each validated."""
+    from trime_dist.eval.evaluate import EvalSetting
+
+    base = EvalSetting(model=cfg.model, datastore=cfg.datastore, k=cfg.k, nprobe=cfg.nprobe,
+                       temperature=cfg.temperature, mem_size=cfg.mem_size, knn_lambda=cfg.knn_lambda,
+                       knn_temperature=cfg.knn_temperature)
+    if cfg.setting:
+        out = [parse_setting(s, base) for s in cfg.setting]
     else:
-        out = [dataclasses.replace(base, memory=m) for m in args.memory]
+        out = [dataclasses.replace(base, memory=m) for m in cfg.memory]
     for s in out:
         if not s.name:
             s.name = s.memory + ("+knn" if s.knn_lambda > 0 else "")
@@ -47,8 +32,9 @@ def settings_from_args(args: argparse.Namespace) -> list[EvalSetting]:
     return out
 
 
-def parse_setting(text: str, base: EvalSetting) -> EvalSetting:
-    fields = {f.name: f.type for f in dataclasses.fields(EvalSetting)}
+def parse_setting(text: str, base):
+    """`name=knn,memory=none,k=16` -> a copy of the EvalSetting `base` with those fields replaced."""
+    fields = {f.name: f.type for f in dataclasses.fields(base)}
     values = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
@@ -66,26 +52,29 @@ def parse_setting(text: str, base: EvalSetting) -> EvalSetting:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from trime_dist.core.flags import dataclass_from_flags
     from trime_dist.eval.evaluate import evaluate_settings
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    cfg = dataclass_from_flags(EvalConfig, args)
+    if not cfg.data:
+        raise ValueError("--data is required (prepared segment shards to evaluate)")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
         from trime_dist.datastore.index import set_threads
 
-        set_threads(args.threads)
-    settings = settings_from_args(args)
-    taus = [float(t) for t in args.tau_search.split(",") if t.strip()] if args.tau_search else []
-    if taus and not args.valid:
+        set_threads(cfg.threads)
+    settings = settings_from_config(cfg)
+    if cfg.taus() and not cfg.valid:
         raise ValueError("--tau-search needs --valid DIR (a validation split to choose τ on)")
-    rows = evaluate_settings(settings, args.data, valid_dir=args.valid, taus=taus,
-                             context_window=args.context_window, batch_size=args.batch_size,
-                             max_segments=args.max_segments)
-    print_table(rows, args.data)
-    if args.out:
+    rows = evaluate_settings(settings, cfg.data, valid_dir=cfg.valid, taus=cfg.taus(),
+                             context_window=cfg.context_window, batch_size=cfg.batch_size,
+                             max_segments=cfg.max_segments)
+    print_table(rows, cfg.data)
+    if cfg.out:
         from trime_dist.core.io import atomic_write_json
 
-        atomic_write_json(args.out, rows)
-        print(f"(rows written to {args.out})")
+        atomic_write_json(cfg.out, rows)
+        print(f"(rows written to {cfg.out})")
     return 0
 
 

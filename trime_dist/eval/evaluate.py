@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trime_dist.eval.memory import IGNORE, KeyCache, window_nll
+from trime_dist.core.constants import IGNORE_INDEX, LAYOUTS
+from trime_dist.core.io import batched
+from trime_dist.core.shards import pad_rows
+from trime_dist.eval.memory import KeyCache, window_nll
 from trime_dist.eval.windows import Window, iter_windows
 
 log = logging.getLogger(__name__)
-
-MEMORY = ("none", "local", "long", "external")
 
 
 @dataclass
@@ -37,8 +38,8 @@ class EvalSetting:
     knn_temperature: float = 1.0   # τ_knn of P_knn = softmax(q·k / (sqrt(d)·τ_knn))
 
     def validate(self) -> None:
-        if self.memory not in MEMORY:
-            raise ValueError(f"setting {self.name!r}: memory {self.memory!r}, expected one of {MEMORY}")
+        if self.memory not in LAYOUTS:
+            raise ValueError(f"setting {self.name!r}: memory {self.memory!r}, expected one of {LAYOUTS}")
         if not self.model:
             raise ValueError(f"setting {self.name!r}: no model (--model or model=...)")
         if self.retrieves and not self.datastore:
@@ -60,7 +61,7 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
                       context_window: int = 0, batch_size: int = 8, max_segments: int = 0) -> list[dict]:
     """One row dict per setting (in order); settings of one model share each pass."""
     from trime_dist.core import shards
-    from trime_dist.model.export import load_model
+    from trime_dist.model.export import check_tokenizer, load_model
 
     manifest = shards.read_manifest(data_dir)
     rows: dict[int, dict] = {}
@@ -91,13 +92,6 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
             rows[i] = make_row(settings[i], info, stores, r, chosen[i][0], searched.get(i), context_window,
                                data_dir, result["tokens_per_s"])
     return [rows[i] for i in range(len(settings))]
-
-
-def check_tokenizer(info: dict, manifest: dict, data_dir: str, model_path: str) -> None:
-    tok = manifest["tokenizer"]["sha256"]
-    if info.get("tokenizer_sha256") not in (None, tok):
-        raise ValueError(f"{data_dir} uses tokenizer {tok[:12]}..., but {model_path} was trained with "
-                         f"{info['tokenizer_sha256'][:12]}...: prepare the data with the model's tokenizer")
 
 
 def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_dir: str) -> dict:
@@ -142,7 +136,7 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
     stream, start_time, n_scored = None, time.perf_counter(), 0
     windows = iter_windows(data_dir, manifest, L, context_window, max_segments)
     seconds = {"forward": 0.0, "search": 0.0, "memory": 0.0}
-    for batch in tqdm(_batched(windows, batch_size), desc="eval", unit="batch", leave=False):
+    for batch in tqdm(batched(windows, batch_size), desc="eval", unit="batch", leave=False):
         t0 = time.perf_counter()
         logits, keys, targets = forward_windows(model, batch, pad_id)       # [B, T, V], [B, T, D], [B, T]
         t1 = time.perf_counter()
@@ -160,35 +154,22 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
                 nll = setting_nll(s, logits[b, s0:n], targets[b, :n], keys[b, :n], s0, cache, w,
                                   None if ext is None else (ext[0][b], ext[1][b]), taus[i])   # [n_tau, N]
                 sums[i] += nll.sum(1).double().numpy()
-                tokens[i] += int((targets[b, s0:n] != IGNORE).sum())
+                tokens[i] += int((targets[b, s0:n] != IGNORE_INDEX).sum())
             cache.push(keys[b, s0:n], targets[b, s0:n], w.start + torch.arange(s0, n))
-            n_scored += int((targets[b, s0:n] != IGNORE).sum())
+            n_scored += int((targets[b, s0:n] != IGNORE_INDEX).sum())
         seconds["memory"] += time.perf_counter() - t2
     elapsed = time.perf_counter() - start_time
     return {"settings": [{"nll": sums[i], "tokens": tokens[i]} for i in range(len(settings))],
             "tokens_per_s": n_scored / max(elapsed, 1e-9), "seconds": seconds}
 
 
-def _batched(it, n):
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 @torch.inference_mode()
 def forward_windows(model, batch: list[Window], pad_id: int):
     """Pad the windows into [B, T] and run the model: (logits [B, T, V] fp32, keys [B, T, D], targets [B, T])."""
-    T = max(w.length for w in batch)
-    tokens = torch.full((len(batch), T + 1), pad_id, dtype=torch.long)
-    targets = torch.full((len(batch), T), IGNORE, dtype=torch.long)
-    for b, w in enumerate(batch):
-        tokens[b, :w.length + 1] = torch.from_numpy(w.tokens)
-        targets[b, :w.length] = tokens[b, 1:w.length + 1]
+    tokens, lengths = pad_rows([w.tokens for w in batch], None, pad_id, dtype=np.int64)   # [B, T + 1], [B]
+    tokens = torch.from_numpy(tokens)
+    targets = tokens[:, 1:].clone()                                                        # [B, T]
+    targets[torch.arange(targets.shape[1])[None, :] >= torch.from_numpy(lengths)[:, None]] = IGNORE_INDEX
     logits, keys = model(tokens[:, :-1])
     return logits.float(), keys.float(), targets
 

@@ -1,6 +1,6 @@
 """Eval-time memory as pure functions: the long-term key cache (FIFO), and the TRIME NLL of one window
 with in-context memory + per-query retrieved neighbours in ONE softmax, optionally interpolated with
-a kNN distribution (DESIGN.md §1, Evaluation). `trime_nll` in objectives.py is the reference.
+a kNN distribution (DESIGN.md §1, Evaluation). `trime_nll` in objective/trime_loss.py is the reference.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-IGNORE = -100
+from trime_dist.core.constants import IGNORE_INDEX
 
 
 class KeyCache:
@@ -28,7 +28,7 @@ class KeyCache:
         """Append entries [n, D], [n], [n] (positions increasing); the oldest beyond capacity are dropped."""
         if self.capacity <= 0:
             return
-        keep = labels != IGNORE
+        keep = labels != IGNORE_INDEX
         keys, labels, positions = keys[keep], labels[keep], positions[keep]
         self.keys = keys if self.keys is None else torch.cat([self.keys, keys])
         self.labels = torch.cat([self.labels, labels.long()])
@@ -56,18 +56,18 @@ def window_nll(vocab_logits: torch.Tensor, targets: torch.Tensor, queries: torch
                ext_scores: Optional[torch.Tensor] = None, ext_labels: Optional[torch.Tensor] = None,
                temperatures: Sequence[float] = (1.0,), ext_in_softmax: bool = True,
                knn_lambda: float = 0.0, knn_temperature: float = 1.0) -> torch.Tensor:
-    """[n_tau, N] -log P(target_i) in nats for each temperature τ; 0 where target == IGNORE.
+    """[n_tau, N] -log P(target_i) in nats for each temperature τ; 0 where target == IGNORE_INDEX.
 
     vocab_logits [N, V]; queries [N, D]; keys [M, D] with key_labels [M] and mask [N, M] (in-context
     memory: earlier window tokens and cached keys; None = no memory); ext_scores [N, K] raw inner
-    products q·k of each query's retrieved neighbours with ext_labels [N, K] (IGNORE = no neighbour).
+    products q·k of each query's retrieved neighbours with ext_labels [N, K] (IGNORE_INDEX = no neighbour).
     P_trime: one softmax over the vocabulary, the allowed memory and (if ext_in_softmax) the
     neighbours, with sim = q·k / (sqrt(D)·τ). With knn_lambda = λ > 0:
     P = (1-λ)·P_trime + λ·P_knn, P_knn(y) = Σ_{j: y_j = y} softmax_j(q·k_j / (sqrt(D)·τ_knn)).
     """
     dtype = torch.promote_types(queries.dtype, torch.float32)
     N, D = queries.shape
-    valid = targets != IGNORE                                                       # [N]
+    valid = targets != IGNORE_INDEX                                                 # [N]
     tgt = torch.where(valid, targets, torch.zeros_like(targets))                    # [N]
     logits = vocab_logits.to(dtype)
     lse_vocab = torch.logsumexp(logits, 1)                                          # [N]
@@ -75,11 +75,11 @@ def window_nll(vocab_logits: torch.Tensor, targets: torch.Tensor, queries: torch
     dots = pos_mem = allowed = None
     if keys is not None and keys.shape[0] > 0:
         dots = queries.to(dtype) @ keys.to(dtype).T                                 # [N, M]
-        allowed = mask & (key_labels != IGNORE)[None, :]                            # [N, M]
+        allowed = mask & (key_labels != IGNORE_INDEX)[None, :]                      # [N, M]
         pos_mem = allowed & (key_labels[None, :] == tgt[:, None])                   # [N, M]
     if ext_scores is not None:
         ext_scores = ext_scores.to(dtype)                                           # [N, K]
-        ext_ok = ext_labels != IGNORE                                               # [N, K]
+        ext_ok = ext_labels != IGNORE_INDEX                                         # [N, K]
         ext_pos = ext_ok & (ext_labels == tgt[:, None])                             # [N, K]
     out = []
     for tau in temperatures:

@@ -6,7 +6,6 @@ the paper's evaluation; the first window of a stream scores all its positions.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,19 +25,14 @@ class Window:
 
 
 def iter_stream_segments(data_dir: str, manifest: dict, max_segments: int = 0):
-    """(tokens, meta) of every segment in manifest (= stream) order."""
+    """(tokens, meta) of every segment (the first max_segments, if > 0) in manifest (= stream) order."""
     from trime_dist.core import shards
 
     if manifest["format"] != shards.SEGMENTS_FORMAT:
         raise ValueError(f"{data_dir}: evaluation reads prepared segment shards (format {shards.SEGMENTS_FORMAT}), "
                          f"got {manifest['format']!r}")
-    n = 0
-    for entry in manifest["shards"]:
-        for _, tokens, meta in shards.iter_segments(os.path.join(data_dir, entry["path"])):
-            if max_segments and n >= max_segments:
-                return
-            n += 1
-            yield tokens, meta
+    end = max_segments or None
+    return ((tokens, meta) for _, tokens, meta in shards.iter_range(data_dir, manifest, 0, end))
 
 
 def iter_windows(data_dir: str, manifest: dict, seq_len: int, context_window: int = 0,

@@ -63,3 +63,13 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[Transform
                          f"unexpected {sorted(unexpected)}")
     info["model_id"] = info["weights_sha256"][:16]
     return model.to(device).eval(), info
+
+
+def check_tokenizer(info: dict, manifest: dict, data_dir: str, model_path: str) -> None:
+    """Refuse data tokenized with another tokenizer than the model's (info: load_model's model.json;
+    manifest: the data's shard manifest). A model without a recorded tokenizer is not checked."""
+    data_tok, model_tok = manifest["tokenizer"]["sha256"], info.get("tokenizer_sha256")
+    if model_tok not in (None, data_tok):
+        raise ValueError(f"{data_dir} was tokenized with tokenizer {data_tok[:12]}..., but the model {model_path} "
+                         f"was trained with tokenizer {model_tok[:12]}...: its token ids mean other tokens "
+                         "(prepare the data with the model's tokenizer)")

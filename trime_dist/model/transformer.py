@@ -54,12 +54,15 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention sublayer: its residual output and the feed-forward input after its layer norm."""
+        x = x + self.drop(self.attn(self.ln_attn(x)))
+        return x, self.ln_ffn(x)  # [B, T, D] each
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the block output and the feed-forward input after its layer norm."""
-        x = x + self.drop(self.attn(self.ln_attn(x)))
-        ffn_input = self.ln_ffn(x)  # [B, T, D]: TRIME's memory key when this is the last block
-        x = x + self.drop(self.ffn(ffn_input))
-        return x, ffn_input
+        x, ffn_input = self.attend(x)  # ffn_input: TRIME's memory key when this is the last block
+        return x + self.drop(self.ffn(ffn_input)), ffn_input
 
 
 class TransformerLM(nn.Module):
@@ -91,18 +94,30 @@ class TransformerLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids [B, T] -> (vocab logits [B, T, V], memory keys [B, T, D])."""
+    def _trunk(self, input_ids: torch.Tensor, last_ffn: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """input_ids [B, T] -> (last block's output [B, T, D], memory keys [B, T, D]); without last_ffn the
+        last block stops at the key (its feed-forward is skipped) and no output is returned."""
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # [B, T, D]
-        memory_keys = x
-        for block in self.blocks:
-            x, memory_keys = block(x)
+        for block in self.blocks[:-1]:
+            x, _ = block(x)
+        if not last_ffn:
+            return None, self.blocks[-1].attend(x)[1]
+        return self.blocks[-1](x)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, T] -> (vocab logits [B, T, V], memory keys [B, T, D])."""
+        x, memory_keys = self._trunk(input_ids)
         logits = self.lm_head(self.ln_out(x))  # [B, T, V]
         return logits, memory_keys
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> memory keys [B, T, D], as forward() gives them, without the output layer
+        or the last feed-forward (the datastore needs only the keys)."""
+        return self._trunk(input_ids, last_ffn=False)[1]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

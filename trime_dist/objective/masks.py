@@ -8,8 +8,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-LAYOUTS = ("local", "long", "ext")
-
+from trime_dist.core.constants import LAYOUTS
 
 # --------------------------------------------------------------------------------------------
 # Token metadata and memory masks
@@ -18,10 +17,10 @@ LAYOUTS = ("local", "long", "ext")
 @dataclass
 class TokenMeta:
     """Where each token sits in the global batch; every field is a [N] long tensor."""
-    segment: torch.Tensor   # unique id of the token's segment within the global batch
-    position: torch.Tensor  # index of the token within its segment
-    stream: torch.Tensor    # id of the token stream the segment was cut from
-    order: torch.Tensor     # index of the segment within its stream
+    row: torch.Tensor           # row of the token's segment in its group (unique within the global batch)
+    position: torch.Tensor      # index of the token within its segment
+    stream: torch.Tensor        # id of the token stream the segment was cut from
+    stream_index: torch.Tensor  # index of the segment within its stream (consecutive segments: +1)
 
     def __post_init__(self):
         shapes = {f.name: tuple(getattr(self, f.name).shape) for f in fields(self)}
@@ -29,7 +28,7 @@ class TokenMeta:
             raise ValueError(f"TokenMeta fields must all be [N] tensors of one length, got {shapes}")
 
     def __len__(self) -> int:
-        return self.segment.shape[0]
+        return self.row.shape[0]
 
     def slice(self, start: int, end: int) -> "TokenMeta":
         return TokenMeta(*(getattr(self, f.name)[start:end] for f in fields(self)))
@@ -38,7 +37,7 @@ class TokenMeta:
         return TokenMeta(*(getattr(self, f.name)[index] for f in fields(self)))
 
     def stack(self) -> torch.Tensor:
-        """[N, 4] long tensor (segment, position, stream, order), e.g. to gather in one collective."""
+        """[N, 4] long tensor (row, position, stream, stream_index), e.g. to gather in one collective."""
         return torch.stack([getattr(self, f.name).long() for f in fields(self)], dim=1)
 
     @staticmethod
@@ -55,18 +54,21 @@ def build_memory_mask(query_meta: TokenMeta, key_meta: TokenMeta, layout: str,
                       use_local: bool = True) -> torch.Tensor:
     """[N, M] bool: True where query i may use memory entry j (DESIGN.md §1, table of M_i).
 
-    local: same segment, earlier position.  long: local, or any position of an earlier segment
-    of the same stream.  ext: (local if use_local) or any position of any other segment.
-    Key validity (ignored labels) is not applied here; the objectives apply it.
+    none: nothing.  local: same segment, earlier position.  long: local, or any position of an
+    earlier segment of the same stream.  external: (local if use_local) or any position of any other
+    segment. Key validity (ignored labels) is not applied here; the objectives apply it.
     """
     check_layout(layout)
     q, k = query_meta, key_meta
-    same_segment = q.segment[:, None] == k.segment[None, :]                       # [N, M]
+    if layout == "none":
+        return torch.zeros(len(q), len(k), dtype=torch.bool, device=q.row.device)
+    same_segment = q.row[:, None] == k.row[None, :]                                # [N, M]
     local = same_segment & (k.position[None, :] < q.position[:, None])             # [N, M]
     if layout == "local":
         return local
     if layout == "long":
-        earlier = (q.stream[:, None] == k.stream[None, :]) & (k.order[None, :] < q.order[:, None])
-        return local | earlier
-    other = ~same_segment                                                          # ext
+        earlier_in_stream = (q.stream[:, None] == k.stream[None, :]) & \
+            (k.stream_index[None, :] < q.stream_index[:, None])                    # [N, M]
+        return local | earlier_in_stream
+    other = ~same_segment                                                          # external
     return (local | other) if use_local else other

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from trime_dist.core.constants import IGNORE_INDEX
 from trime_dist.objective.masks import TokenMeta, build_memory_mask, check_layout
 
 # --------------------------------------------------------------------------------------------
@@ -34,7 +35,7 @@ def _check_shapes(vocab_logits, targets, queries, keys, key_labels) -> None:
 
 def trime_nll(vocab_logits: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor,
               keys: torch.Tensor, key_labels: torch.Tensor, mask: torch.Tensor,
-              temperature: float = 1.0, ignore_index: int = -100) -> torch.Tensor:
+              temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """[N] -log P(target_i | c_i) in nats, the TRIME objective (DESIGN.md §1; paper Eq. 2-3):
 
         P(y | c_i) = (exp(E_y·f_i) + Σ_{j∈M_i, y_j=y} exp(s_ij)) / (Σ_w exp(E_w·f_i) + Σ_{j∈M_i} exp(s_ij))
@@ -141,7 +142,7 @@ def _sparse_lse(sim: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _block_ranges(meta_t: torch.Tensor, tile_size: int) -> torch.Tensor:
-    """[n_blocks, 2, 4] per-block min and max of (segment, position, stream, order), one host sync."""
+    """[n_blocks, 2, 4] per-block min and max of (row, position, stream, stream_index), one host sync."""
     n = meta_t.shape[0]
     pad = (-n) % tile_size
     if pad:  # repeat the last row: it does not widen the range
@@ -154,9 +155,11 @@ def _may_share_memory(q_range: torch.Tensor, k_range: torch.Tensor, layout: str,
     """Conservative test from metadata ranges: False only if no (query, key) pair of the two blocks
     can be allowed, so the block's mask and matmul can be skipped (most blocks in local/long)."""
     (q_lo, q_hi), (k_lo, k_hi) = q_range, k_range
-    segments_overlap = bool(q_lo[0] <= k_hi[0]) and bool(k_lo[0] <= q_hi[0])
-    if layout == "ext":
+    if layout == "none":
+        return False
+    if layout == "external":
         return True
+    segments_overlap = bool(q_lo[0] <= k_hi[0]) and bool(k_lo[0] <= q_hi[0])
     local_possible = segments_overlap and bool(k_lo[1] < q_hi[1])
     if layout == "local":
         return local_possible
@@ -182,7 +185,7 @@ def _blocks(queries, keys, targets, key_labels, query_meta_t, key_meta_t, layout
             k_meta = TokenMeta.unstack(key_meta_t[k0:k0 + tile_size])
             allowed = build_memory_mask(q_meta, k_meta, layout, use_local)           # [n, m]
             allowed &= key_valid[None, k0:k0 + tile_size]
-            if layout != "ext" and not bool(allowed.any()):
+            if layout != "external" and not bool(allowed.any()):
                 continue  # no memory here (e.g. other segments in the local layout): skip the matmul
             positive = allowed & (key_labels[None, k0:k0 + tile_size] == t_block[:, None])  # [n, m]
             sim = (q_block @ keys[k0:k0 + tile_size].to(dtype).T) * scale            # [n, m]
@@ -191,7 +194,7 @@ def _blocks(queries, keys, targets, key_labels, query_meta_t, key_meta_t, layout
 
 def memory_lse_tiled(queries, keys, targets, key_labels, query_meta: TokenMeta, key_meta: TokenMeta,
                      layout: str, use_local: bool = True, temperature: float = 1.0,
-                     ignore_index: int = -100, tile_size: int = 1024):
+                     ignore_index: int = IGNORE_INDEX, tile_size: int = 1024):
     """(lse_all [N], lse_pos [N], n_allowed [N]): log Σ exp(s_ij) over each query's allowed memory
     entries, and over those whose label is the query's target (-inf when empty), in tiles."""
     check_layout(layout)
@@ -206,7 +209,7 @@ def memory_lse_tiled(queries, keys, targets, key_labels, query_meta: TokenMeta, 
 
 
 def memory_lse_local(queries: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                     ignore_index: int = -100):
+                     ignore_index: int = IGNORE_INDEX):
     """The local layout's (lse_all, lse_pos, n_allowed), each [B*T], with segment-batched matmuls.
 
     queries [B, T, d] are also the keys, targets [B, T] also the key labels. Memory of (b, i) is
@@ -236,7 +239,7 @@ def _rowwise_lse(x: torch.Tensor) -> torch.Tensor:
 
 
 def combine_vocab_and_memory(vocab_logits: torch.Tensor, targets: torch.Tensor, lse_all: torch.Tensor,
-                             lse_pos: torch.Tensor, ignore_index: int = -100):
+                             lse_pos: torch.Tensor, ignore_index: int = IGNORE_INDEX):
     """(nll [N], ce [N]): TRIME NLL from the vocabulary logits and the memory log-sum-exps, and the
     plain cross-entropy of the same logits (it shares the vocabulary log-sum-exp)."""
     valid_query = targets != ignore_index                                            # [N]
@@ -258,7 +261,7 @@ def combine_vocab_and_memory(vocab_logits: torch.Tensor, targets: torch.Tensor, 
 def trime_nll_tiled(vocab_logits: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor,
                     keys: torch.Tensor, key_labels: torch.Tensor, query_meta: TokenMeta,
                     key_meta: TokenMeta, layout: str, use_local: bool = True,
-                    temperature: float = 1.0, ignore_index: int = -100,
+                    temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
                     tile_size: int = 1024) -> torch.Tensor:
     """[N] TRIME NLL exactly as `trime_nll` with mask = build_memory_mask(query_meta, key_meta, ...),
     but in tile_size×tile_size blocks: peak memory O(N·d + tile²), never the N×M matrix."""

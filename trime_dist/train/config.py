@@ -4,91 +4,89 @@ Loaded as defaults < YAML < `a.b=c` overrides by trime_dist.core.config.load_con
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from trime_dist.core.config import ConfigError
+from trime_dist.core.config import ConfigError, opt
 from trime_dist.core.config import require as _require
+from trime_dist.core.constants import OBJECTIVES, PLACEMENTS
 from trime_dist.model.config import ModelConfig
+
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
 class DataConfig:
-    train: str = ""              # prepared (or grouped) shard directory for training
-    valid: Optional[str] = None  # prepared shard directory for validation (empty = none)
-    micro_batch_size: int = 8    # segments per rank per forward pass
-    global_batch_size: int = 16  # segments per optimizer step, over all ranks and accumulation
-    placement: str = "contiguous"  # how a group is dealt to ranks: contiguous | interleaved
-    num_workers: int = 0         # loader worker processes per rank
-    shuffle_shards: bool = True  # shuffle shard order each epoch (seeded; groups stay whole)
+    train: str = opt("", "prepared (or grouped) shard directory for training")
+    valid: Optional[str] = opt(None, "prepared shard directory for validation (empty = none)")
+    micro_batch_size: int = opt(8, "segments per rank per forward pass")
+    global_batch_size: int = opt(16, "segments per optimizer step, over all ranks and accumulation")
+    placement: str = opt("contiguous", "how a group is dealt to ranks", choices=PLACEMENTS)
+    num_workers: int = opt(0, "loader worker processes per rank")
+    shuffle_shards: bool = opt(True, "shuffle shard order each epoch (seeded; groups stay whole)")
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "trime_local"    # ce | trime_local | trime_long | trime_ext
-    temperature: float = 1.0     # tau in sim = q.k / (sqrt(d) * tau)
-    cross_sent_ratio: float = 0.9  # trime_ext: probability a step switches off local memory
-    ce_warmup_steps: int = 0     # plain cross-entropy for the first N optimizer steps
-    ce_warmup_epochs: int = 0    # ... or for the first N epochs (the paper: 3-9)
+    name: str = opt("trime_local", "training objective", choices=OBJECTIVES)
+    temperature: float = opt(1.0, "tau in sim = q.k / (sqrt(d) * tau)")
+    cross_sent_ratio: float = opt(0.9, "trime_ext: probability a step switches off local memory")
+    ce_warmup_steps: int = opt(0, "plain cross-entropy for the first N optimizer steps")
+    ce_warmup_epochs: int = opt(0, "... or for the first N epochs (the paper: 3-9)")
 
 
 @dataclass
 class MemoryConfig:
-    gather_grad: bool = True     # remote keys carry gradients back (False = original code: detached)
-    tiled: bool = True           # use the tiled objective (never builds the N x M matrix)
-    tile_size: int = 1024        # keys per tile in the tiled objective
+    gather_grad: bool = opt(True, "remote keys carry gradients back (False = original code: detached)")
+    tiled: bool = opt(True, "use the tiled objective (never builds the N x M matrix)")
+    tile_size: int = opt(1024, "keys per tile in the tiled objective")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"          # adamw | sgd (plain SGD: updates are exactly lr x gradient)
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    schedule: str = "cosine"     # cosine | inverse_sqrt | constant (all after linear warmup)
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1    # cosine floor as a fraction of lr
-    grad_clip: float = 1.0       # max global grad norm (0 = off)
+    name: str = opt("adamw", "optimizer (sgd: plain SGD, updates are exactly lr x gradient)", choices=OPTIMIZERS)
+    lr: float = opt(1e-3, "peak learning rate")
+    weight_decay: float = opt(0.01, "weight decay (none on biases, norms, position table)")
+    betas: tuple[float, float] = opt((0.9, 0.98), "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    schedule: str = opt("cosine", "learning-rate schedule after linear warmup", choices=SCHEDULES)
+    warmup_steps: int = opt(50, "optimizer steps of linear warmup")
+    min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of lr")
+    grad_clip: float = opt(1.0, "max global grad norm (0 = off)")
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0          # 0 | 1 | 2 | 3
-    precision: str = "fp32"      # fp32 | bf16
-    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
+    zero_stage: int = opt(0, "ZeRO stage", choices=(0, 1, 2, 3))
+    precision: str = opt("fp32", "training precision", choices=PRECISIONS)
+    extra: dict[str, Any] = opt(doc="merged into the generated DeepSpeed JSON", factory=dict)
 
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/train"
-    seed: int = 1234
-    max_steps: int = 200         # optimizer steps (training stops at max_steps or max_epochs)
-    max_epochs: int = 1000
-    log_every: int = 10
-    eval_every: int = 0          # 0 = only at the end
-    eval_batches: int = 0        # validation micro-batches per evaluation (0 = the whole split)
-    save_every: int = 100        # checkpoint every N optimizer steps (and always at the end)
-    keep_checkpoints: int = 2    # newest N step checkpoints are kept
-    threads: int = 0             # torch intra-op threads per rank (0 = leave as is)
+    out_dir: str = opt("runs/train", "run directory: config, metrics, checkpoints, model")
+    seed: int = opt(1234, "seed of the model init and the data order")
+    max_steps: int = opt(200, "optimizer steps (training stops at max_steps or max_epochs)")
+    max_epochs: int = opt(1000, "passes over the training data at most")
+    log_every: int = opt(10, "log (and write metrics) every N optimizer steps")
+    eval_every: int = opt(0, "validate every N optimizer steps (0 = only at the end)")
+    eval_batches: int = opt(0, "validation micro-batches per evaluation (0 = the whole split)")
+    save_every: int = opt(100, "checkpoint every N optimizer steps (and always at the end)")
+    keep_checkpoints: int = opt(2, "newest N step checkpoints are kept")
+    threads: int = opt(0, "torch intra-op threads per rank (0 = leave as is)")
 
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-
-OBJECTIVES = ("ce", "trime_local", "trime_long", "trime_ext")
-SCHEDULES = ("cosine", "inverse_sqrt", "constant")
-OPTIMIZERS = ("adamw", "sgd")
-PRECISIONS = ("fp32", "bf16")
-PLACEMENTS = ("contiguous", "interleaved")
+    model: ModelConfig = opt(doc="the transformer", factory=ModelConfig)
+    data: DataConfig = opt(doc="training and validation shards, batch sizes", factory=DataConfig)
+    objective: ObjectiveConfig = opt(doc="the TRIME objective", factory=ObjectiveConfig)
+    memory: MemoryConfig = opt(doc="how the in-batch memory is gathered and scored", factory=MemoryConfig)
+    optim: OptimConfig = opt(doc="optimizer and learning-rate schedule", factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = opt(doc="DeepSpeed engine settings", factory=DeepSpeedConfig)
+    run: RunConfig = opt(doc="run directory, length, logging, checkpoints", factory=RunConfig)
 
 
 def validate_train_config(cfg: TrainConfig, world_size: int) -> None:

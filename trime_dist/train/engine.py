@@ -90,21 +90,14 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
 
 
 def init_deepspeed_distributed() -> None:
-    """Let DeepSpeed set up the process group (gloo on CPU, nccl on GPU) from the launcher env."""
-    from dataclasses import replace
-
+    """The process group (gloo on CPU, nccl on GPU) from the launcher env, made by DeepSpeed's own init
+    so that its comm layer knows it (and binds the GPU as DeepSpeed does); one process gets a group too."""
     import deepspeed
 
-    from trime_dist.core.distributed import backend_for_device
-    from trime_dist.core.launch_env import discover_env, export_env, free_port
+    from trime_dist.core.distributed import init_distributed
 
-    env = discover_env()
-    if env.launcher == "single":  # DeepSpeed wants a process group even for one process
-        env = replace(env, master_port=free_port())
-    export_env(env)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    deepspeed.init_distributed(dist_backend=backend_for_device(), auto_mpi_discovery=False)
+    init_distributed(group_of_one=True, init_group=lambda backend: deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False))
 
 
 def current_lr(engine) -> float:

@@ -16,11 +16,11 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from trime_dist.train.batch import IGNORE_INDEX, Batch
+from trime_dist.core.constants import IGNORE_INDEX
+from trime_dist.core.shards import GROUPS_FORMAT, iter_range, pad_rows
+from trime_dist.train.batch import Batch
 
 log = logging.getLogger(__name__)
-
-from trime_dist.core.shards import GROUPS_FORMAT
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Group:
     tokens: np.ndarray      # [G, L+1] int32, padded with pad_id
     lengths: np.ndarray     # [G] number of targets per row (0 = empty filler row)
     stream: np.ndarray      # [G] int64
-    order: np.ndarray       # [G] int64: segment index within its stream
+    stream_index: np.ndarray  # [G] int64: index of the segment within its stream (shard field `index`)
 
 
 class ShardDataset:
@@ -81,56 +81,29 @@ class ShardDataset:
             yield from self._iter_segments(epoch, start)
 
     def _iter_grouped(self, epoch: int, start: int) -> Iterator[Group]:
-        from trime_dist.core import shards
-
-        index = 0
-        for entry in self.shard_order(epoch):
-            n = int(entry["groups"])
-            if index + n <= start:  # whole shard already consumed
-                index += n
-                continue
-            for _, tokens, meta in shards.iter_groups(f"{self.data_dir}/{entry['path']}"):
-                if index >= start:
-                    segs = meta["segments"]
-                    yield Group(epoch, index, np.asarray(tokens, dtype=np.int32),
-                                np.array([s["length"] for s in segs]), np.array([s["stream"] for s in segs]),
-                                np.array([s["index"] for s in segs]))
-                index += 1
+        for index, tokens, meta in iter_range(self.data_dir, self.manifest, start, entries=self.shard_order(epoch)):
+            segs = meta["segments"]
+            yield Group(epoch, index, np.asarray(tokens, dtype=np.int32),
+                        np.array([s["length"] for s in segs]), np.array([s["stream"] for s in segs]),
+                        np.array([s["index"] for s in segs]))
 
     def _iter_segments(self, epoch: int, start: int) -> Iterator[Group]:
-        from trime_dist.core import shards
-
-        G, skip = self.group_size, start * self.group_size
-        seen, rows = 0, []
-        index = start
-        for entry in self.shard_order(epoch):
-            n = int(entry["segments"])
-            if seen + n <= skip:
-                seen += n
-                continue
-            for _, tokens, meta in shards.iter_segments(f"{self.data_dir}/{entry['path']}"):
-                seen += 1
-                if seen <= skip:
-                    continue
-                rows.append((tokens, meta))
-                if len(rows) == G:
-                    yield self._make_group(epoch, index, rows)
-                    index, rows = index + 1, []
+        G, rows, index = self.group_size, [], start
+        for _, tokens, meta in iter_range(self.data_dir, self.manifest, start * G, entries=self.shard_order(epoch)):
+            rows.append((tokens, meta))
+            if len(rows) == G:
+                yield self._make_group(epoch, index, rows)
+                index, rows = index + 1, []
         if rows and not self.drop_last:
             yield self._make_group(epoch, index, rows)
 
     def _make_group(self, epoch: int, index: int, rows: list) -> Group:
-        G, width = self.group_size, self.seq_len + 1
-        tokens = np.full((G, width), self.pad_id, dtype=np.int32)
-        lengths = np.zeros(G, dtype=np.int64)
-        stream = np.full(G, -1, dtype=np.int64)  # filler rows get their own stream id: never memory for others
-        order = np.zeros(G, dtype=np.int64)
-        for r, (tok, meta) in enumerate(rows):
-            tokens[r, :len(tok)] = tok
-            lengths[r], stream[r], order[r] = meta["length"], meta["stream"], meta["index"]
-        for r in range(len(rows), G):
-            stream[r] = -1 - r
-        return Group(epoch, index, tokens, lengths, stream, order)
+        G = self.group_size
+        tokens, lengths = pad_rows([tok for tok, _ in rows], self.seq_len + 1, self.pad_id, n_rows=G)  # [G, L+1]
+        # filler rows (length 0) get their own stream id -1 - r: never memory for others
+        stream = np.array([m["stream"] for _, m in rows] + [-1 - r for r in range(len(rows), G)], dtype=np.int64)
+        stream_index = np.array([m["index"] for _, m in rows] + [0] * (G - len(rows)), dtype=np.int64)
+        return Group(epoch, index, tokens, lengths, stream, stream_index)
 
 
 def rows_for_rank(group_size: int, rank: int, world_size: int, placement: str) -> np.ndarray:
@@ -151,8 +124,8 @@ def group_to_batch(group: Group, rows: np.ndarray) -> Batch:
     targets[torch.arange(T)[None, :] >= lengths[:, None]] = IGNORE_INDEX
     return Batch(
         input_ids=tokens[:, :-1].contiguous(), targets=targets,
-        stream=torch.from_numpy(group.stream[rows]), order=torch.from_numpy(group.order[rows]),
-        segment=torch.from_numpy(rows.astype(np.int64)), group_tokens=int(group.lengths.sum()))
+        stream=torch.from_numpy(group.stream[rows]), stream_index=torch.from_numpy(group.stream_index[rows]),
+        row=torch.from_numpy(rows.astype(np.int64)), group_tokens=int(group.lengths.sum()))
 
 
 @dataclass

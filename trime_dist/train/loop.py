@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,10 +18,9 @@ import torch
 from trime_dist.core.config import save_config
 from trime_dist.core.io import atomic_write_json
 from trime_dist.train.config import TrainConfig, grad_accum_steps, validate_train_config
+from trime_dist.train.loss import LossSpec, build_loss_spec, micro_batch_loss
 
 log = logging.getLogger(__name__)
-
-LAYOUTS = {"ce": None, "trime_local": "local", "trime_long": "long", "trime_ext": "ext"}
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -56,7 +54,7 @@ def setup_run(cfg: TrainConfig, world_size: int, rank: int, resume: bool):
     if train_data.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the data's segment length "
                          f"{train_data.seq_len} ({cfg.data.train}/manifest.json)")
-    check_layout(cfg, train_data, world_size)
+    check_data_for_objective(cfg, train_data, world_size)
     if rank == 0:
         os.makedirs(cfg.run.out_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run.out_dir, "config.yaml"))
@@ -64,8 +62,8 @@ def setup_run(cfg: TrainConfig, world_size: int, rank: int, resume: bool):
     return train_data
 
 
-def check_layout(cfg: TrainConfig, train_data, world_size: int) -> None:
-    """Refuse layouts the data cannot satisfy, saying which setting to change."""
+def check_data_for_objective(cfg: TrainConfig, train_data, world_size: int) -> None:
+    """Refuse memory layouts the data cannot satisfy, saying which setting to change."""
     method = train_data.manifest.get("grouping", {}).get("method")
     if cfg.objective.name == "trime_long":
         if method not in (None, "consecutive"):
@@ -89,37 +87,19 @@ def add_log_file(path: str) -> None:
 
 # ----------------------------------------------------------------------------- one step
 
-def step_objective(cfg: TrainConfig, step: int, epoch: int) -> tuple[Optional[str], bool]:
-    """(memory layout or None for plain CE, use_local) for this optimizer step; same on every rank."""
-    o = cfg.objective
-    if LAYOUTS[o.name] is None or step < o.ce_warmup_steps or epoch < o.ce_warmup_epochs:
-        return None, True
-    layout = LAYOUTS[o.name]
-    use_local = True
-    if layout == "ext":
-        # Seeded by (seed, step), so every rank draws the same value without communicating.
-        use_local = random.Random(cfg.run.seed * 7_919 + step).random() >= o.cross_sent_ratio
-    return layout, use_local
-
-
-def train_step(engine, batches, cfg: TrainConfig, state: TrainState, world_size: int) -> dict:
+def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainState, world_size: int) -> dict:
     """One optimizer step over grad-accumulation micro-batches; returns the step's metrics."""
     from trime_dist.core.distributed import all_reduce_sum
-    from trime_dist.train.loss import micro_batch_loss, needs_gather
 
     start = time.perf_counter()
     totals = torch.zeros(3, dtype=torch.float64)  # nll_sum, ce_sum, tokens (this rank)
-    memory_sizes, epoch, layout = [], 0, None
+    memory_sizes, epoch, layout = [], 0, "none"
     accum = grad_accum_steps(cfg, world_size)
     for micro_step in range(accum):
         batch, epoch = next(batches)
-        layout, use_local = step_objective(cfg, state.step, epoch)
+        layout, use_local = spec.step_memory(state.step, epoch)
         logits, memory_keys = engine(batch.input_ids)
-        out = micro_batch_loss(
-            logits, memory_keys, batch, layout, use_local=use_local,
-            gather=layout is not None and needs_gather(layout, cfg.data.placement),
-            gather_grad=cfg.memory.gather_grad, temperature=cfg.objective.temperature,
-            tiled=cfg.memory.tiled, tile_size=cfg.memory.tile_size)
+        out = micro_batch_loss(logits, memory_keys, batch, spec, layout, use_local)
         totals += torch.stack([out.nll_sum.double(), out.ce_sum.double(), out.n_tokens.double()])
         memory_sizes.append(out.memory_size)
         engine.backward(out.loss)
@@ -140,7 +120,9 @@ def train_step(engine, batches, cfg: TrainConfig, state: TrainState, world_size:
     from trime_dist.train.engine import current_lr
 
     grad_norm = engine.get_global_grad_norm()
-    return {"step": state.step, "epoch": epoch, "objective": layout or "ce", "loss": loss, "ce_loss": ce_loss,
+    # "objective": the one in effect (ce during the warm-up); "memory": its layout this step.
+    return {"step": state.step, "epoch": epoch, "objective": "ce" if layout == "none" else cfg.objective.name,
+            "memory": layout, "loss": loss, "ce_loss": ce_loss,
             "ppl": math.exp(min(loss, 50.0)), "tokens": tokens, "tokens_seen": state.tokens_seen,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "lr": current_lr(engine),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -148,22 +130,18 @@ def train_step(engine, batches, cfg: TrainConfig, state: TrainState, world_size:
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: TrainConfig, rank: int, world_size: int) -> dict:
-    """Validation loss and perplexity with plain CE and with the run's memory layout (no cross-rank memory)."""
+def evaluate(engine, cfg: TrainConfig, spec: LossSpec, rank: int, world_size: int) -> dict:
+    """Validation loss and perplexity with plain CE and with the run's memory (spec.for_validation)."""
     from trime_dist.core.distributed import all_reduce_sum
     from trime_dist.train.loader import iter_eval_batches
-    from trime_dist.train.loss import micro_batch_loss
 
-    layout = LAYOUTS[cfg.objective.name] or "local"
+    valid_spec = spec.for_validation()
     engine.eval()
     totals = torch.zeros(3, dtype=torch.float64)
     for batch in iter_eval_batches(cfg.data.valid, rank, world_size, cfg.data.micro_batch_size,
                                    cfg.run.eval_batches):
         logits, memory_keys = engine(batch.input_ids)
-        # Validation memory stays within this rank's segments (gather=False): cheap and identical for any R.
-        out = micro_batch_loss(logits.float(), memory_keys.float(), batch, "local" if layout == "ext" else layout,
-                               temperature=cfg.objective.temperature, tiled=cfg.memory.tiled,
-                               tile_size=cfg.memory.tile_size)
+        out = micro_batch_loss(logits.float(), memory_keys.float(), batch, valid_spec, valid_spec.layout)
         totals += torch.stack([out.nll_sum.double(), out.ce_sum.double(), out.n_tokens.double()])
     engine.train()
     totals = all_reduce_sum(totals)
@@ -190,6 +168,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     env = discover_env()  # config and data are checked before any process group or engine exists
     train_data = setup_run(cfg, env.world_size, env.rank, resume)
+    spec = build_loss_spec(cfg)  # what every micro-batch's loss is, decided once
     init_deepspeed_distributed()
     rank, world_size = get_rank(), get_world_size()
     if cfg.run.threads > 0:
@@ -211,7 +190,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
              state.step, loader.state.state_dict())
 
     if state.step == 0 and cfg.data.valid:
-        start_eval = evaluate(engine, cfg, rank, world_size)
+        start_eval = evaluate(engine, cfg, spec, rank, world_size)
         _record(metrics, {"step": 0, **start_eval})
         state.history.append({"step": 0, **start_eval})
     batches = iter(loader)
@@ -219,12 +198,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     last_saved = state.step
     while state.step < cfg.run.max_steps:
         try:
-            record = train_step(engine, batches, cfg, state, world_size)
+            record = train_step(engine, batches, cfg, spec, state, world_size)
         except StopIteration:
             log.info("run.max_epochs=%d reached at step %d", cfg.run.max_epochs, state.step)
             break
         if cfg.data.valid and cfg.run.eval_every and state.step % cfg.run.eval_every == 0:
-            record.update(evaluate(engine, cfg, rank, world_size))
+            record.update(evaluate(engine, cfg, spec, rank, world_size))
             state.history.append({k: v for k, v in record.items() if k.startswith("valid") or k == "step"})
         _record(metrics, record)
         if progress is not None:
@@ -241,7 +220,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         progress.close()
     if last_saved != state.step or not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         _save(engine, cfg, ckpt_dir, state, loader)
-    return _finish(engine, cfg, ckpt_dir, state, train_data, rank, world_size, metrics)
+    return _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, metrics)
 
 
 def _progress(cfg: TrainConfig, state: TrainState, rank: int):
@@ -268,7 +247,7 @@ def _save(engine, cfg: TrainConfig, ckpt_dir: str, state: TrainState, loader) ->
     return save_checkpoint(engine, ckpt_dir, state.step, client, keep=cfg.run.keep_checkpoints)
 
 
-def _finish(engine, cfg, ckpt_dir, state, train_data, rank, world_size, metrics) -> dict:
+def _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, metrics) -> dict:
     """Final validation, exported model, summary JSON and loss-curve PNG."""
     from trime_dist.core.distributed import barrier
     from trime_dist.core.io import sha256_file
@@ -279,7 +258,7 @@ def _finish(engine, cfg, ckpt_dir, state, train_data, rank, world_size, metrics)
     summary = {"steps": state.step, "tokens_seen": state.tokens_seen, "objective": cfg.objective.name,
                "world_size": world_size}
     if cfg.data.valid:
-        final_eval = evaluate(engine, cfg, rank, world_size)
+        final_eval = evaluate(engine, cfg, spec, rank, world_size)
         _record(metrics, {"step": state.step, **final_eval})
         summary.update(final=final_eval, start=next((h for h in state.history if h["step"] == 0), None))
     barrier()

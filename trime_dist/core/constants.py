@@ -1,0 +1,23 @@
+"""Names every stage shares, each defined once: the ignored-label value, objectives, memory layouts, placements.
+
+Plain Python (no torch), so configs and `--help` can use them without heavy imports.
+"""
+from __future__ import annotations
+
+# Target (and memory label) of padding and of positions that are not scored: never a prediction,
+# never a memory entry. PyTorch's cross_entropy default, so F.cross_entropy agrees without arguments.
+IGNORE_INDEX = -100
+
+# Which in-batch memory a query may use (DESIGN.md §1): none = plain cross-entropy; local = earlier
+# tokens of its own segment; long = local plus earlier segments of its stream; external = local
+# (when use_local) plus every other segment. Training (objective masks, train loss) and `trime eval
+# --memory` use these same words.
+LAYOUTS = ("none", "local", "long", "external")
+
+# objective.name (the user-facing config value) -> the memory layout it trains with.
+OBJECTIVE_LAYOUTS = {"ce": "none", "trime_local": "local", "trime_long": "long", "trime_ext": "external"}
+OBJECTIVES = tuple(OBJECTIVE_LAYOUTS)
+
+# data.placement: how a group's rows are dealt to ranks: a contiguous block per rank, or every W-th row
+# (interleaved: consecutive segments of a stream land on different ranks, so long memory is gathered).
+PLACEMENTS = ("contiguous", "interleaved")
