@@ -29,6 +29,7 @@ from data_pipeline.group_search import (
     search_neighbours,
     wait_for_all_ranks,
 )
+from data_pipeline.tokenizer import SIDE_FILES
 from trime_dist.core import mpi, shards
 from trime_dist.core.config import ConfigError, opt
 from trime_dist.core.flags import add_dataclass_flags, dataclass_from_flags
@@ -251,8 +252,12 @@ def _finish(cfg: GroupConfig, source: dict, source_sha: str, groups: np.ndarray,
             entries: list[dict], sim: dict, world: int, clock: _PhaseClock) -> None:
     """Copy the tokenizer, remove stale shards, write the manifest LAST (it marks the output complete)."""
     tok = source["tokenizer"]
-    with atomic_path(os.path.join(cfg.output, tok["file"])) as tmp:
-        shutil.copyfile(os.path.join(cfg.input, tok["file"]), tmp)
+    # The tokenizer file, and a HF folder's special-token settings when prepare copied them, so the
+    # grouped output is a tokenizer folder on its own too.
+    for name in (tok["file"], *SIDE_FILES):
+        if name == tok["file"] or os.path.isfile(os.path.join(cfg.input, name)):
+            with atomic_path(os.path.join(cfg.output, name)) as tmp:
+                shutil.copyfile(os.path.join(cfg.input, name), tmp)
     listed = {e["path"] for e in entries}
     for name in os.listdir(cfg.output):
         stale_tmp = name.startswith(".") and name.endswith(".tmp")  # left by a killed writer

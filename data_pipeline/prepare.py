@@ -1,8 +1,9 @@
 """`trime prepare`: tokenize text files into segment shards (docs/FORMATS.md), as MPI ranks.
 
-Rank 0 trains (or loads) the tokenizer and broadcasts it; each rank owns a contiguous block of
-the sorted input files and writes its own shards; rank 0 writes manifest.json last. Reruns
-reuse finished shards; a complete output with other settings is refused unless --overwrite.
+Rank 0 trains the tokenizer (or loads a given one: a tokenizer.json or a Hugging Face tokenizer
+folder) and broadcasts it; each rank owns a contiguous block of the sorted input files and writes
+its own shards; rank 0 writes manifest.json last. Reruns reuse finished shards; a complete output
+with other settings is refused unless --overwrite.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 import glob
 import hashlib
 import itertools
+import json
 import logging
 import os
 import time
@@ -21,7 +23,7 @@ import numpy as np
 
 from data_pipeline.segmenter import Segmenter, stream_id
 from data_pipeline.text_input import FORMATS, expand_inputs, iter_documents
-from data_pipeline.tokenizer import KINDS, UNK
+from data_pipeline.tokenizer import KINDS, SIDE_FILES, UNK, TokenizerSource
 from trime_dist.core import shards
 from trime_dist.core.config import opt
 from trime_dist.core.io import (
@@ -45,7 +47,10 @@ class PrepareConfig:
     seq_len: int = opt(128, "tokens per segment L")
     tokenizer_kind: str = opt("bpe", "tokenizer to train", choices=KINDS)
     vocab_size: int = opt(4096, "BPE vocabulary size")
-    tokenizer: Optional[str] = opt(None, "use this tokenizer.json instead of training")
+    tokenizer: Optional[str] = opt(None, "use this tokenizer instead of training: a tokenizer.json or a Hugging "
+                                   "Face tokenizer folder (save_pretrained); it needs no pad token")
+    eod_token: Optional[str] = opt(None, "end-of-document token (default: the tokenizer's EOS token; "
+                                   "<eod> for trained tokenizers)")
     tokenizer_sample_mb: float = opt(256.0, "MiB of text (spread over files) to train on")
     stream_per_document: bool = opt(False, "each document is its own stream")
     format: str = opt("auto", "text: blank-line separated docs; file: one doc per file; wikitext: ' = Title = ' "
@@ -66,7 +71,7 @@ def rank_files(files: list[str], rank: int, world: int) -> list[int]:
 
 
 def doc_token_ids(path: str, fmt: str, tok, eod_id: int, pbar) -> Iterator[np.ndarray]:
-    """Each document's token ids followed by <eod>, int32 [n + 1], in file order."""
+    """Each document's token ids followed by the end-of-document token, int32 [n + 1], in file order."""
     from data_pipeline.tokenizer import encode_docs
 
     docs = iter_documents(path, fmt)
@@ -87,7 +92,7 @@ def tokenize_file(path: str, file_index: int, cfg: PrepareConfig, tok, eod_id: i
             writer.add(sid, index, start, tokens)
 
     docs = unknown = 0
-    unk_id = tok.token_to_id(UNK)  # only char tokenizers have one
+    unk_id = tok.token_to_id(UNK)  # char tokenizers (and some given ones) have one
     for docs, ids in enumerate(doc_token_ids(path, cfg.format, tok, eod_id, pbar), start=1):
         if unk_id is not None:
             unknown += int((ids == unk_id).sum())
@@ -100,16 +105,17 @@ def tokenize_file(path: str, file_index: int, cfg: PrepareConfig, tok, eod_id: i
     if seg is not None:
         end_stream()
     if unknown:
-        log.warning("%s: %d characters not in the char tokenizer became %s (decoding will not give the text "
-                    "back; raise --tokenizer-sample-mb)", path, unknown, UNK)
+        log.warning("%s: %d characters the tokenizer does not know became %s (decoding will not give the text "
+                    "back; for a char tokenizer raise --tokenizer-sample-mb)", path, unknown, UNK)
     return {"docs": docs, "streams": streams}
 
 
-def process_rank(cfg: PrepareConfig, files: list[str], rank: int, world: int, tok_json: str) -> dict[str, Any]:
+def process_rank(cfg: PrepareConfig, files: list[str], rank: int, world: int, tok_json: str,
+                 eod_id: int) -> dict[str, Any]:
     """Write this rank's shards; returns {"shards": entries, "docs", "streams", "seconds"}."""
     from tqdm import tqdm
 
-    from data_pipeline.tokenizer import EOD, tokenizer_from_str
+    from data_pipeline.tokenizer import tokenizer_from_str
 
     tok = tokenizer_from_str(tok_json)
     mine = rank_files(files, rank, world)
@@ -119,7 +125,7 @@ def process_rank(cfg: PrepareConfig, files: list[str], rank: int, world: int, to
     with tqdm(total=sum(os.path.getsize(files[i]) for i in mine), unit="B", unit_scale=True,
               desc=f"prepare rank {rank}", position=rank, leave=False, mininterval=1.0) as pbar:
         for i in mine:
-            for k, v in tokenize_file(files[i], i, cfg, tok, tok.token_to_id(EOD), writer, pbar).items():
+            for k, v in tokenize_file(files[i], i, cfg, tok, eod_id, writer, pbar).items():
                 counts[k] += v
     entries = writer.close()
     result = {"shards": entries, **counts, "seconds": time.time() - t0}
@@ -150,14 +156,15 @@ def reuse_rank_record(cfg: PrepareConfig, rank: int, fingerprint: dict) -> Optio
 
 # ----------------------------------------------------------------------------- rank 0: plan
 
-def settings_of(cfg: PrepareConfig, files: list[str], world: int) -> dict[str, Any]:
+def settings_of(cfg: PrepareConfig, files: list[str], world: int,
+                given: Optional[TokenizerSource] = None) -> dict[str, Any]:
     """Everything that determines the output; a complete output with other settings is refused."""
     s = dataclasses.asdict(cfg)
     for k in ("input", "output", "overwrite", "tokenizer"):
         s.pop(k)
-    if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
-        raise FileNotFoundError(f"tokenizer file not found: {cfg.tokenizer}")
-    s["tokenizer_file_sha256"] = sha256_file(cfg.tokenizer) if cfg.tokenizer else None
+    s["tokenizer_file_sha256"] = sha256_file(given.json_path) if given else None
+    if given and given.side:  # a folder's settings choose the EOS (end-of-document) and pad tokens
+        s["tokenizer_settings_sha256"] = hashlib.sha256(json.dumps(given.side, sort_keys=True).encode()).hexdigest()
     s["inputs"] = [[f, quick_fingerprint(f)] for f in files]
     s["world_size"] = world
     return s
@@ -175,7 +182,7 @@ def quick_fingerprint(path: str, edge: int = 1 << 20) -> str:
 
 def clear_output(out: str) -> None:
     """Remove what an earlier prepare wrote (only our own file names)."""
-    names = [shards.MANIFEST, shards.TOKENIZER_FILE, STATE_FILE]
+    names = [shards.MANIFEST, shards.TOKENIZER_FILE, STATE_FILE, *SIDE_FILES]
     paths = [os.path.join(out, n) for n in names] + glob.glob(os.path.join(out, "shard-r*-*.tar")) \
         + glob.glob(os.path.join(out, ".prepare-r*.json"))
     for p in paths:
@@ -222,16 +229,39 @@ def sample_texts(files: list[str], cfg: PrepareConfig) -> Iterator[str]:
                 break
 
 
-def make_tokenizer(cfg: PrepareConfig, files: list[str], settings: dict) -> str:
-    """tokenizer.json text: --tokenizer (copied byte for byte, so splits share one sha256), else the
-    one of an interrupted run, else trained now on a sample of the inputs."""
-    from data_pipeline.tokenizer import build_tokenizer, load_tokenizer
+def given_tokenizer(cfg: PrepareConfig) -> Optional[tuple[TokenizerSource, dict]]:
+    """--tokenizer read and checked (its EOS or --eod-token) before the output is touched; None: train one."""
+    from data_pipeline.tokenizer import (
+        configured_special,
+        describe_tokenizer,
+        read_tokenizer_source,
+        tokenizer_from_str,
+    )
+
+    if not cfg.tokenizer:
+        return None
+    src = read_tokenizer_source(cfg.tokenizer)
+    tok = tokenizer_from_str(src.text, src.json_path)
+    return src, describe_tokenizer(tok, configured_special(src), cfg.eod_token, cfg.tokenizer)
+
+
+def make_tokenizer(cfg: PrepareConfig, files: list[str], settings: dict,
+                   given: Optional[tuple[TokenizerSource, dict]]) -> tuple[str, dict]:
+    """(tokenizer.json text, its manifest entry less file/sha256): the given tokenizer (copied byte for byte,
+    so splits share one sha256, with a folder's special-token settings), else the one of an interrupted run,
+    else trained now on a sample of the inputs."""
+    from data_pipeline.tokenizer import (
+        build_tokenizer,
+        describe_tokenizer,
+        tokenizer_from_str,
+    )
 
     out_tok = os.path.join(cfg.output, shards.TOKENIZER_FILE)
     state_path = os.path.join(cfg.output, STATE_FILE)
-    if cfg.tokenizer:
-        load_tokenizer(cfg.tokenizer)  # validates
-        tok_json = _read_text(cfg.tokenizer)
+    side: dict[str, str] = {}
+    if given:
+        src, info = given
+        tok_json, side = src.text, src.side
     elif os.path.isfile(state_path) and os.path.isfile(out_tok) \
             and read_json(state_path).get("tokenizer_sha256") == sha256_file(out_tok):
         log.info("reusing %s from the interrupted run", out_tok)
@@ -242,26 +272,32 @@ def make_tokenizer(cfg: PrepareConfig, files: list[str], settings: dict) -> str:
         log.info("trained %s tokenizer (%d tokens) in %.1fs", cfg.tokenizer_kind, tok.get_vocab_size(),
                  time.time() - t0)
         tok_json = tok.to_str(pretty=True)
-    if not os.path.isfile(out_tok) or _read_text(out_tok) != tok_json:
-        atomic_write_text(out_tok, tok_json)
+    if not given:
+        info = describe_tokenizer(tokenizer_from_str(tok_json, out_tok), None, cfg.eod_token, out_tok)
+    for name, text in [(shards.TOKENIZER_FILE, tok_json), *side.items()]:
+        path = os.path.join(cfg.output, name)
+        if not os.path.isfile(path) or _read_text(path) != text:
+            atomic_write_text(path, text)
+    for name in set(SIDE_FILES) - set(side):  # another run's settings would contradict this tokenizer
+        if os.path.isfile(os.path.join(cfg.output, name)):
+            os.remove(os.path.join(cfg.output, name))
     atomic_write_json(state_path, {"settings": settings, "tokenizer_sha256": sha256_file(out_tok)})
-    return tok_json
+    return tok_json, info
 
 
 def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="") as f:  # newline="": the bytes as they are
         return f.read()
 
 
-def build_manifest(cfg: PrepareConfig, files: list[str], settings: dict, results: list[dict]) -> dict:
+def build_manifest(cfg: PrepareConfig, files: list[str], settings: dict, tok_info: dict,
+                   results: list[dict]) -> dict:
     """docs/FORMATS.md manifest ("tokens" counts targets), plus "documents" and the "settings" of the run."""
-    from data_pipeline.tokenizer import tokenizer_info
-
     entries = [{k: v for k, v in e.items() if k != "reused"} for r in results for e in r["shards"]]
-    info = tokenizer_info(os.path.join(cfg.output, shards.TOKENIZER_FILE))
+    tok_sha = sha256_file(os.path.join(cfg.output, shards.TOKENIZER_FILE))
     return {
         "format": shards.SEGMENTS_FORMAT, "seq_len": cfg.seq_len,
-        "tokenizer": {"file": shards.TOKENIZER_FILE, **info},
+        "tokenizer": {"file": shards.TOKENIZER_FILE, **tok_info, "sha256": tok_sha},
         "stream_mode": "document" if cfg.stream_per_document else "file",
         "segments": sum(e["segments"] for e in entries), "tokens": sum(e["tokens"] for e in entries),
         "streams": sum(r["streams"] for r in results), "documents": sum(r["docs"] for r in results),
@@ -275,11 +311,13 @@ def build_manifest(cfg: PrepareConfig, files: list[str], settings: dict, results
 def _plan(cfg: PrepareConfig, world: int) -> dict:
     """Rank 0: validate inputs and output, fix the tokenizer; the plan is broadcast."""
     files = expand_inputs(cfg.input)
-    settings = settings_of(cfg, files, world)
+    given = given_tokenizer(cfg)
+    settings = settings_of(cfg, files, world, given[0] if given else None)
     if check_existing(cfg, settings):
         return {"done": True, "files": files}
     os.makedirs(cfg.output, exist_ok=True)
-    return {"done": False, "files": files, "settings": settings, "tok_json": make_tokenizer(cfg, files, settings)}
+    tok_json, tok_info = make_tokenizer(cfg, files, settings, given)
+    return {"done": False, "files": files, "settings": settings, "tok_json": tok_json, "tok_info": tok_info}
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -301,7 +339,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     try:
         result = reuse_rank_record(cfg, rank, fingerprint)
         if result is None:
-            result = process_rank(cfg, plan["files"], rank, world, plan["tok_json"])
+            result = process_rank(cfg, plan["files"], rank, world, plan["tok_json"], plan["tok_info"]["eod_id"])
             atomic_write_json(os.path.join(cfg.output, RANK_RECORD.format(rank=rank)),
                               {"fingerprint": fingerprint, "result": result})
     except mpi.USER_ERRORS as e:
@@ -314,7 +352,7 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 def finish(cfg: PrepareConfig, plan: dict, results: list[dict]) -> dict:
     """Rank 0, after every rank is done: write manifest.json (last) and log the summary."""
-    manifest = build_manifest(cfg, plan["files"], plan["settings"], results)
+    manifest = build_manifest(cfg, plan["files"], plan["settings"], plan["tok_info"], results)
     for stale in glob.glob(os.path.join(cfg.output, ".*.tmp")):  # left by a killed writer; all ranks are done
         os.remove(stale)
     shards.write_manifest(cfg.output, manifest)

@@ -41,7 +41,7 @@ def test_two_ranks_zero2_loss_falls(pattern_data, tmp_path):
     summary = json.load(open(out / "summary.json"))
     assert summary["world_size"] == 2
     assert summary["final"]["valid_ce_ppl"] < summary["start"]["valid_ce_ppl"] / 2
-    assert os.path.isfile(out / "model" / "weights.pt") and os.path.isfile(out / "loss.png")
+    assert os.path.isfile(out / "model" / "model.safetensors") and os.path.isfile(out / "loss.png")
 
 
 def test_resume_continues_exactly(pattern_data, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from trime_dist.core.config import load_config
+from trime_dist.model.export import load_model
 from trime_dist.model.transformer import build_model
 from trime_dist.train.config import TrainConfig
 
@@ -33,7 +34,7 @@ def _train(data, out, ranks, objective, placement, *extra):
             "run.seed=7", *extra]
     run_trime(args, ranks=ranks)
     losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
-    weights = torch.load(os.path.join(out, "model", "weights.pt"), weights_only=True)
+    weights = load_model(str(out))[0].state_dict()
     return losses, weights
 
 

@@ -1,4 +1,4 @@
-"""The built-in transformer's architecture config."""
+"""The model config: the built-in transformer's architecture, or a Hugging Face model folder to start from."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,3 +16,6 @@ class ModelConfig:
     max_seq_len: int = opt(128, "longest segment the position table covers")
     dropout: float = opt(0.0, "dropout on attention probs, residual branches, embeddings")
     tie_embeddings: bool = opt(True, "output layer shares the input embedding matrix")
+    pretrained: str = opt("", "local Hugging Face model folder (config.json + safetensors) to start from; the "
+                          "architecture fields above come from its config.json (setting one otherwise is an error)")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward (less memory)")

@@ -3,6 +3,7 @@
 Pre-LN blocks, causal attention via scaled_dot_product_attention, tied embeddings. The memory
 key g(c) is the input of the LAST block's feed-forward sublayer after its layer norm
 (TRIME's `last_ffn_input`). The model knows nothing about memory layouts or parallelism.
+build_model gives this model, or a Hugging Face one (model/hf.py) when model.pretrained is set.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from trime_dist.model.config import ModelConfig
 
@@ -103,10 +105,17 @@ class TransformerLM(nn.Module):
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # [B, T, D]
         for block in self.blocks[:-1]:
-            x, _ = block(x)
+            x, _ = self._block(block, x)
         if not last_ffn:
             return None, self.blocks[-1].attend(x)[1]
-        return self.blocks[-1](x)
+        return self._block(self.blocks[-1], x)
+
+    def _block(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # Keep only the block's input; backward re-runs it (same dropout masks: the RNG state is
+            # restored). Non-reentrant, so the memory key, an output of the block, keeps its gradient.
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, T] -> (vocab logits [B, T, V], memory keys [B, T, D])."""
@@ -123,8 +132,13 @@ class TransformerLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(cfg: ModelConfig, seed: Optional[int] = None) -> TransformerLM:
-    """The model with its initial weights (seeded when `seed` is given, the same on every rank)."""
+def build_model(cfg: ModelConfig, seed: Optional[int] = None) -> nn.Module:
+    """The model with its initial weights (seeded when `seed` is given, the same on every rank): the
+    built-in TransformerLM, or the HFCausalLM of model.pretrained's folder."""
+    if cfg.pretrained:
+        from trime_dist.model.hf import load_pretrained
+
+        return load_pretrained(cfg, seed=seed)
     if seed is not None:
         torch.manual_seed(seed)
     return TransformerLM(cfg)

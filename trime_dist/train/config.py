@@ -15,6 +15,7 @@ from trime_dist.model.config import ModelConfig
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -76,6 +77,8 @@ class RunConfig:
     save_every: int = opt(100, "checkpoint every N optimizer steps (and always at the end)")
     keep_checkpoints: int = opt(2, "newest N step checkpoints are kept")
     threads: int = opt(0, "torch intra-op threads per rank (0 = leave as is)")
+    trackers: list[str] = opt(doc="also log the metrics to these (rank 0): RUN/tensorboard, RUN/wandb (offline "
+                              "unless WANDB_MODE is set)", factory=list, choices=TRACKERS)
 
 
 @dataclass
@@ -99,7 +102,9 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"got {ds.zero_stage}, allowed: 0, 1, 2, 3")
     _require(d.placement in PLACEMENTS, "data.placement", f"got {d.placement!r}, allowed: {', '.join(PLACEMENTS)}")
     _require(bool(d.train), "data.train", "is empty; set it to a directory made by `trime prepare` or `trime group`")
-    _require(m.d_model % m.n_heads == 0, "model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    # (a Hugging Face config may set its own head_dim)
+    _require(bool(m.pretrained) or m.d_model % m.n_heads == 0, "model.d_model",
+             f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
     for key, val in (("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
                      ("model.d_ffn", m.d_ffn), ("model.max_seq_len", m.max_seq_len),
                      ("data.micro_batch_size", d.micro_batch_size), ("data.global_batch_size", d.global_batch_size),

@@ -29,10 +29,9 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_clipping": op.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": ds.precision == "bf16"},
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": op.lr, "betas": list(op.betas), "eps": op.eps, "weight_decay": op.weight_decay}}
-        if op.name == "adamw" else {"type": "SGD", "params": {"lr": op.lr, "weight_decay": op.weight_decay}},
-        # ZeRO partitions any torch optimizer; DeepSpeed only wants SGD acknowledged explicitly.
+        # The optimizer is torch's (build_optimizer), handed to deepspeed.initialize: DeepSpeed's own AdamW
+        # on CPU JIT-compiles C++ ops at the first start of every environment (minutes, and a lock file
+        # that a killed start leaves behind). ZeRO partitions any torch optimizer; SGD must be acknowledged.
         "zero_allow_untested_optimizer": op.name != "adamw",
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -73,6 +72,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_train_model(cfg: TrainConfig, world_size: int) -> torch.nn.Module:
+    """The model to train, the same on every rank: built-in (seeded) or loaded from model.pretrained.
+
+    Under ZeRO-3 a pretrained model is loaded partitioned: transformers' DeepSpeed integration (an
+    HfDeepSpeedConfig of this run's DeepSpeed config, alive while from_pretrained runs) builds it under
+    deepspeed.zero.Init, so no rank holds the whole model first."""
+    from trime_dist.model.transformer import build_model
+
+    if not (cfg.model.pretrained and cfg.deepspeed.zero_stage == 3):
+        return build_model(cfg.model, seed=cfg.run.seed)
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_ds_config = HfDeepSpeedConfig(build_ds_config(cfg, world_size))  # transformers keeps only a weakref
+    try:
+        return build_model(cfg.model, seed=cfg.run.seed)
+    finally:
+        # Later HF models in this process (the export's meta-device skeleton) are built plainly.
+        unset_hf_deepspeed_config()
+        del hf_ds_config
+
+
+def build_optimizer(groups: list[dict], op: OptimConfig) -> torch.optim.Optimizer:
+    """torch's AdamW (decoupled weight decay) or plain SGD over the parameter groups of param_groups."""
+    if op.name == "adamw":
+        return torch.optim.AdamW(groups, lr=op.lr, betas=tuple(op.betas), eps=op.eps, weight_decay=op.weight_decay)
+    return torch.optim.SGD(groups, lr=op.lr, weight_decay=op.weight_decay)
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     """Wrap the model in a DeepSpeed engine (process group already initialised)."""
     import deepspeed
@@ -85,7 +113,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=ds_config, lr_scheduler=lr_scheduler)
+        optimizer=lambda groups: build_optimizer(groups, optim_cfg), config=ds_config, lr_scheduler=lr_scheduler)
     return engine
 
 

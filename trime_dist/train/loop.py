@@ -37,6 +37,10 @@ def setup_run(cfg: TrainConfig, world_size: int, rank: int, resume: bool):
     """Check the config against the data, fill in sizes from the manifest, write the resolved config."""
     from trime_dist.train.loader import ShardDataset
 
+    if cfg.model.pretrained:  # the architecture fields come from the model folder's config.json
+        from trime_dist.model.hf import pretrained_model_config
+
+        cfg.model = pretrained_model_config(cfg.model)
     validate_train_config(cfg, world_size)
     ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
     if not resume and os.path.isfile(os.path.join(ckpt_dir, "latest")):
@@ -45,21 +49,31 @@ def setup_run(cfg: TrainConfig, world_size: int, rank: int, resume: bool):
     group_size = world_size * cfg.data.micro_batch_size
     train_data = ShardDataset(cfg.data.train, group_size, shuffle_shards=cfg.data.shuffle_shards,
                               seed=cfg.run.seed, verify=(rank == 0))
-    tok = train_data.manifest["tokenizer"]
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = int(tok["vocab_size"])
-    elif cfg.model.vocab_size < int(tok["vocab_size"]):
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                         f"{tok['vocab_size']} ({cfg.data.train}/manifest.json); set it to 0 to take it from the data")
-    if train_data.seq_len > cfg.model.max_seq_len:
-        raise ValueError(f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the data's segment length "
-                         f"{train_data.seq_len} ({cfg.data.train}/manifest.json)")
+    fit_model_to_data(cfg, train_data)
     check_data_for_objective(cfg, train_data, world_size)
     if rank == 0:
         os.makedirs(cfg.run.out_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run.out_dir, "config.yaml"))
         add_log_file(os.path.join(cfg.run.out_dir, "train.log"))
     return train_data
+
+
+def fit_model_to_data(cfg: TrainConfig, train_data) -> None:
+    """model.vocab_size from the data's tokenizer when 0; refuse data whose token ids or segment length the
+    model cannot take (for model.pretrained, its config.json fixed both)."""
+    m, manifest = cfg.model, f"{cfg.data.train}/manifest.json"
+    data_vocab = int(train_data.manifest["tokenizer"]["vocab_size"])
+    origin = f" (from {m.pretrained}/config.json)" if m.pretrained else ""
+    if m.vocab_size == 0:
+        m.vocab_size = data_vocab
+    elif m.vocab_size < data_vocab:
+        fix = f"prepare the data with the tokenizer of {m.pretrained}" if m.pretrained else \
+            "set it to 0 to take it from the data"
+        raise ValueError(f"model.vocab_size={m.vocab_size}{origin} is smaller than the tokenizer's {data_vocab} "
+                         f"({manifest}); {fix}")
+    if train_data.seq_len > m.max_seq_len:
+        raise ValueError(f"model.max_seq_len={m.max_seq_len}{origin} is shorter than the data's segment length "
+                         f"{train_data.seq_len} ({manifest})")
 
 
 def check_data_for_objective(cfg: TrainConfig, train_data, world_size: int) -> None:
@@ -157,14 +171,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train until run.max_steps (or run.max_epochs); returns the final summary (also RUN/summary.json)."""
     from trime_dist.core.distributed import get_rank, get_world_size
     from trime_dist.core.launch_env import discover_env
-    from trime_dist.model.transformer import build_model
     from trime_dist.train.engine import (
         build_engine,
+        build_train_model,
         init_deepspeed_distributed,
         load_checkpoint,
     )
     from trime_dist.train.loader import RankLoader
-    from trime_dist.train.metrics import MetricsLog
+    from trime_dist.train.trackers import open_run_metrics
 
     env = discover_env()  # config and data are checked before any process group or engine exists
     train_data = setup_run(cfg, env.world_size, env.rank, resume)
@@ -175,7 +189,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         torch.set_num_threads(cfg.run.threads)
     ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
 
-    engine = build_engine(build_model(cfg.model, seed=cfg.run.seed), cfg, world_size)
+    engine = build_engine(build_train_model(cfg, world_size), cfg, world_size)
     loader = RankLoader(train_data, rank, world_size, cfg.data.placement, max_epochs=cfg.run.max_epochs,
                         num_workers=cfg.data.num_workers)
     state = TrainState()
@@ -183,8 +197,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if client is not None:
         state.step, state.tokens_seen = int(client["step"]), int(client["tokens_seen"])
         loader.load_state_dict(client["loader"])
-    metrics = MetricsLog(os.path.join(cfg.run.out_dir, "metrics.jsonl"), state.step if resume else None) \
-        if rank == 0 else None
+    # metrics.jsonl and the run.trackers (tensorboard, wandb): rank 0 only
+    metrics = open_run_metrics(cfg, state.step if resume else None) if rank == 0 else None
     log.info("rank %d/%d: %d params, %s, %d optimizer steps from step %d, loader at %s", rank, world_size,
              sum(p.numel() for p in engine.module.parameters()), cfg.objective.name, cfg.run.max_steps,
              state.step, loader.state.state_dict())
@@ -265,13 +279,19 @@ def _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, me
     tag = latest_tag(ckpt_dir)
     weights = full_state_dict(engine, ckpt_dir, tag, cfg.deepspeed.zero_stage)
     if rank == 0:
-        info = {"step": state.step, "objective": cfg.objective.name,
-                "tokenizer_sha256": train_data.manifest["tokenizer"]["sha256"],
+        tok = train_data.manifest["tokenizer"]
+        info = {"step": state.step, "objective": cfg.objective.name, "tokenizer_sha256": tok["sha256"],
+                "tokenizer": tok, "train_data": os.path.abspath(cfg.data.train),
                 "train_manifest_sha256": sha256_file(os.path.join(cfg.data.train, "manifest.json")),
                 "seq_len": train_data.seq_len}
-        export_model(weights, cfg.model, cfg.run.out_dir, info, run_config=cfg)
+        # a run from model.pretrained records its HF config; the data's tokenizer goes beside the weights
+        hf_config = engine.module.hf_config_dict() if hasattr(engine.module, "hf_config_dict") else None
+        tok_file = os.path.join(cfg.data.train, tok.get("file", ""))
+        export_model(weights, cfg.model, cfg.run.out_dir, info, run_config=cfg, hf_config=hf_config,
+                     tokenizer_file=tok_file if os.path.isfile(tok_file) else None)
         atomic_write_json(os.path.join(cfg.run.out_dir, "summary.json"), summary)
         plot_loss_curve(os.path.join(cfg.run.out_dir, "metrics.jsonl"), os.path.join(cfg.run.out_dir, "loss.png"))
         log.info("done: %s", summary)
+        metrics.close()
     barrier()
     return summary
