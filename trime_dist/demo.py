@@ -112,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
         run_stage(f"train {name} with {cfg.ranks} DeepSpeed ranks", cmd,
                   os.path.join(cfg.out, "runs", name, "summary.json"))
     print_training_table(cfg.out, list(runs))
+    hf_dir = os.path.join(cfg.out, "exports", "trime_ext_hf")
+    run_stage("export the TrimeLM_ext model as a Hugging Face folder (AutoModelForCausalLM loads it)",
+              [env_bin("trime"), "export", os.path.join(cfg.out, "runs", "trime_ext"), "--format", "hf",
+               "--out", hf_dir], os.path.join(hf_dir, "config.json"))
     # The kNN-LM baseline needs keys from the CE model: a datastore is tied to the model that built it.
     for name in ("trime_ext", "ce"):
         store = os.path.join(cfg.out, "datastore", name)
