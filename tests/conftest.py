@@ -1,7 +1,26 @@
+import glob
 import os
 import sys
+
+import pytest
 
 # tests import their small helpers (shard_fixtures, dist_helpers, cli_runner) as top-level modules
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# DeepSpeed's CPU all-reduce leaves a 64 MB shared-memory buffer per rank in /dev/shm that nothing
+# unlinks; a few hundred 2-rank runs fill the machine's memory. Every test's ranks have exited by
+# its teardown, so the buffers that appeared during the test are removed then.
+_SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(autouse=True)
+def _remove_leaked_deepspeed_buffers():
+    before = set(glob.glob(_SHM_BUFFERS))
+    yield
+    for path in set(glob.glob(_SHM_BUFFERS)) - before:
+        try:
+            os.remove(path)
+        except OSError:
+            pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import tempfile
 import time
 
@@ -22,8 +23,15 @@ def _worker(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Done: leave without interpreter teardown. DeepSpeed's CPU shared-memory all-reduce (loaded by
+    # tests that build models under zero.Init) can abort in its C++ destructors at exit ("terminate
+    # called without an active exception"), which would fail a rank whose result is already saved.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 180.0) -> list:
