@@ -4,7 +4,18 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
+# `make venv GPU=1` (a CUDA machine): PyPI's CUDA build of torch (or TORCH_INDEX's, e.g.
+# https://download.pytorch.org/whl/cu128) and faiss-gpu-cu12 instead of faiss-cpu. Default: the CPU build.
+GPU ?= 0
+TORCH_INDEX ?=
+ifeq ($(GPU),1)
+TORCH_INSTALL := torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple)
+FAISS := faiss-gpu-cu12
+else
+TORCH_INSTALL := torch==2.13.0
+FAISS := faiss-cpu>=1.7.4
+endif
+STAMP := $(VENV)/.installed-$(GPU)-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 export DS_BUILD_OPS := 0
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
@@ -16,9 +27,9 @@ venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# CPU build of torch first, so no dependency pulls a CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -r requirements.txt
+	# torch first (the CPU build unless GPU=1), so no dependency pulls another build.
+	$(BIN)/python -m pip install -q $(TORCH_INSTALL)
+	$(BIN)/python -m pip install -q -r <(grep -v '^faiss-cpu' requirements.txt) '$(FAISS)'
 	$(BIN)/python -m pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*; touch $@
 

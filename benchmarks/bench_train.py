@@ -84,7 +84,7 @@ class Variant:
                 tokens += self._bare_step(self.fixed[i % len(self.fixed)])
             else:
                 tokens += train_step(self.engine, self.batches, self.cfg, self.spec, self.state,
-                                     get_world_size())["tokens"]
+                                     get_world_size(), self.engine.device)["tokens"]
         torch.distributed.barrier()
         return tokens / (time.perf_counter() - start)
 

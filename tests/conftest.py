@@ -24,3 +24,15 @@ def _remove_leaked_deepspeed_buffers():
             os.remove(path)
         except OSError:
             pass
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is (`pytest -m gpu` runs only them) and are skipped, saying why, elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA device (torch {torch.__version__} sees none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

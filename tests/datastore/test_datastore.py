@@ -278,3 +278,34 @@ def test_eval_cli_table_json_and_tau_search(setup, tmp_path, capsys):
         assert r["tokens"] == ref["tokens"] == manifest["tokens"]
         assert r["loss"] == pytest.approx(ref["nll"][0] / ref["tokens"], rel=1e-6)
         assert r["ppl"] == pytest.approx(math.exp(r["loss"]))
+
+
+def test_eval_exact_search_equals_faiss_flat(setup, tmp_path):
+    """`trime eval --search exact` (keys on the device, torch top-k) gives the rows of the faiss Flat index:
+    with k above the store's size both see every key, so ties cannot pick different neighbours."""
+    from trime_dist.cli import main
+
+    ds_dir = str(tmp_path / "ds")
+    build(setup, ds_dir, ranks=1)
+    rows = {}
+    for search in ("faiss", "exact"):
+        out = tmp_path / f"{search}.json"
+        assert main(["eval", "--model", str(setup / "run"), "--data", str(setup / "test"), "--memory", "external",
+                     "--datastore", ds_dir, "--k", "1024", "--knn-lambda", "0.25", "--search", search,
+                     "--device", "cpu", "--out", str(out)]) == 0
+        rows[search] = json.load(open(out))[0]
+    assert rows["exact"]["tokens"] == rows["faiss"]["tokens"] > 0
+    assert rows["exact"]["loss"] == pytest.approx(rows["faiss"]["loss"], rel=1e-6)
+
+
+def test_device_flag_errors_name_the_value(setup, tmp_path, capsys):
+    from trime_dist.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    assert main(["eval", "--model", str(setup / "run"), "--data", str(setup / "test"), "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert main(["datastore", "build", "--model", str(setup / "run"), "--data", str(setup / "train"),
+                 "--out", str(tmp_path / "ds"), "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "ds" / "build.json")   # refused before anything is written

@@ -183,6 +183,76 @@ def test_train_step_records_objective_and_memory():
     model = build_model(ModelConfig(vocab_size=11, n_layers=1, d_model=16, n_heads=2, d_ffn=32, max_seq_len=9), seed=0)
     engine, spec, state = _OneProcessEngine(model), build_loss_spec(cfg), TrainState()
     batches = iter([(_batch()[2], 0)] * 2)
-    records = [train_step(engine, batches, cfg, spec, state, world_size=1) for _ in range(2)]
+    records = [train_step(engine, batches, cfg, spec, state, world_size=1, device=torch.device("cpu"))
+               for _ in range(2)]
     assert [(r["objective"], r["memory"]) for r in records] == [("ce", "none"), ("trime_ext", "external")]
     assert records[0]["loss"] == pytest.approx(records[0]["ce_loss"]) and records[1]["memory_size"] > 0
+
+
+def test_bf16_autocast_precision_runs_the_model_in_bf16():
+    """deepspeed.precision=bf16_autocast: the forward runs under torch.autocast (bf16 matmuls, fp32 weights); the
+    loss stays close to the fp32 step's, and the weights stay fp32."""
+    from trime_dist.model.config import ModelConfig
+    from trime_dist.model.transformer import build_model
+    from trime_dist.train.loop import TrainState, train_step
+
+    losses, dtypes = {}, {}
+    for precision in ("fp32", "bf16_autocast"):
+        cfg = _cfg("trime_long")
+        cfg.data.micro_batch_size = cfg.data.global_batch_size = 4
+        cfg.deepspeed.precision = precision
+        model = build_model(ModelConfig(vocab_size=11, n_layers=1, d_model=16, n_heads=2, d_ffn=32, max_seq_len=9),
+                            seed=0)
+        seen = []
+        model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        batch = _batch()[2]
+        batch.input_ids = torch.randint(0, 11, batch.input_ids.shape, generator=torch.Generator().manual_seed(1))
+        record = train_step(_OneProcessEngine(model), iter([(batch, 0)]), cfg, build_loss_spec(cfg), TrainState(),
+                            world_size=1, device=torch.device("cpu"))
+        losses[precision], dtypes[precision] = record["loss"], seen[0]
+        assert next(model.parameters()).dtype == torch.float32
+    assert dtypes == {"fp32": torch.float32, "bf16_autocast": torch.bfloat16}
+    assert losses["bf16_autocast"] == pytest.approx(losses["fp32"], rel=3e-2) and losses["bf16_autocast"] != losses["fp32"]
+
+
+def _autocast_worker(rank, world_size):
+    import os
+
+    from trime_dist.model.config import ModelConfig
+    from trime_dist.model.transformer import build_model
+    from trime_dist.train.engine import build_engine
+
+    cfg = TrainConfig()
+    cfg.model = ModelConfig(vocab_size=50, n_layers=1, d_model=32, n_heads=2, d_ffn=64, max_seq_len=16)
+    cfg.deepspeed.precision, cfg.deepspeed.zero_stage = "bf16_autocast", 1
+    cfg.data.micro_batch_size = cfg.data.global_batch_size = 2
+    model = build_model(cfg.model, seed=0)
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))   # what DeepSpeed reads
+    engine = build_engine(model, cfg, world_size)
+    engine(torch.randint(2, 50, (2, 16), device=engine.device))
+    return seen, next(engine.module.parameters()).dtype, str(engine.device)
+
+
+def run_autocast_engine():
+    return run_distributed(_autocast_worker, 1)[0]
+
+
+def test_bf16_autocast_runs_bf16_matmuls_inside_the_deepspeed_engine():
+    """DeepSpeed switches off an autocast entered outside its engine: bf16_autocast must reach it through the
+    engine's torch_autocast config (fp32 weights, bf16 Linear outputs)."""
+    seen, param_dtype, _ = run_autocast_engine()
+    assert seen == [torch.bfloat16] and param_dtype == torch.float32
+
+
+def test_deepspeed_activation_checkpointing_passthrough_is_refused():
+    """DeepSpeed's activation_checkpointing section does nothing without model code calling it: refused, naming
+    the setting that works."""
+    from trime_dist.train.config import validate_train_config
+
+    cfg = _cfg()
+    cfg.data.train = "data/train"
+    cfg.deepspeed.extra = {"activation_checkpointing": {"partition_activations": True}}
+    with pytest.raises(ConfigError, match=r"deepspeed.extra.activation_checkpointing.*model.activation_checkpointing=true"):
+        validate_train_config(cfg, 1)

@@ -21,3 +21,6 @@ OBJECTIVES = tuple(OBJECTIVE_LAYOUTS)
 # data.placement: how a group's rows are dealt to ranks: a contiguous block per rank, or every W-th row
 # (interleaved: consecutive segments of a stream land on different ranks, so long memory is gathered).
 PLACEMENTS = ("contiguous", "interleaved")
+
+# --device of the stages that run a model (core/device.py picks it): auto = this rank's GPU when CUDA is available.
+DEVICES = ("auto", "cpu", "cuda")

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from trime_dist.core.device import pick_device
 from trime_dist.core.launch_env import DistEnv, discover_env, export_env, free_port
 
 
@@ -35,8 +36,7 @@ def init_distributed(timeout_s: int = 1800, *, group_of_one: bool = False,
     if env.launcher == "single":
         env = replace(env, master_port=free_port())
     export_env(env)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    pick_device("auto", env.local_rank)  # binds this rank's GPU before the group (NCCL) is made
     if init_group is None:
         dist.init_process_group(backend=backend_for_device(), timeout=datetime.timedelta(seconds=timeout_s))
     else:

@@ -29,6 +29,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     import torch
 
     from trime_dist.core import shards
+    from trime_dist.core.device import pick_device
     from trime_dist.core.distributed import barrier, broadcast_object, init_distributed
     from trime_dist.core.mpi import plan_on_root
     from trime_dist.model.export import load_model
@@ -37,7 +38,9 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
         build.dsi.set_threads(cfg.threads)
-    model, info = load_model(cfg.model)
+    device = pick_device(cfg.device, env.local_rank)
+    model, info = load_model(cfg.model, device)
+    log.info("rank %d/%d encodes on %s", env.rank, env.world_size, device)
     manifest = shards.read_manifest(cfg.data)
     # every rank stops with rank 0's error instead of waiting at a barrier
     plan = plan_on_root(lambda: _resolve_plan(cfg, model, info, manifest, env.world_size), rank=env.rank,
@@ -47,7 +50,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
         return read_json(os.path.join(cfg.out, META_FILE), "datastore metadata")
     parts = build.plan_parts(int(manifest["segments"]), plan["part_segments"])
     mine = [p for p in parts if p.index % env.world_size == env.rank]
-    _encode_step(cfg, model, manifest, mine)
+    _encode_step(cfg, model, manifest, mine, device)
     barrier()
     offsets = build.part_offsets(cfg.out, parts)
     total = sum(int(read_json(build.part_paths(cfg.out, p)["info"])["count"]) for p in parts)
@@ -96,7 +99,7 @@ def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> di
     return plan
 
 
-def _encode_step(cfg, model, manifest: dict, mine: list) -> None:
+def _encode_step(cfg, model, manifest: dict, mine: list, device) -> None:
     done = 0
     for part in mine:
         paths = build.part_paths(cfg.out, part)
@@ -107,7 +110,7 @@ def _encode_step(cfg, model, manifest: dict, mine: list) -> None:
             if os.path.exists(stale):
                 os.remove(stale)
         t0 = time.perf_counter()
-        n = build.encode_part(model, cfg.data, manifest, part, paths, cfg.batch_size)
+        n = build.encode_part(model, cfg.data, manifest, part, paths, cfg.batch_size, device)
         dt = time.perf_counter() - t0
         log.info("part %s: encoded %d keys (segments %d..%d) in %.1f s, %.0f keys/s", part.stem, n,
                  part.first_segment, part.end_segment, dt, n / max(dt, 1e-9))

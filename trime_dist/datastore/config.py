@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trime_dist.core.config import opt
+from trime_dist.core.constants import DEVICES
 
 
 @dataclass
@@ -18,3 +19,5 @@ class DatastoreConfig:
     ondisk: bool = opt(False, "merge IVF lists into an on-disk index.ivfdata")
     seed: int = opt(0, "seed of the training sample and k-means")
     threads: int = opt(0, "torch / faiss threads per rank (0 = leave as is)")
+    device: str = opt("auto", "where the model encodes: auto = this rank's GPU when CUDA is available (bf16 "
+                      "autocast), else cpu", choices=DEVICES)

@@ -108,7 +108,6 @@ def merge_parts(trained_path: str, part_paths: list[str], out_path: str, factory
     which is exactly the order one process adding all keys would produce. With `ondisk`, IVF
     lists go to `index.ivfdata` next to out_path (faiss.contrib.ondisk), so RAM use stays small.
     """
-    faiss = _faiss()
     if ondisk:
         if not uses_ids(factory):
             raise ValueError("--ondisk needs an IVF factory (a Flat index has no inverted lists)")

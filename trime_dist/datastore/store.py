@@ -30,6 +30,7 @@ class Datastore:
         self.values = np.concatenate([np.load(os.path.join(path, p["values"]), mmap_mode="r")
                                       for p in self.meta["parts"]]) if load_values else None
         self._index = None
+        self._exact = None   # an ExactIndex after use_exact_search()
 
     @property
     def id(self) -> str:
@@ -75,6 +76,27 @@ class Datastore:
         scores, ids = dsi.search(self.index(nprobe), queries, k)
         labels = np.where(ids >= 0, self.values[np.maximum(ids, 0)], IGNORE_INDEX).astype(np.int64)
         return scores, ids, labels
+
+    def use_exact_search(self, device, rank: int = 0, world_size: int = 1) -> None:
+        """Search with the keys themselves on `device` (datastore/exact.py), instead of the faiss index."""
+        import torch
+
+        from trime_dist.datastore.exact import ExactIndex
+
+        self._exact = ExactIndex(self, device, rank, world_size)
+        self._values_on_device = torch.from_numpy(self.values.astype(np.int64)).to(device)   # [count]
+
+    def search_tensor(self, queries, k: int, nprobe: int):
+        """search() for a tensor of queries [N, D]: (scores, ids, labels) tensors on the queries' device,
+        from the exact search when use_exact_search() was called, else from the faiss index (on the CPU)."""
+        import torch
+
+        if self._exact is None:
+            scores, ids, labels = self.search(queries.float().cpu().numpy(), k, nprobe)
+            return tuple(torch.from_numpy(a).to(queries.device) for a in (scores, ids, labels))
+        scores, ids = self._exact.search(queries, k)
+        labels = torch.where(ids >= 0, self._values_on_device[ids.clamp(min=0)], IGNORE_INDEX)
+        return scores.to(queries.device), ids.to(queries.device), labels.to(queries.device)
 
 
 def open_datastore(path: str, load_values: bool = True) -> Datastore:

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 
 from trime_dist.core.config import opt
 from trime_dist.core.constants import LAYOUTS
+from trime_dist.core.constants import DEVICES
+
+SEARCHES = ("faiss", "exact")
 
 
 @dataclass
@@ -29,6 +32,11 @@ class EvalConfig:
                                  "replaces --memory", factory=list, repeat=True, metavar="KEY=VAL,...")
     out: str = opt("", "write the rows as JSON here")
     threads: int = opt(0, "torch / faiss threads (0 = leave as is)")
+    device: str = opt("auto", "where the model runs: auto = the GPU when CUDA is available (bf16 autocast), "
+                      "else cpu", choices=DEVICES)
+    search: str = opt("faiss", "datastore search: faiss = the store's index (CPU); exact = every key in the "
+                      "device's memory, exact top-k with torch (fp16 keys: 2 x count x dim bytes)",
+                      choices=SEARCHES)
 
     def taus(self) -> list[float]:
         """The τ grid of --tau-search (empty: no search)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,8 +59,10 @@ class EvalSetting:
 # ----------------------------------------------------------------------------- the passes
 
 def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str = "", taus: list[float] = (),
-                      context_window: int = 0, batch_size: int = 8, max_segments: int = 0) -> list[dict]:
-    """One row dict per setting (in order); settings of one model share each pass."""
+                      context_window: int = 0, batch_size: int = 8, max_segments: int = 0,
+                      device: torch.device = torch.device("cpu"), search: str = "faiss") -> list[dict]:
+    """One row dict per setting (in order); settings of one model share each pass. The model runs on
+    `device` (bf16 autocast on a GPU); search = faiss (the stores' indexes) or exact (keys on `device`)."""
     from trime_dist.core import shards
     from trime_dist.model.export import check_tokenizer, load_model
 
@@ -67,10 +70,10 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
     rows: dict[int, dict] = {}
     for model_path in dict.fromkeys(s.model for s in settings):
         group = [i for i, s in enumerate(settings) if s.model == model_path]
-        model, info = load_model(model_path)
+        model, info = load_model(model_path, device)
         log.info("model %s (%s): %s in one pass over %s", model_path, info["model_id"],
                  ", ".join(settings[i].name for i in group), data_dir)
-        stores = open_stores([settings[i] for i in group], info, manifest, data_dir)
+        stores = open_stores([settings[i] for i in group], info, manifest, data_dir, search, device)
         chosen = {i: [settings[i].temperature] for i in group}
         searched = {}
         tuned = [i for i in group if settings[i].memory != "none"]  # τ only scales memory similarities
@@ -94,7 +97,8 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
     return [rows[i] for i in range(len(settings))]
 
 
-def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_dir: str) -> dict:
+def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_dir: str, search: str = "faiss",
+                device: torch.device = torch.device("cpu")) -> dict:
     from trime_dist.datastore.store import open_datastore
 
     stores = {}
@@ -102,6 +106,11 @@ def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_di
         if s.retrieves and s.datastore not in stores:
             ds = open_datastore(s.datastore)
             ds.check_compatible(info, manifest["tokenizer"]["sha256"], data_dir)
+            if search == "exact":
+                t0 = time.perf_counter()
+                ds.use_exact_search(device)
+                log.info("datastore %s: %d keys on %s for exact search (%.1f s)", s.datastore, ds.meta["count"],
+                         device, time.perf_counter() - t0)
             stores[s.datastore] = ds
     return stores
 
@@ -131,19 +140,31 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
     pad_id = int(manifest["tokenizer"]["pad_id"])
     cached = [s.mem_size for s in settings if s.memory in ("long", "external")]
     cache = KeyCache(max(cached) + context_window if cached else 0)
-    sums = [np.zeros(len(t)) for t in taus]
-    tokens = [0] * len(settings)
-    stream, start_time, n_scored = None, time.perf_counter(), 0
+    device = next(model.parameters()).device
+    sums = [torch.zeros(len(t), dtype=torch.float64, device=device) for t in taus]   # summed on the device:
+    n_scored = torch.zeros((), dtype=torch.long, device=device)                     # no sync per window
+    stream, start_time = None, time.perf_counter()
     windows = iter_windows(data_dir, manifest, L, context_window, max_segments)
-    seconds = {"forward": 0.0, "search": 0.0, "memory": 0.0}
-    for batch in tqdm(batched(windows, batch_size), desc="eval", unit="batch", leave=False):
+    seconds = {"forward": 0.0, "search": 0.0, "memory": 0.0}   # search runs beside forward and memory
+
+    def timed_search(batch, keys):
+        t0 = time.perf_counter()
+        found = search_batch(batch, keys, settings, stores)
+        seconds["search"] += time.perf_counter() - t0
+        return found
+
+    def start(batch, pool):
+        """Queue the batch's forward pass; its datastore search starts in the background thread."""
         t0 = time.perf_counter()
         logits, keys, targets = forward_windows(model, batch, pad_id)       # [B, T, V], [B, T, D], [B, T]
-        t1 = time.perf_counter()
-        found = search_batch(batch, keys, settings, stores)
-        t2 = time.perf_counter()
-        seconds["forward"] += t1 - t0
-        seconds["search"] += t2 - t1
+        seconds["forward"] += time.perf_counter() - t0
+        return batch, logits, keys, targets, pool.submit(timed_search, batch, keys)
+
+    def score(batch, logits, keys, targets, search):
+        nonlocal stream, n_scored
+        found = search.result()
+        t0 = time.perf_counter()
+        positions = torch.arange(targets.shape[1], device=device)           # [T]
         for b, w in enumerate(batch):
             if w.stream != stream:
                 cache.reset()
@@ -153,25 +174,42 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
                 ext = found.get((s.datastore, s.k, s.nprobe))
                 nll = setting_nll(s, logits[b, s0:n], targets[b, :n], keys[b, :n], s0, cache, w,
                                   None if ext is None else (ext[0][b], ext[1][b]), taus[i])   # [n_tau, N]
-                sums[i] += nll.sum(1).double().numpy()
-                tokens[i] += int((targets[b, s0:n] != IGNORE_INDEX).sum())
-            cache.push(keys[b, s0:n], targets[b, s0:n], w.start + torch.arange(s0, n))
-            n_scored += int((targets[b, s0:n] != IGNORE_INDEX).sum())
-        seconds["memory"] += time.perf_counter() - t2
+                sums[i] += nll.sum(1).double()
+            n_scored += (targets[b, s0:n] != IGNORE_INDEX).sum()
+            cache.push(keys[b, s0:n], targets[b, s0:n], w.start + positions[s0:n])
+        seconds["memory"] += time.perf_counter() - t0
+
+    # A two-stage pipeline: batch i+1's forward runs (on the GPU) and batch i's search (faiss on the CPU, or
+    # the exact search) runs in a thread while batch i-1 is scored, so neither side waits for the other.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in tqdm(batched(windows, batch_size), desc="eval", unit="batch", leave=False):
+            current = start(batch, pool)
+            if pending is not None:
+                score(*pending)
+            pending = current
+        if pending is not None:
+            score(*pending)
+    n_scored = int(n_scored)  # every setting scores the same tokens
     elapsed = time.perf_counter() - start_time
-    return {"settings": [{"nll": sums[i], "tokens": tokens[i]} for i in range(len(settings))],
+    return {"settings": [{"nll": sums[i].cpu().numpy(), "tokens": n_scored} for i in range(len(settings))],
             "tokens_per_s": n_scored / max(elapsed, 1e-9), "seconds": seconds}
 
 
 @torch.inference_mode()
 def forward_windows(model, batch: list[Window], pad_id: int):
-    """Pad the windows into [B, T] and run the model: (logits [B, T, V] fp32, keys [B, T, D], targets [B, T])."""
+    """Pad the windows into [B, T] and run the model on its device (bf16 autocast on a GPU):
+    (logits [B, T, V] fp32, keys [B, T, D] fp32, targets [B, T]), all on that device."""
+    from trime_dist.core.device import inference_autocast
+
+    device = next(model.parameters()).device
     tokens, lengths = pad_rows([w.tokens for w in batch], None, pad_id, dtype=np.int64)   # [B, T + 1], [B]
     tokens = torch.from_numpy(tokens)
     targets = tokens[:, 1:].clone()                                                        # [B, T]
     targets[torch.arange(targets.shape[1])[None, :] >= torch.from_numpy(lengths)[:, None]] = IGNORE_INDEX
-    logits, keys = model(tokens[:, :-1])
-    return logits.float(), keys.float(), targets
+    with inference_autocast(device):
+        logits, keys = model(tokens[:, :-1].to(device, non_blocking=True))
+    return logits.float(), keys.float(), targets.to(device)
 
 
 def search_batch(batch: list[Window], keys: torch.Tensor, settings: list[EvalSetting], stores: dict) -> dict:
@@ -182,9 +220,9 @@ def search_batch(batch: list[Window], keys: torch.Tensor, settings: list[EvalSet
         if not s.retrieves or spec in out:
             continue
         queries = torch.cat([keys[b, w.score_from:w.length] for b, w in enumerate(batch)])   # [Q, D]
-        scores, _, labels = stores[s.datastore].search(queries.numpy(), s.k, s.nprobe)     # [Q, k]
+        scores, _, labels = stores[s.datastore].search_tensor(queries, s.k, s.nprobe)       # [Q, k]
         sizes = [w.length - w.score_from for w in batch]
-        out[spec] = (torch.from_numpy(scores).split(sizes), torch.from_numpy(labels).split(sizes))
+        out[spec] = (scores.split(sizes), labels.split(sizes))
     return out
 
 
@@ -196,12 +234,13 @@ def setting_nll(s: EvalSetting, vocab_logits, window_targets, window_keys, s0: i
     keys = labels = mask = None
     if s.memory != "none":
         keys, labels = window_keys, window_targets                                  # [n, D], [n]
-        mask = torch.arange(n)[None, :] < torch.arange(s0, n)[:, None]              # [N, n] j < i
+        pos = torch.arange(n, device=window_keys.device)
+        mask = pos[None, :] < pos[s0:, None]                                        # [N, n] j < i
         if s.memory in ("long", "external"):
             c_keys, c_labels = cache.memory(w.start, s.mem_size)                    # [m, D], [m]
             if c_keys is not None and len(c_labels):
                 keys, labels = torch.cat([c_keys, keys]), torch.cat([c_labels, labels])
-                mask = torch.cat([torch.ones(len(queries), len(c_labels), dtype=torch.bool), mask], 1)
+                mask = torch.cat([mask.new_ones(len(queries), len(c_labels)), mask], 1)
     ext_scores, ext_labels = ext if ext is not None else (None, None)
     return window_nll(vocab_logits, targets, queries, keys, labels, mask, ext_scores, ext_labels, taus,
                       ext_in_softmax=s.memory == "external", knn_lambda=s.knn_lambda,

@@ -20,7 +20,7 @@ class KeyCache:
         self.reset()
 
     def reset(self) -> None:
-        self.keys: Optional[torch.Tensor] = None   # [C, D]
+        self.keys: Optional[torch.Tensor] = None   # [C, D], on the device of the pushed keys
         self.labels = torch.zeros(0, dtype=torch.long)
         self.positions = torch.zeros(0, dtype=torch.long)
 
@@ -30,6 +30,8 @@ class KeyCache:
             return
         keep = labels != IGNORE_INDEX
         keys, labels, positions = keys[keep], labels[keep], positions[keep]
+        if self.keys is None:  # the first push of a stream decides the device
+            self.labels, self.positions = self.labels.to(keys.device), self.positions.to(keys.device)
         self.keys = keys if self.keys is None else torch.cat([self.keys, keys])
         self.labels = torch.cat([self.labels, labels.long()])
         self.positions = torch.cat([self.positions, positions.long()])
@@ -40,8 +42,8 @@ class KeyCache:
     def memory(self, before: int, size: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """The newest `size` entries at stream positions < before: (keys [m, D] or None, labels [m])."""
         if self.keys is None or size <= 0:
-            return None, torch.zeros(0, dtype=torch.long)
-        n = int(torch.searchsorted(self.positions, torch.tensor(before)))  # positions are increasing
+            return None, self.labels[:0]
+        n = int(torch.searchsorted(self.positions, torch.tensor(before, device=self.positions.device)))
         lo = max(0, n - size)
         return self.keys[lo:n], self.labels[lo:n]
 

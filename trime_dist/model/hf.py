@@ -77,17 +77,27 @@ class HFCausalLM(nn.Module):
         else:
             self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each decoder layer in place but the last, whose memory-key hook is a Python side
+        effect that must run eagerly."""
+        for layer in decoder_layers(self.hf_model)[:-1]:
+            layer.compile()
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-def key_module(hf_model: nn.Module) -> nn.Module:
-    """The last decoder layer's feed-forward block, whose input is the memory key."""
+def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
     model_type = hf_model.config.model_type
     if model_type not in LAYERS_OF:
         raise ValueError(f"model_type {model_type!r} is not supported for TRIME's memory keys (supported: "
                          f"{', '.join(LAYERS_OF)})")
-    return getattr(hf_model.base_model, LAYERS_OF[model_type])[-1].mlp
+    return getattr(hf_model.base_model, LAYERS_OF[model_type])
+
+
+def key_module(hf_model: nn.Module) -> nn.Module:
+    """The last decoder layer's feed-forward block, whose input is the memory key."""
+    return decoder_layers(hf_model)[-1].mlp
 
 
 # ----------------------------------------------------------------------------- config

@@ -128,6 +128,12 @@ class TransformerLM(nn.Module):
         or the last feed-forward (the datastore needs only the keys)."""
         return self._trunk(input_ids, last_ffn=False)[1]
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place (torchtitan's per-block compile): parameter names, checkpoints
+        and activation checkpointing are unchanged; the encode path's attend() stays eager."""
+        for block in self.blocks:
+            block.compile()
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -18,9 +18,9 @@ class Batch:
     row: torch.Tensor           # [B] long: row of the segment in its group (unique in the global batch)
     group_tokens: Optional[int] = None  # non-pad targets of the whole group (all ranks), when known
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         tensors = (self.input_ids, self.targets, self.stream, self.stream_index, self.row)
-        return Batch(*(t.to(device) for t in tensors), group_tokens=self.group_tokens)
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in tensors), group_tokens=self.group_tokens)
 
     @property
     def n_tokens(self) -> int:

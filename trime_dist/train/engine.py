@@ -36,6 +36,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if ds.precision == "bf16_autocast":
+        # torch AMP inside the engine (DeepSpeed switches off an autocast entered outside it otherwise);
+        # DeepSpeed then also communicates the Linear layers' gradients in bf16.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     # The LR schedule is a torch LambdaLR passed to deepspeed.initialize (see lr_factor), not a
     # DeepSpeed "scheduler" entry: DeepSpeed's warmup schedulers run the first two steps at lr 0.
     return _deep_merge(config, ds.extra)
@@ -95,9 +99,12 @@ def build_train_model(cfg: TrainConfig, world_size: int) -> torch.nn.Module:
 
 
 def build_optimizer(groups: list[dict], op: OptimConfig) -> torch.optim.Optimizer:
-    """torch's AdamW (decoupled weight decay) or plain SGD over the parameter groups of param_groups."""
+    """torch's AdamW (decoupled weight decay) or plain SGD over the parameter groups of param_groups.
+    AdamW is the fused (one-kernel) implementation when every parameter is on a GPU."""
     if op.name == "adamw":
-        return torch.optim.AdamW(groups, lr=op.lr, betas=tuple(op.betas), eps=op.eps, weight_decay=op.weight_decay)
+        fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+        return torch.optim.AdamW(groups, lr=op.lr, betas=tuple(op.betas), eps=op.eps, weight_decay=op.weight_decay,
+                                 fused=fused or None)
     return torch.optim.SGD(groups, lr=op.lr, weight_decay=op.weight_decay)
 
 

@@ -101,18 +101,22 @@ def add_log_file(path: str) -> None:
 
 # ----------------------------------------------------------------------------- one step
 
-def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainState, world_size: int) -> dict:
+def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainState, world_size: int,
+               device: torch.device) -> dict:
     """One optimizer step over grad-accumulation micro-batches; returns the step's metrics."""
+    from trime_dist.core.device import bf16_autocast, synchronize
     from trime_dist.core.distributed import all_reduce_sum
 
     start = time.perf_counter()
-    totals = torch.zeros(3, dtype=torch.float64)  # nll_sum, ce_sum, tokens (this rank)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll_sum, ce_sum, tokens (this rank)
     memory_sizes, epoch, layout = [], 0, "none"
     accum = grad_accum_steps(cfg, world_size)
     for micro_step in range(accum):
         batch, epoch = next(batches)
+        batch = batch.to(device, non_blocking=True)
         layout, use_local = spec.step_memory(state.step, epoch)
-        logits, memory_keys = engine(batch.input_ids)
+        with bf16_autocast(device, cfg.deepspeed.precision == "bf16_autocast"):
+            logits, memory_keys = engine(batch.input_ids)
         out = micro_batch_loss(logits, memory_keys, batch, spec, layout, use_local)
         totals += torch.stack([out.nll_sum.double(), out.ce_sum.double(), out.n_tokens.double()])
         memory_sizes.append(out.memory_size)
@@ -126,6 +130,7 @@ def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainSt
                     f"last good checkpoint in {cfg.run.out_dir}/checkpoints is intact. Try a lower optim.lr "
                     "or deepspeed.precision=fp32")
         engine.step()
+    synchronize(device)
     elapsed = time.perf_counter() - start
     state.step += 1
     tokens = int(totals[2])
@@ -144,17 +149,20 @@ def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainSt
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: TrainConfig, spec: LossSpec, rank: int, world_size: int) -> dict:
+def evaluate(engine, cfg: TrainConfig, spec: LossSpec, rank: int, world_size: int, device: torch.device) -> dict:
     """Validation loss and perplexity with plain CE and with the run's memory (spec.for_validation)."""
+    from trime_dist.core.device import bf16_autocast
     from trime_dist.core.distributed import all_reduce_sum
     from trime_dist.train.loader import iter_eval_batches
 
     valid_spec = spec.for_validation()
     engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
     for batch in iter_eval_batches(cfg.data.valid, rank, world_size, cfg.data.micro_batch_size,
                                    cfg.run.eval_batches):
-        logits, memory_keys = engine(batch.input_ids)
+        batch = batch.to(device, non_blocking=True)
+        with bf16_autocast(device, cfg.deepspeed.precision == "bf16_autocast"):
+            logits, memory_keys = engine(batch.input_ids)
         out = micro_batch_loss(logits.float(), memory_keys.float(), batch, valid_spec, valid_spec.layout)
         totals += torch.stack([out.nll_sum.double(), out.ce_sum.double(), out.n_tokens.double()])
     engine.train()
@@ -169,6 +177,7 @@ def evaluate(engine, cfg: TrainConfig, spec: LossSpec, rank: int, world_size: in
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train until run.max_steps (or run.max_epochs); returns the final summary (also RUN/summary.json)."""
+    from trime_dist.core.device import pick_device
     from trime_dist.core.distributed import get_rank, get_world_size
     from trime_dist.core.launch_env import discover_env
     from trime_dist.train.engine import (
@@ -189,7 +198,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         torch.set_num_threads(cfg.run.threads)
     ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
 
-    engine = build_engine(build_train_model(cfg, world_size), cfg, world_size)
+    device = pick_device("auto", env.local_rank)
+    model = build_train_model(cfg, world_size)
+    if cfg.run.compile:
+        model.compile_blocks()
+    engine = build_engine(model, cfg, world_size)
     loader = RankLoader(train_data, rank, world_size, cfg.data.placement, max_epochs=cfg.run.max_epochs,
                         num_workers=cfg.data.num_workers)
     state = TrainState()
@@ -204,7 +217,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
              state.step, loader.state.state_dict())
 
     if state.step == 0 and cfg.data.valid:
-        start_eval = evaluate(engine, cfg, spec, rank, world_size)
+        start_eval = evaluate(engine, cfg, spec, rank, world_size, device)
         _record(metrics, {"step": 0, **start_eval})
         state.history.append({"step": 0, **start_eval})
     batches = iter(loader)
@@ -212,12 +225,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     last_saved = state.step
     while state.step < cfg.run.max_steps:
         try:
-            record = train_step(engine, batches, cfg, spec, state, world_size)
+            record = train_step(engine, batches, cfg, spec, state, world_size, device)
         except StopIteration:
             log.info("run.max_epochs=%d reached at step %d", cfg.run.max_epochs, state.step)
             break
         if cfg.data.valid and cfg.run.eval_every and state.step % cfg.run.eval_every == 0:
-            record.update(evaluate(engine, cfg, spec, rank, world_size))
+            record.update(evaluate(engine, cfg, spec, rank, world_size, device))
             state.history.append({k: v for k, v in record.items() if k.startswith("valid") or k == "step"})
         _record(metrics, record)
         if progress is not None:
@@ -234,7 +247,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         progress.close()
     if last_saved != state.step or not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         _save(engine, cfg, ckpt_dir, state, loader)
-    return _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, metrics)
+    return _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, metrics, device)
 
 
 def _progress(cfg: TrainConfig, state: TrainState, rank: int):
@@ -261,7 +274,7 @@ def _save(engine, cfg: TrainConfig, ckpt_dir: str, state: TrainState, loader) ->
     return save_checkpoint(engine, ckpt_dir, state.step, client, keep=cfg.run.keep_checkpoints)
 
 
-def _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, metrics) -> dict:
+def _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, metrics, device) -> dict:
     """Final validation, exported model, summary JSON and loss-curve PNG."""
     from trime_dist.core.distributed import barrier
     from trime_dist.core.io import sha256_file
@@ -272,7 +285,7 @@ def _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, me
     summary = {"steps": state.step, "tokens_seen": state.tokens_seen, "objective": cfg.objective.name,
                "world_size": world_size}
     if cfg.data.valid:
-        final_eval = evaluate(engine, cfg, spec, rank, world_size)
+        final_eval = evaluate(engine, cfg, spec, rank, world_size, device)
         _record(metrics, {"step": state.step, **final_eval})
         summary.update(final=final_eval, start=next((h for h in state.history if h["step"] == 0), None))
     barrier()

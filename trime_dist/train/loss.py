@@ -45,7 +45,7 @@ class LossSpec:
     gather_grad: bool = True       # gathered keys send gradients back (False: detached, as the original code)
     temperature: float = 1.0       # tau in s = q.k / (sqrt(d) * tau)
     tiled: bool = True             # the tiled objective (False: the dense reference, for tests)
-    tile_size: int = 1024          # keys per tile of the tiled objective
+    tile_size: int = 4096          # queries and keys per tile of the tiled objective
     cross_sent_ratio: float = 0.0  # external: probability that a step switches off local memory
     ce_warmup_steps: int = 0       # plain cross-entropy for the first N optimizer steps
     ce_warmup_epochs: int = 0      # ... or for the first N epochs
