@@ -3,6 +3,7 @@ kill, key encoding = the model's memory keys, external eval = brute force on Fla
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -309,3 +310,59 @@ def test_device_flag_errors_name_the_value(setup, tmp_path, capsys):
                  "--out", str(tmp_path / "ds"), "--device", "cuda"]) == 2
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "ds" / "build.json")   # refused before anything is written
+
+
+def test_context_window_grid_is_the_one_eval_scores():
+    """core/context_windows.py's grid = the windows `trime eval --context-window` cuts (one definition)."""
+    from trime_dist.core.context_windows import windows_scoring
+    from trime_dist.eval.windows import iter_windows
+
+    with tempfile.TemporaryDirectory() as d:
+        manifest = write_segment_dir(d, [130, 41, 16, 17], seq_len=16, vocab_size=40, per_shard=7)
+        for context in (0, 5, 15):   # 0: eval scores each segment, which is the grid's cut with C = 0
+            got = [(w.stream, w.start, w.start + w.score_from, w.start + w.length)
+                   for w in iter_windows(d, manifest, 16, context)]
+            want = []
+            for stream, n in enumerate([129, 40, 15, 16]):   # inputs per stream (tokens - 1)
+                want += [(stream, lo, sf, min(hi, n)) for lo, sf, hi in windows_scoring(0, n, 16, context)]
+            assert got == want and len(got) > 10
+
+
+@pytest.mark.parametrize("context", [5, 12])
+def test_context_window_keys_equal_the_eval_queries(setup, tmp_path, context):
+    """A store built with --context-window C (2 ranks, parts cut in the middle of streams) holds, for every
+    target, the key `trime eval --context-window C` computes as the query at that position."""
+    from trime_dist.core import shards
+    from trime_dist.datastore.store import open_datastore
+    from trime_dist.eval.evaluate import forward_windows
+    from trime_dist.eval.windows import iter_windows
+
+    build(setup, tmp_path / "ds", ranks=2, extra=["--context-window", str(context)])
+    ds = open_datastore(str(tmp_path / "ds"))
+    assert ds.meta["context_window"] == context
+    model, _ = load_model(str(setup / "run"))
+    manifest = shards.read_manifest(str(setup / "train"))
+    want_keys, want_values = [], []
+    for w in iter_windows(str(setup / "train"), manifest, 16, context):
+        _, keys, targets = forward_windows(model, [w], 0)
+        want_keys.append(keys[0, w.score_from:w.length].numpy())
+        want_values.append(targets[0, w.score_from:w.length].numpy())
+    want_keys = np.concatenate(want_keys)
+    np.testing.assert_array_equal(ds.values, np.concatenate(want_values))
+    np.testing.assert_allclose(ds.all_keys(), want_keys.astype(np.float16).astype(np.float32), rtol=2e-3, atol=2e-3)
+    # and they differ from the keys of segments encoded on their own (the context changed them)
+    build(setup, tmp_path / "plain", ranks=1)
+    plain = open_datastore(str(tmp_path / "plain")).all_keys()
+    assert np.abs(plain - ds.all_keys()).max() > 0.1
+
+
+def test_eval_warns_when_its_context_window_differs_from_the_store(setup, tmp_path, caplog):
+    from trime_dist.cli import main
+
+    build(setup, tmp_path / "ds", ranks=1, extra=["--context-window", "6"])
+    with caplog.at_level("WARNING"):
+        assert main(["eval", "--model", str(setup / "run"), "--data", str(setup / "test"), "--memory", "external",
+                     "--datastore", str(tmp_path / "ds"), "--k", "4", "--device", "cpu"]) == 0
+    assert "was encoded with --context-window 6" in caplog.text
+    assert main(["datastore", "build", "--model", str(setup / "run"), "--data", str(setup / "train"),
+                 "--out", str(tmp_path / "bad"), "--context-window", "16"]) == 2

@@ -76,15 +76,20 @@ def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> di
     check_tokenizer(info, manifest, cfg.data, cfg.model)
     data_tok = manifest["tokenizer"]["sha256"]
     build.dsi.check_factory(cfg.factory, model.cfg.d_model)
+    seq_len = int(manifest["seq_len"])
+    if not 0 <= cfg.context_window < seq_len:
+        raise ValueError(f"--context-window {cfg.context_window}: must be in [0, {seq_len}) (the data's segment "
+                         f"length, {cfg.data}/manifest.json)")
     n_segments = int(manifest["segments"])
     part_segments = cfg.part_segments or max(1, -(-n_segments // world_size))
     plan = {"model_id": info["model_id"], "data_manifest_sha256": sha256_file(os.path.join(cfg.data, "manifest.json")),
             "tokenizer_sha256": data_tok, "factory": cfg.factory, "part_segments": part_segments,
             "dim": model.cfg.d_model, "seq_len": int(manifest["seq_len"]), "train_sample": cfg.train_sample,
-            "seed": cfg.seed, "ondisk": cfg.ondisk}
+            "seed": cfg.seed, "ondisk": cfg.ondisk, "context_window": cfg.context_window}
     path = os.path.join(cfg.out, "build.json")
     if os.path.isfile(path):
         old = read_json(path, "datastore build plan")
+        old.setdefault("context_window", 0)  # plans written before the setting existed
         if cfg.part_segments == 0:  # auto: keep the earlier choice so finished parts stay valid
             plan["part_segments"] = old.get("part_segments", part_segments)
         diff = sorted(k for k in plan if old.get(k) != plan[k])
@@ -110,7 +115,7 @@ def _encode_step(cfg, model, manifest: dict, mine: list, device) -> None:
             if os.path.exists(stale):
                 os.remove(stale)
         t0 = time.perf_counter()
-        n = build.encode_part(model, cfg.data, manifest, part, paths, cfg.batch_size, device)
+        n = build.encode_part(model, cfg.data, manifest, part, paths, cfg.batch_size, device, cfg.context_window)
         dt = time.perf_counter() - t0
         log.info("part %s: encoded %d keys (segments %d..%d) in %.1f s, %.0f keys/s", part.stem, n,
                  part.first_segment, part.end_segment, dt, n / max(dt, 1e-9))
@@ -166,6 +171,7 @@ def _merge_step(cfg, plan: dict, parts: list, offsets: list[int], total: int, wo
             "dim": plan["dim"], "dtype": "float16", "value_dtype": "int32", "count": total,
             "tokenizer_sha256": plan["tokenizer_sha256"], "data_manifest_sha256": plan["data_manifest_sha256"],
             "data": os.path.abspath(cfg.data), "model": os.path.abspath(cfg.model), "seq_len": plan["seq_len"],
+            "context_window": plan["context_window"],
             "factory": cfg.factory, "metric": "inner_product", "index": "index.faiss", "ondisk": cfg.ondisk,
             "world_size": world_size, "created_by": "trime datastore build",
             "parts": [{"keys": os.path.relpath(build.part_paths(cfg.out, p)["keys"], cfg.out),

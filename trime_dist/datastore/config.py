@@ -14,7 +14,10 @@ class DatastoreConfig:
     out: str = opt("", "datastore directory (created; a rerun resumes it)")
     factory: str = opt("Flat", "faiss index: Flat | IVF{nlist},PQ{m} | IVF{nlist},Flat")
     train_sample: int = opt(100_000, "keys sampled to train an IVF index")
-    batch_size: int = opt(16, "segments per forward pass when encoding")
+    batch_size: int = opt(16, "segments (windows) per forward pass when encoding")
+    context_window: int = opt(0, "encode each key in the sliding window `trime eval --context-window C` scores it in "
+                              "(up to C tokens of earlier context of its stream, as the original stores: 2560 "
+                              "for WikiText-103's 3072-token windows); 0 = each segment on its own")
     part_segments: int = opt(0, "segments per part (0 = split evenly over the ranks)")
     ondisk: bool = opt(False, "merge IVF lists into an on-disk index.ivfdata")
     seed: int = opt(0, "seed of the training sample and k-means")

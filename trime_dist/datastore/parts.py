@@ -74,21 +74,69 @@ def count_targets(data_dir: str, manifest: dict, part: Part) -> int:
 
 # ----------------------------------------------------------------------------- encoding
 
-def _batches(segments: Iterator[tuple[np.ndarray, dict]], batch_size: int, pad_id: int):
-    """Yield (input_ids [B, T] long, targets [B, T] int32 numpy, lengths [B]) over the segments
-    (T: the longest segment of the batch)."""
+def _segment_pieces(data_dir: str, manifest: dict, part: Part) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Each segment of the part on its own: (tokens [n+1], keep_from=0, keep_to=n)."""
+    for tokens, meta in iter_segment_range(data_dir, manifest, part.first_segment, part.end_segment):
+        yield tokens, 0, int(meta["length"])
+
+
+def _window_pieces(data_dir: str, manifest: dict, part: Part, context: int) -> Iterator[tuple[np.ndarray, int, int]]:
+    """The part's targets encoded with the sliding context windows of `trime eval --context-window` (core/
+    context_windows.py): (window tokens [n+1], keep_from, keep_to), keeping the window positions that are the
+    part's targets and that the window scores. A window is cut at the part's last target: the model is
+    causal, so a key does not depend on later inputs."""
+    from trime_dist.core.context_windows import windows_scoring
+
+    L = int(manifest["seq_len"])
+    # one segment before the part holds all the context its first window needs (a window reaches at most L
+    # positions back); read two and start each stream's buffer at its first segment read
+    first_read = max(0, part.first_segment - 2)
+    streams: dict[int, dict] = {}   # stream -> {"start": position of buf[0], "buf": tokens, "part": [P0, P1)}
+    for index, (tokens, meta) in enumerate(iter_segment_range(data_dir, manifest, first_read, part.end_segment),
+                                           start=first_read):
+        stream, start, length = int(meta["stream"]), int(meta["start"]), int(meta["length"])
+        s = streams.get(stream)
+        if s is None:
+            s = streams[stream] = {"start": start, "pieces": [tokens], "next": start + length, "part": None}
+        elif start != s["next"]:
+            raise ValueError(f"{data_dir}: segment {index} of stream {stream} starts at {start}, expected {s['next']}")
+        else:  # consecutive segments share one token
+            s["pieces"].append(tokens[1:])
+            s["next"] = start + length
+        if index >= part.first_segment:
+            s["part"] = [start if s["part"] is None else s["part"][0], start + length]
+    for s in streams.values():
+        if s["part"] is None:
+            continue
+        buf = np.concatenate(s["pieces"]).astype(np.int64)                  # tokens at positions start..
+        (p0, p1), b0 = s["part"], s["start"]
+        for lo, scored_from, hi in windows_scoring(p0, p1, L, context):
+            if lo < b0:
+                raise ValueError(f"{data_dir}: part {part.stem} needs stream positions from {lo}, read from {b0}")
+            hi = min(hi, p1)
+            yield buf[lo - b0:hi - b0 + 1], max(scored_from, p0) - lo, hi - lo
+
+
+def _batches(pieces: Iterator[tuple[np.ndarray, int, int]], batch_size: int, pad_id: int):
+    """Yield (input_ids [B, T] long, targets [B, T] int32 numpy, keep [B, T] bool) over the pieces
+    (T: the longest of the batch; keep: the positions whose keys are stored)."""
     from trime_dist.core.io import batched
     from trime_dist.core.shards import pad_rows
 
-    for batch in batched(segments, batch_size):
-        tokens, lengths = pad_rows([tokens for tokens, _ in batch], None, pad_id)   # [B, T + 1]
-        yield torch.from_numpy(tokens[:, :-1].astype(np.int64)), tokens[:, 1:].astype(VALUE_DTYPE), lengths
+    for batch in batched(pieces, batch_size):
+        tokens, _ = pad_rows([tokens for tokens, _, _ in batch], None, pad_id)          # [B, T + 1]
+        positions = np.arange(tokens.shape[1] - 1)[None, :]                             # [1, T]
+        keep = (positions >= np.array([a for _, a, _ in batch])[:, None]) & \
+            (positions < np.array([b for _, _, b in batch])[:, None])                    # [B, T]
+        yield torch.from_numpy(tokens[:, :-1].astype(np.int64)), tokens[:, 1:].astype(VALUE_DTYPE), keep
 
 
 def encode_part(model, data_dir: str, manifest: dict, part: Part, paths: dict, batch_size: int,
-                device: torch.device = torch.device("cpu")) -> int:
+                device: torch.device = torch.device("cpu"), context_window: int = 0) -> int:
     """Write keys [n, D] fp16 and values [n] int32 of one part (pads dropped); returns n. The model runs
-    on `device` (where it lives; bf16 autocast on a GPU)."""
+    on `device` (where it lives; bf16 autocast on a GPU). context_window C > 0: each key is computed in the
+    sliding window `trime eval --context-window C` scores its position in (up to C tokens of context from
+    earlier segments of its stream), instead of in its own segment."""
     from tqdm import tqdm
 
     from trime_dist.core.device import inference_autocast
@@ -97,29 +145,32 @@ def encode_part(model, data_dir: str, manifest: dict, part: Part, paths: dict, b
     dim = model.cfg.d_model
     pad_id = int(manifest["tokenizer"]["pad_id"])
     os.makedirs(os.path.dirname(paths["keys"]), exist_ok=True)
+    pieces = _window_pieces(data_dir, manifest, part, context_window) if context_window > 0 else \
+        _segment_pieces(data_dir, manifest, part)
     with atomic_path(paths["keys"]) as k_tmp, atomic_path(paths["values"]) as v_tmp:
         keys = np.lib.format.open_memmap(k_tmp, mode="w+", dtype=KEY_DTYPE, shape=(count, dim))
         values = np.lib.format.open_memmap(v_tmp, mode="w+", dtype=VALUE_DTYPE, shape=(count,))
         at = 0
-        segments = iter_segment_range(data_dir, manifest, part.first_segment, part.end_segment)
-        n_batches = -(-(part.end_segment - part.first_segment) // batch_size)
-        for input_ids, targets, lengths in tqdm(_batches(segments, batch_size, pad_id), total=n_batches,
-                                                desc=f"encode {part.stem}", unit="batch", leave=False):
-            valid = np.arange(input_ids.shape[1])[None, :] < lengths[:, None]          # [B, T]
+        for input_ids, targets, keep in tqdm(_batches(pieces, batch_size, pad_id), desc=f"encode {part.stem}",
+                                             unit="batch", leave=False):
             with torch.inference_mode(), inference_autocast(device):
                 out = model.encode(input_ids.to(device, non_blocking=True))            # [B, T, D]
                 # drop the pads and round to the stored fp16 on the device: 1/2 (1/4 from fp32) of the copy
-                out = out[torch.from_numpy(valid).to(device)].to(torch.float16).cpu().numpy()   # [n, D]
+                out = out[torch.from_numpy(keep).to(device)].to(torch.float16).cpu().numpy()   # [n, D]
             n = len(out)
+            if at + n > count:
+                break
             keys[at:at + n] = out
-            values[at:at + n] = targets[valid]
+            values[at:at + n] = targets[keep]
             at += n
         if at != count:
-            raise ValueError(f"{data_dir}: part {part.stem} changed while encoding ({at} targets, expected {count})")
+            raise ValueError(f"{data_dir}: part {part.stem} changed while encoding (targets do not add up to the "
+                             f"{count} its segments hold)")
         keys.flush(), values.flush()
         del keys, values
     atomic_write_json(paths["info"], {"part": part.index, "segments": [part.first_segment, part.end_segment],
-                                      "count": count, "dim": dim, "keys_bytes": os.path.getsize(paths["keys"]),
+                                      "count": count, "dim": dim, "context_window": context_window,
+                                      "keys_bytes": os.path.getsize(paths["keys"]),
                                       "values_bytes": os.path.getsize(paths["values"])})
     return count
 

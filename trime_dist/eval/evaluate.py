@@ -73,7 +73,7 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
         model, info = load_model(model_path, device)
         log.info("model %s (%s): %s in one pass over %s", model_path, info["model_id"],
                  ", ".join(settings[i].name for i in group), data_dir)
-        stores = open_stores([settings[i] for i in group], info, manifest, data_dir, search, device)
+        stores = open_stores([settings[i] for i in group], info, manifest, data_dir, search, device, context_window)
         chosen = {i: [settings[i].temperature] for i in group}
         searched = {}
         tuned = [i for i in group if settings[i].memory != "none"]  # τ only scales memory similarities
@@ -98,7 +98,7 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
 
 
 def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_dir: str, search: str = "faiss",
-                device: torch.device = torch.device("cpu")) -> dict:
+                device: torch.device = torch.device("cpu"), context_window: int = 0) -> dict:
     from trime_dist.datastore.store import open_datastore
 
     stores = {}
@@ -106,6 +106,12 @@ def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_di
         if s.retrieves and s.datastore not in stores:
             ds = open_datastore(s.datastore)
             ds.check_compatible(info, manifest["tokenizer"]["sha256"], data_dir)
+            stored = (int(ds.meta.get("context_window", 0)), int(ds.meta.get("seq_len", manifest["seq_len"])))
+            if stored != (context_window, int(manifest["seq_len"])):
+                log.warning("datastore %s was encoded with --context-window %d over %d-token windows, but this "
+                            "evaluation uses --context-window %d over %d-token windows: its keys saw other contexts "
+                            "than the queries (rebuild it with `trime datastore build --context-window %d`)",
+                            s.datastore, *stored, context_window, int(manifest["seq_len"]), context_window)
             if search == "exact":
                 t0 = time.perf_counter()
                 ds.use_exact_search(device)
