@@ -78,14 +78,20 @@ def test_step_memory_cross_sent_draw():
 def _draw_worker(rank, world_size, spec):
     random.seed(1000 + rank)  # the global RNG differs per rank: the draw must not use it
     torch.manual_seed(rank)
-    return [spec.step_memory(s, 1) for s in range(50)]
+    return [[spec.step_memory(s, 1, rank, m) for m in range(3)] for s in range(50)]
 
 
-def test_step_memory_same_on_every_rank():
+def test_step_memory_drawn_per_rank_and_micro_batch_reproducibly():
+    """As the original (a draw per forward pass on each GPU): ranks and micro-batches draw independently,
+    from the run's seed alone; the warm-up is the same everywhere."""
     spec = LossSpec(layout="external", cross_sent_ratio=0.5, seed=3, ce_warmup_steps=2)
     ranks = run_distributed(_draw_worker, 2, args=(spec,))
-    assert ranks[0] == ranks[1] == [spec.step_memory(s, 1) for s in range(50)]
-    assert {u for _, u in ranks[0][2:]} == {True, False}
+    for rank, draws in enumerate(ranks):   # the same as drawing them in this process
+        assert draws == [[spec.step_memory(s, 1, rank, m) for m in range(3)] for s in range(50)]
+    assert ranks[0][:2] == ranks[1][:2] == [[("none", True)] * 3] * 2
+    flat = [[u for step in r[2:] for _, u in step] for r in ranks]
+    assert flat[0] != flat[1] and set(flat[0]) == set(flat[1]) == {True, False}
+    assert any(len({u for _, u in step}) == 2 for step in ranks[0][2:])   # micro-batches of one step differ
 
 
 def test_for_validation_stays_on_the_rank():

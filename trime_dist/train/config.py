@@ -33,7 +33,8 @@ class DataConfig:
 class ObjectiveConfig:
     name: str = opt("trime_local", "training objective", choices=OBJECTIVES)
     temperature: float = opt(1.0, "tau in sim = q.k / (sqrt(d) * tau)")
-    cross_sent_ratio: float = opt(0.9, "trime_ext: probability a step switches off local memory")
+    cross_sent_ratio: float = opt(0.9, "trime_ext: probability that a micro-batch switches off local memory (drawn per "
+                                  "rank and micro-batch from run.seed, as the original draws per forward pass)")
     ce_warmup_steps: int = opt(0, "plain cross-entropy for the first N optimizer steps")
     ce_warmup_epochs: int = opt(0, "... or for the first N epochs (the paper: 3-9)")
 

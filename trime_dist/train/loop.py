@@ -102,7 +102,7 @@ def add_log_file(path: str) -> None:
 # ----------------------------------------------------------------------------- one step
 
 def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainState, world_size: int,
-               device: torch.device) -> dict:
+               device: torch.device, rank: int = 0) -> dict:
     """One optimizer step over grad-accumulation micro-batches; returns the step's metrics."""
     from trime_dist.core.device import bf16_autocast, synchronize
     from trime_dist.core.distributed import all_reduce_sum
@@ -114,7 +114,7 @@ def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainSt
     for micro_step in range(accum):
         batch, epoch = next(batches)
         batch = batch.to(device, non_blocking=True)
-        layout, use_local = spec.step_memory(state.step, epoch)
+        layout, use_local = spec.step_memory(state.step, epoch, rank, micro_step)
         with bf16_autocast(device, cfg.deepspeed.precision == "bf16_autocast"):
             logits, memory_keys = engine(batch.input_ids)
         out = micro_batch_loss(logits, memory_keys, batch, spec, layout, use_local)
@@ -225,7 +225,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     last_saved = state.step
     while state.step < cfg.run.max_steps:
         try:
-            record = train_step(engine, batches, cfg, spec, state, world_size, device)
+            record = train_step(engine, batches, cfg, spec, state, world_size, device, rank)
         except StopIteration:
             log.info("run.max_epochs=%d reached at step %d", cfg.run.max_epochs, state.step)
             break

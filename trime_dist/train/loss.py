@@ -54,15 +54,18 @@ class LossSpec:
     def __post_init__(self):
         check_layout(self.layout)
 
-    def step_memory(self, step: int, epoch: int) -> tuple[str, bool]:
-        """(layout, use_local) of optimizer step `step` in `epoch`: "none" during the CE warm-up; the
-        same on every rank without communicating."""
+    def step_memory(self, step: int, epoch: int, rank: int = 0, micro_step: int = 0) -> tuple[str, bool]:
+        """(layout, use_local) of micro-batch `micro_step` of optimizer step `step` in `epoch` on `rank`:
+        "none" during the CE warm-up (the same on every rank). For external memory, use_local is drawn
+        per rank and micro-batch, as the original draws per forward pass on each GPU, from a seed of
+        (run.seed, step, rank, micro_step): reproducible without communicating (rank 0's first
+        micro-batch draws what one draw per step did before)."""
         if self.layout == "none" or step < self.ce_warmup_steps or epoch < self.ce_warmup_epochs:
             return "none", True
         use_local = True
         if self.layout == "external":
-            # Seeded by (seed, step), so every rank draws the same value without communicating.
-            use_local = random.Random(self.seed * 7_919 + step).random() >= self.cross_sent_ratio
+            seed = self.seed * 7_919 + step + 104_729 * (rank * 65_536 + micro_step)
+            use_local = random.Random(seed).random() >= self.cross_sent_ratio
         return self.layout, use_local
 
     def for_validation(self) -> "LossSpec":
