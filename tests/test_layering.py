@@ -11,7 +11,7 @@ from cli_runner import REPO
 # Lower number = lower layer. A module may import its own package and strictly lower layers only.
 LAYERS = {
     "trime_dist.core": 0,
-    "trime_dist.model": 1, "trime_dist.objective": 1, "data_pipeline": 1, "launcher": 1,
+    "trime_dist.model": 1, "trime_dist.objective": 1, "data_pipeline": 1, "launcher": 1, "trime_dist.report": 1,
     "trime_dist.train": 2,
     "trime_dist.datastore": 3,
     "trime_dist.eval": 4,

@@ -126,7 +126,18 @@ def run(args: argparse.Namespace) -> int:
                   os.path.join(store, "datastore.json"), env={"MASTER_PORT": str(_port())})
     run_stage("evaluate every model and memory setting on the held-out test documents", eval_cmd(cfg, data),
               os.path.join(cfg.out, "eval.json"))
-    return print_eval_table(os.path.join(cfg.out, "eval.json"))
+    print_eval_table(os.path.join(cfg.out, "eval.json"))
+    sweep = os.path.join(cfg.out, "sweep.json")
+    run_stage("TrimeLM_long's test perplexity against its long-memory size (one pass, --sweep)",
+              [env_bin("trime"), "eval", "--model", os.path.join(cfg.out, "runs", "trime_long"), "--data",
+               os.path.join(data, "test"), "--setting", "name=TrimeLM_long,memory=long",
+               "--sweep", "mem_size=0,128,512,2048", "--threads", "1", "--out", sweep], sweep)
+    report = os.path.join(cfg.out, "report")
+    run_stage("a report: result tables, training curves, perplexity against memory size and tau",
+              [env_bin("trime"), "report", os.path.join(cfg.out, "runs"), os.path.join(cfg.out, "eval.json"), sweep,
+               "--out", report], os.path.join(report, "report.md"))
+    print(f"\nreport: {os.path.join(report, 'report.md')} (open it in a Markdown viewer; figures beside it)")
+    return 0
 
 
 def eval_cmd(cfg: DemoConfig, data: str) -> list[str]:

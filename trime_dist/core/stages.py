@@ -35,6 +35,8 @@ STAGES: dict[str, Stage] = {
                        "build the kNN datastore and faiss index from a trained model"),
     # one process (batched searches); give it a GPU
     "eval": Stage("trime_dist.eval.cli", SINGLE, "perplexity under none / local / long / external memory"),
+    "report": Stage("trime_dist.report.cli", SINGLE,
+                    "a Markdown page with tables and PNG figures from run directories and eval results"),
     "export": Stage("trime_dist.model.cli", SINGLE, "write a run's model for other tools: --format hf | safetensors"),
     "launch": Stage("launcher.cli", None, "start a stage locally, on several nodes with DeepSpeed, or under SLURM"),
     "demo": Stage("trime_dist.demo", SINGLE, "the end-to-end pipeline on the built-in corpus (CPU, 2 ranks)"),

@@ -28,7 +28,30 @@ def settings_from_config(cfg: EvalConfig) -> list:
     for s in out:
         if not s.name:
             s.name = s.memory + ("+knn" if s.knn_lambda > 0 else "")
+    for spec in cfg.sweep:
+        out = [swept for s in out for swept in sweep_setting(s, spec)]
+    for s in out:
         s.validate()
+    return out
+
+
+SWEEPABLE = ("mem_size", "k", "temperature", "knn_lambda", "knn_temperature", "nprobe")
+
+
+def sweep_setting(setting, spec: str) -> list:
+    """`mem_size=128,512` -> copies of the EvalSetting with mem_size 128 and 512, named NAME@mem_size=128, ..."""
+    key, sep, values = spec.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or key not in SWEEPABLE or not values.strip():
+        raise ValueError(f"--sweep {spec!r}: expected KEY=V1,V2,... with KEY in {', '.join(SWEEPABLE)}")
+    cast = int if key in ("mem_size", "k", "nprobe") else float
+    out = []
+    for v in filter(None, (v.strip() for v in values.split(","))):
+        try:
+            value = cast(v)
+        except ValueError:
+            raise ValueError(f"--sweep {spec!r}: {v!r} is not a{'n int' if cast is int else ' number'}") from None
+        out.append(dataclasses.replace(setting, name=f"{setting.name}@{key}={v}", **{key: value}))
     return out
 
 

@@ -30,6 +30,9 @@ class EvalConfig:
     setting: list[str] = opt(doc="a row with its own fields (name, model, memory, datastore, k, nprobe, temperature, "
                                  "mem_size, knn_lambda, knn_temperature) over the flags' values; repeatable; "
                                  "replaces --memory", factory=list, repeat=True, metavar="KEY=VAL,...")
+    sweep: list[str] = opt(doc="KEY=V1,V2,...: every row once per value of KEY (mem_size, k, temperature, "
+                               "knn_lambda, knn_temperature, nprobe), named ROW@KEY=V, in the same pass over the data; "
+                               "repeatable (all combinations)", factory=list, repeat=True, metavar="KEY=V1,V2,...")
     out: str = opt("", "write the rows as JSON here")
     threads: int = opt(0, "torch / faiss threads (0 = leave as is)")
     device: str = opt("auto", "where the model runs: auto = the GPU when CUDA is available (bf16 autocast), "
