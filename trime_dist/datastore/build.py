@@ -73,6 +73,12 @@ def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> di
     check_tokenizer(info, manifest, cfg.data, cfg.model)
     data_tok = manifest["tokenizer"]["sha256"]
     build.dsi.check_factory(cfg.factory, model.cfg.d_model)
+    # one key per target token: the manifest's count, known before anything is encoded
+    build.dsi.check_factory_fits(cfg.factory, int(manifest["tokens"]), cfg.train_sample, cfg.data)
+    if int(manifest["seq_len"]) > model.cfg.max_seq_len:
+        raise ValueError(f"{cfg.data}: seq_len {manifest['seq_len']} exceeds the model's max_seq_len "
+                         f"{model.cfg.max_seq_len} ({cfg.model}); prepare the data with --seq-len <= "
+                         f"{model.cfg.max_seq_len}")
     n_segments = int(manifest["segments"])
     part_segments = cfg.part_segments or max(1, -(-n_segments // world_size))
     plan = {"model_id": info["model_id"], "data_manifest_sha256": sha256_file(os.path.join(cfg.data, "manifest.json")),
@@ -80,19 +86,25 @@ def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> di
             "dim": model.cfg.d_model, "seq_len": int(manifest["seq_len"]), "train_sample": cfg.train_sample,
             "seed": cfg.seed, "ondisk": cfg.ondisk}
     path = os.path.join(cfg.out, "build.json")
+    build.remove_temp_files(cfg.out)  # of a killed build; rank 0 plans before any rank writes
     if os.path.isfile(path):
         old = read_json(path, "datastore build plan")
         if cfg.part_segments == 0:  # auto: keep the earlier choice so finished parts stay valid
             plan["part_segments"] = old.get("part_segments", part_segments)
         diff = sorted(k for k in plan if old.get(k) != plan[k])
-        if diff:
+        started = build.encoded_parts(cfg.out)
+        if diff and started:
             raise ValueError(f"{path}: a build with different {', '.join(diff)} "
                              f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}) is in this directory; "
                              "use another --out or delete it")
-        log.info("resuming the build in %s", cfg.out)
-    else:
-        os.makedirs(cfg.out, exist_ok=True)
-        atomic_write_json(path, plan)
+        if not diff:
+            log.info("resuming the build in %s", cfg.out)
+            return plan
+        # nothing was encoded under the old plan (e.g. it failed at its first step): the new one replaces it
+        log.warning("%s: replacing the plan of an earlier build that encoded nothing (%s)", path,
+                    ", ".join(f"{k}: {old.get(k)!r} -> {plan[k]!r}" for k in diff))
+    os.makedirs(cfg.out, exist_ok=True)
+    atomic_write_json(path, plan)
     return plan
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from trime_dist.datastore.config import DatastoreConfig
 
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"trime datastore build: --{name} is required")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out}: is a file, expected a datastore directory")
     from trime_dist.core.distributed import shutdown_distributed
     from trime_dist.datastore.build import build_datastore
 

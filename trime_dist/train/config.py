@@ -27,6 +27,8 @@ class DataConfig:
     placement: str = opt("contiguous", "how a group is dealt to ranks", choices=PLACEMENTS)
     num_workers: int = opt(0, "loader worker processes per rank")
     shuffle_shards: bool = opt(True, "shuffle shard order each epoch (seeded; groups stay whole)")
+    allow_ungrouped: bool = opt(False, "let objective.name=trime_ext train on data not grouped by "
+                                "`trime group --method bm25` (memory is then the same text's neighbours)")
 
 
 @dataclass
