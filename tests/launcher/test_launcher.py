@@ -284,6 +284,24 @@ def test_rank_discovery_under_each_launcher(launcher, tmp_path):
     assert rows == [{"rank": r, "world": 2, "local": r, "launcher": expected, "sum": 3.0} for r in (0, 1)]
 
 
+def test_mpiexec_ranks_ignore_a_world_inherited_from_an_enclosing_job(tmp_path):
+    """RANK/WORLD_SIZE and SLURM_PROCID/SLURM_NTASKS left by a parent job (a shell or test runner that was a
+    rank, mpiexec inside sbatch) do not make every mpiexec rank "rank 0 of 1" (it made a 2-rank datastore
+    build's ranks delete each other's temporary files)."""
+    script = tmp_path / "probe.py"
+    script.write_text(RANK_PROBE)
+    (tmp_path / "out").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()), PYTHONPATH=REPO,
+               PROBE_DIR=str(tmp_path / "out"), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", SLURM_PROCID="0",
+               SLURM_NTASKS="4")
+    cmd = [f"{os.path.dirname(sys.executable)}/mpiexec", "-n", "2", sys.executable, str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert probe_results(tmp_path / "out") == [{"rank": r, "world": 2, "local": r, "launcher": "mpi", "sum": 3.0}
+                                               for r in (0, 1)]
+    assert "ignoring deepspeed/torchrun rank 0 of 1 inherited from an enclosing job" in proc.stderr
+
+
 @pytest.mark.parametrize("status,requeued", [(3, True), (0, False), (1, False)])
 def test_requeue_on_signal_runs_scontrol_only_for_a_stopped_training(tmp_path, status, requeued):
     from launcher.slurm import requeue_on_signal
