@@ -66,9 +66,14 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_config(cfg)
     if cfg.taus() and not cfg.valid:
         raise ValueError("--tau-search needs --valid DIR (a validation split to choose τ on)")
-    rows = evaluate_settings(settings, cfg.data, valid_dir=cfg.valid, taus=cfg.taus(),
-                             context_window=cfg.context_window, batch_size=cfg.batch_size,
-                             max_segments=cfg.max_segments)
+    from trime_dist.core.distributed import shutdown_distributed
+
+    try:
+        rows = evaluate_settings(settings, cfg.data, valid_dir=cfg.valid, taus=cfg.taus(),
+                                 context_window=cfg.context_window, batch_size=cfg.batch_size,
+                                 max_segments=cfg.max_segments)
+    finally:  # like every torch stage: no process group or DeepSpeed buffer outlives it
+        shutdown_distributed()
     print_table(rows, cfg.data)
     if cfg.out:
         from trime_dist.core.io import atomic_write_json
