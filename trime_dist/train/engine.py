@@ -137,8 +137,10 @@ def current_lr(engine) -> float:
 def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, keep: int) -> str:
     """Save tag `step{N}`; DeepSpeed rewrites `latest` only after the tag is complete."""
     from trime_dist.core.distributed import barrier, get_rank
+    from trime_dist.train.rng_state import save_rng_state
 
     tag = f"step{step:08d}"
+    save_rng_state(ckpt_dir, tag, get_rank())  # per rank, before DeepSpeed writes `latest`
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     barrier()
     if get_rank() == 0 and keep > 0:
@@ -158,13 +160,19 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
 
 
 def load_checkpoint(engine, ckpt_dir: str) -> Optional[dict]:
-    """Load the latest complete checkpoint; returns its client state (None when there is none)."""
+    """Load the latest complete checkpoint (weights, optimizer, LR schedule, this rank's RNG streams);
+    returns its client state (None when there is none). Call it last before training: the RNG streams
+    continue from here."""
+    from trime_dist.core.distributed import get_rank
+    from trime_dist.train.rng_state import load_rng_state
+
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise ValueError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+    load_rng_state(ckpt_dir, tag, get_rank())
     log.info("resumed from %s", path)
     return client_state
 

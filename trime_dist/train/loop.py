@@ -18,6 +18,7 @@ import torch
 from trime_dist.core.config import save_config
 from trime_dist.core.io import atomic_write_json
 from trime_dist.train.config import TrainConfig, grad_accum_steps, validate_train_config
+from trime_dist.train.kill_hook import maybe_exit_after_step
 from trime_dist.train.loss import LossSpec, build_loss_spec, micro_batch_loss
 from trime_dist.train.signals import EXIT_STOPPED_BY_SIGNAL, StopFlag, StoppedBySignal
 
@@ -282,6 +283,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag) -> dict:
             last_saved = state.step
         if state.stop_ranks and state.step < cfg.run.max_steps:
             _stop_by_signal(stop, ckpt_dir, state, rank, progress, metrics)
+        maybe_exit_after_step(state.step)
     if progress is not None:
         progress.close()
     if last_saved != state.step or not os.path.isfile(os.path.join(ckpt_dir, "latest")):
