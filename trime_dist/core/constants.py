@@ -26,3 +26,6 @@ PLACEMENTS = ("contiguous", "interleaved")
 # Exit status of `trime train` stopped by SIGTERM / SIGUSR1 after saving a checkpoint: not done, rerun it
 # with --auto-resume. The SLURM script (launcher/slurm.py) turns it into `scontrol requeue`.
 EXIT_STOPPED_BY_SIGNAL = 3
+# Exit status of a torch stage whose peer rank died or stopped answering (core/lost_ranks.py): the error
+# line names that rank; resume from the last checkpoint once the cause is fixed.
+EXIT_RANK_LOST = 4

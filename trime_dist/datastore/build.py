@@ -33,7 +33,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     from trime_dist.core.mpi import plan_on_root
     from trime_dist.model.export import load_model
 
-    env = init_distributed()
+    env = init_distributed(timeout_s=cfg.dist_timeout_s)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
         build.dsi.set_threads(cfg.threads)

@@ -43,6 +43,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         build_datastore(cfg)
+    except Exception as e:
+        from trime_dist.core.launch_env import discover_env
+        from trime_dist.core.lost_ranks import is_peer_failure, rank_lost_error
+
+        env = discover_env()
+        if env.world_size > 1 and is_peer_failure(e):
+            raise rank_lost_error(e, env, "the datastore build") from e
+        raise
     finally:
         shutdown_distributed()
     return 0

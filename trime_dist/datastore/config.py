@@ -18,3 +18,6 @@ class DatastoreConfig:
     ondisk: bool = opt(False, "merge IVF lists into an on-disk index.ivfdata")
     seed: int = opt(0, "seed of the training sample and k-means")
     threads: int = opt(0, "torch / faiss threads per rank (0 = leave as is)")
+    dist_timeout_s: int = opt(3600, "seconds a rank waits for the others at start and at each barrier before it "
+                              "stops with an error naming the ranks that did not answer; above the time rank 0 "
+                              "takes to train the index")

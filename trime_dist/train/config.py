@@ -79,6 +79,9 @@ class RunConfig:
     save_every: int = opt(100, "checkpoint every N optimizer steps (and always at the end)")
     keep_checkpoints: int = opt(2, "newest N step checkpoints are kept")
     threads: int = opt(0, "torch intra-op threads per rank (0 = leave as is)")
+    dist_timeout_s: int = opt(900, "seconds a rank waits for the others at process-group start and in any "
+                              "collective (all-reduce, barrier) before it stops with an error naming the ranks "
+                              "that did not answer; above the longest rank-0-only work (checkpoint, export)")
     trackers: list[str] = opt(doc="also log the metrics to these (rank 0): RUN/tensorboard, RUN/wandb (offline "
                               "unless WANDB_MODE is set)", factory=list, choices=TRACKERS)
 

@@ -117,15 +117,18 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     return engine
 
 
-def init_deepspeed_distributed() -> None:
+def init_deepspeed_distributed(timeout_s: int = 1800) -> None:
     """The process group (gloo on CPU, nccl on GPU) from the launcher env, made by DeepSpeed's own init
-    so that its comm layer knows it (and binds the GPU as DeepSpeed does); one process gets a group too."""
+    so that its comm layer knows it (and binds the GPU as DeepSpeed does); one process gets a group too.
+    timeout_s bounds the start and every collective (run.dist_timeout_s)."""
+    import datetime
+
     import deepspeed
 
     from trime_dist.core.distributed import init_distributed
 
     init_distributed(group_of_one=True, init_group=lambda backend: deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False))
+        dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)))
 
 
 def current_lr(engine) -> float:

@@ -212,14 +212,27 @@ def evaluate(engine, cfg: TrainConfig, spec: LossSpec, rank: int, world_size: in
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train until run.max_steps (or run.max_epochs); returns the final summary (also RUN/summary.json).
     SIGTERM / SIGUSR1 stop it after a whole step and a checkpoint: StoppedBySignal (see signals.py)."""
+    from trime_dist.core.launch_env import discover_env
+    from trime_dist.core.lost_ranks import is_peer_failure, rank_lost_error
+    from trime_dist.core.watchdog import ProgressWatchdog
+
+    env = discover_env()
+    # a rank waiting longer than run.dist_timeout_s for the others ends with a line naming the lost ranks
+    watchdog = ProgressWatchdog(cfg.run.dist_timeout_s, env, "train", "training")
     stop = StopFlag().install()  # from here on a signal cannot kill a step half-done
     try:
-        return _train(cfg, resume, stop)
+        return _train(cfg, resume, stop, watchdog)
+    except Exception as e:
+        # (still under the StopFlag: the launcher's SIGTERM to the survivors cannot cut the check short)
+        if env.world_size > 1 and is_peer_failure(e):
+            raise rank_lost_error(e, env, "training") from e
+        raise
     finally:
+        watchdog.stop()
         stop.restore()
 
 
-def _train(cfg: TrainConfig, resume: bool, stop: StopFlag) -> dict:
+def _train(cfg: TrainConfig, resume: bool, stop: StopFlag, watchdog) -> dict:
     from trime_dist.core.distributed import get_rank, get_world_size
     from trime_dist.core.launch_env import discover_env
     from trime_dist.train.engine import (
@@ -234,7 +247,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag) -> dict:
     env = discover_env()  # config and data are checked before any process group or engine exists
     train_data = setup_run(cfg, env.world_size, env.rank, resume)
     spec = build_loss_spec(cfg)  # what every micro-batch's loss is, decided once
-    init_deepspeed_distributed()
+    init_deepspeed_distributed(cfg.run.dist_timeout_s)
     rank, world_size = get_rank(), get_world_size()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -248,6 +261,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag) -> dict:
     if client is not None:
         state.step, state.tokens_seen = int(client["step"]), int(client["tokens_seen"])
         loader.load_state_dict(client["loader"])
+    watchdog.start()  # from here on every rank makes progress together
     # metrics.jsonl and the run.trackers (tensorboard, wandb): rank 0 only
     metrics = open_run_metrics(cfg, state.step if resume else None) if rank == 0 else None
     log.info("rank %d/%d: %d params, %s, %d optimizer steps from step %d, loader at %s", rank, world_size,
@@ -271,6 +285,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag) -> dict:
             record.update(evaluate(engine, cfg, spec, rank, world_size))
             state.history.append({k: v for k, v in record.items() if k.startswith("valid") or k == "step"})
         _record(metrics, record)
+        watchdog.beat()
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}")
@@ -281,6 +296,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag) -> dict:
         if state.step % cfg.run.save_every == 0 or state.stop_ranks:
             _save(engine, cfg, ckpt_dir, state, loader)
             last_saved = state.step
+            watchdog.beat()
         if state.stop_ranks and state.step < cfg.run.max_steps:
             _stop_by_signal(stop, ckpt_dir, state, rank, progress, metrics)
         maybe_exit_after_step(state.step)
@@ -288,6 +304,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag) -> dict:
         progress.close()
     if last_saved != state.step or not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         _save(engine, cfg, ckpt_dir, state, loader)
+    watchdog.beat()  # the final validation and export get a whole run.dist_timeout_s
     return _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, metrics)
 
 
