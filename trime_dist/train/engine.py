@@ -127,8 +127,19 @@ def init_deepspeed_distributed(timeout_s: int = 1800) -> None:
 
     from trime_dist.core.distributed import init_distributed
 
-    init_distributed(group_of_one=True, init_group=lambda backend: deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)))
+    def init_group(backend: str) -> None:
+        # Without LOCAL_SIZE DeepSpeed skips its CPU shared-memory all-reduce, which training never uses
+        # (only inference_all_reduce does): no 64 MB /dev/shm buffer per rank, and no unbounded spin in
+        # shm_initialize waiting for a peer's buffer that a dead peer (or a cleanup of /dev/shm) never provides.
+        local_size = os.environ.pop("LOCAL_SIZE", None)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                       timeout=datetime.timedelta(seconds=timeout_s))
+        finally:
+            if local_size is not None:
+                os.environ["LOCAL_SIZE"] = local_size
+
+    init_distributed(group_of_one=True, init_group=init_group)
 
 
 def current_lr(engine) -> float:
