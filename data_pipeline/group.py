@@ -86,6 +86,8 @@ def validate_config(cfg: GroupConfig) -> None:
     require(bool(cfg.input), "input", "is required (a directory made by `trime prepare`)")
     require(bool(cfg.output), "output", "is required")
     require(os.path.abspath(cfg.input) != os.path.abspath(cfg.output), "output", "must differ from --input")
+    require(os.path.isdir(cfg.output) or not os.path.exists(cfg.output), "output",
+            f"{cfg.output} is a file, expected a directory")
     require(cfg.method in METHODS, "method", f"got {cfg.method!r}, allowed: {', '.join(METHODS)}")
     for key in ("group_size", "top_k", "query_block", "groups_per_shard"):
         require(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")

@@ -353,6 +353,9 @@ def prepare(cfg: PrepareConfig) -> dict:
 def finish(cfg: PrepareConfig, plan: dict, results: list[dict]) -> dict:
     """Rank 0, after every rank is done: write manifest.json (last) and log the summary."""
     manifest = build_manifest(cfg, plan["files"], plan["settings"], plan["tok_info"], results)
+    if manifest["segments"] == 0:  # refused before manifest.json: nothing here looks complete
+        raise ValueError(f"{', '.join(plan['files'])}: no text to prepare (0 documents, 0 segments): the input "
+                         "is empty or only blank lines")
     for stale in glob.glob(os.path.join(cfg.output, ".*.tmp")):  # left by a killed writer; all ranks are done
         os.remove(stale)
     shards.write_manifest(cfg.output, manifest)

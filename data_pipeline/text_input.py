@@ -25,7 +25,10 @@ def detect_format(path: str) -> str:
     if path.endswith((".jsonl", ".jsonl.txt", ".ndjson")):
         return "jsonl"
     with _open(path) as f:
-        head = f.read(_SNIFF_BYTES)
+        try:
+            head = f.read(_SNIFF_BYTES)
+        except UnicodeDecodeError:
+            raise utf8_error(path) from None
     return "wikitext" if any(is_top_heading(line) for line in head.splitlines(keepends=True)) else "text"
 
 
@@ -40,8 +43,21 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
     with _open(path) as f:
         try:
             yield from enumerate(f, start=1)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not valid UTF-8 text ({e})") from None
+        except UnicodeDecodeError:
+            raise utf8_error(path) from None
+
+
+def utf8_error(path: str) -> ValueError:
+    """The one-line error for a file that is not UTF-8, naming its first bad line and byte (found again
+    line by line: the text reader decodes in chunks, so its own position is not the line's)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):  # "\n" is never inside a UTF-8 character
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return ValueError(f"{path}:{lineno}: not valid UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                  f"{e.start + 1}); convert the file to UTF-8")
+    return ValueError(f"{path}: not valid UTF-8 text; convert the file to UTF-8")
 
 
 def iter_wikitext(path: str) -> Iterator[str]:

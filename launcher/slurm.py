@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from launcher.slurm_config import SlurmConfig, resources_for
+from trime_dist.core.constants import EXIT_STOPPED_BY_SIGNAL
 from trime_dist.core.stages import MPI, SINGLE, env_bin, runner_for, split_stage
+
+# Seconds before the time limit at which SLURM sends SIGUSR1 to training: enough to finish a step and save.
+SIGNAL_BEFORE_LIMIT_S = 120
 
 
 @dataclass
@@ -46,7 +50,9 @@ def sbatch_header(cfg: SlurmConfig, stage: str, log_dir: str) -> list[str]:
     opts += [f"--output={log_dir}/%x-%j.out", f"--error={log_dir}/%x-%j.err"]
     if stage == "train" and cfg.requeue:
         # A requeued job reruns this script: the log is appended to and training resumes (see below).
-        opts += ["--requeue", "--open-mode=append"]
+        # --signal without "B:" goes to the job steps, i.e. to every rank under srun (each stops after the
+        # same step and saves); "B:" would signal only this batch shell, which would have to trap and forward it.
+        opts += ["--requeue", "--open-mode=append", f"--signal=USR1@{SIGNAL_BEFORE_LIMIT_S}"]
     opts += list(cfg.sbatch_options)
     return [f"#SBATCH {o}" for o in opts]
 
@@ -75,10 +81,27 @@ def script_body(cfg: SlurmConfig, stage: str, stage_args: list[str], workdir: st
               'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
               f"export MASTER_PORT={port}"]
     srun = ["srun", *srun_opts, *trime]
-    if stage == "train" and "--resume" not in stage_args and "--auto-resume" not in stage_args:
-        return lines + ["", "# Requeue-friendly: a rerun of this script continues from the run's latest checkpoint.",
-                        shlex.join(srun + ["--auto-resume", *stage_args])]
-    return lines + [shlex.join(srun + stage_args)]
+    if stage != "train":
+        return lines + [shlex.join(srun + stage_args)]
+    if "--resume" not in stage_args and "--auto-resume" not in stage_args:
+        lines += ["", "# Requeue-friendly: a rerun of this script continues from the run's latest checkpoint."]
+        stage_args = ["--auto-resume", *stage_args]
+    return lines + (requeue_on_signal(shlex.join(srun + stage_args)) if cfg.requeue else
+                    [shlex.join(srun + stage_args)])
+
+
+def requeue_on_signal(command: str) -> list[str]:
+    """Run `command`; its exit status EXIT_STOPPED_BY_SIGNAL (stopped by SLURM's --signal, checkpoint saved)
+    requeues this job, which then resumes; any other status is the job's."""
+    code = EXIT_STOPPED_BY_SIGNAL
+    return ["", f"# Exit status {code}: training stopped by a signal (the time limit is near) after saving a",
+            "# checkpoint. Requeue the job: it reruns this script and continues from that checkpoint.",
+            "status=0", f"{command} || status=$?",
+            f'if [ "$status" -eq {code} ]; then',
+            '  echo "training stopped by a signal with a checkpoint: requeueing job ${SLURM_JOB_ID}"',
+            '  scontrol requeue "$SLURM_JOB_ID"',
+            "fi",
+            'exit "$status"']
 
 
 def check_train_args(stage_args: list[str], workdir: str) -> None:

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from trime_dist.core.shm_buffers import ALL_BUFFERS_GLOB
+
 # tests import their small helpers (shard_fixtures, dist_helpers, cli_runner) as top-level modules
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -12,7 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed's CPU all-reduce leaves a 64 MB shared-memory buffer per rank in /dev/shm that nothing
 # unlinks; a few hundred 2-rank runs fill the machine's memory. Every test's ranks have exited by
 # its teardown, so the buffers that appeared during the test are removed then.
-_SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+# The stages unlink their own (trime_dist.core.shm_buffers); this catches those of killed ranks.
+_SHM_BUFFERS = ALL_BUFFERS_GLOB
 
 
 @pytest.fixture(autouse=True)

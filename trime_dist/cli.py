@@ -53,8 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     stage = argv[0] if argv and argv[0] in STAGES else None
     args = build_parser(stage).parse_args(argv)
     module = importlib.import_module(STAGES[args.stage].module)
+    from trime_dist.core.constants import EXIT_RANK_LOST
+    from trime_dist.core.lost_ranks import RankLost
+
     try:
         return int(module.run(args) or 0)
+    except RankLost as e:  # another rank died: one line naming it, from every survivor
+        if getattr(args, "debug", False):
+            raise
+        print(f"trime {args.stage}: error: {e}", file=sys.stderr)
+        return EXIT_RANK_LOST
     except (ValueError, FileNotFoundError, KeyError) as e:
         # User-facing errors (bad config, missing file, corrupt shard) end with one clear line.
         if getattr(args, "debug", False):

@@ -230,6 +230,32 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         prepare(_cfg([bad], tmp_path / "p", tokenizer=str(tmp_path / "nope.json")))
 
 
+@pytest.mark.parametrize("content", [b"", b"\n\n   \n\t\n"], ids=["empty", "blank_lines"])
+def test_input_without_text_is_refused(tmp_path, content):
+    src = tmp_path / "in.txt"
+    src.write_bytes(content)
+    r = _run_cli(["--input", src, "--output", tmp_path / "o", "--tokenizer-kind", "char", "--seq-len", "8"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == \
+        f"trime prepare: error: {src}: no text to prepare (0 documents, 0 segments): the input is empty or only " \
+        "blank lines"
+    assert not os.path.exists(tmp_path / "o" / "manifest.json")
+
+
+@pytest.mark.parametrize("fmt", ["auto", "text", "jsonl"])
+def test_non_utf8_input_names_file_and_line(tmp_path, fmt):
+    from data_pipeline.text_input import utf8_error
+
+    src = tmp_path / "in.jsonl" if fmt == "jsonl" else tmp_path / "in.txt"
+    src.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n' if fmt == "jsonl" else b"ok\nline two, \xff\n")
+    with pytest.raises(ValueError, match=rf"^{src}:2: not valid UTF-8 text \(byte 0x(e9|ff) at column (11|14)\)"):
+        list(iter_documents(str(src), fmt))
+    r = _run_cli(["--input", src, "--output", tmp_path / "o", "--tokenizer-kind", "byte"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and f"{src}:2: not valid UTF-8" in r.stderr
+    assert not os.path.exists(tmp_path / "o" / "manifest.json")
+    assert str(utf8_error(str(src))).startswith(f"{src}:2:")
+
+
 def test_stage_modules_do_not_import_heavy_deps_at_import():
     code = ("import sys, data_pipeline.prepare, data_pipeline.corpus, trime_dist.core.shards; "
             "print([m for m in ('mpi4py', 'webdataset') if m in sys.modules])")

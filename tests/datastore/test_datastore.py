@@ -231,8 +231,9 @@ def test_mismatched_datastore_is_refused(setup, tmp_path):
     # a finished store is not silently reused for another model
     with pytest.raises(ValueError, match="different model_id"):
         build_datastore(DatastoreConfig(model=other, data=str(setup / "train"), out=ds_dir))
-    # an unfinished build with other settings is not silently mixed in
-    os.makedirs(tmp_path / "ds3")
+    # an unfinished build with other settings (a part encoded already) is not silently mixed in
+    os.makedirs(tmp_path / "ds3" / "parts")
+    shutil.copy(os.path.join(ds_dir, "parts", "part-p00000.json"), tmp_path / "ds3" / "parts")
     with open(tmp_path / "ds3" / "build.json", "w") as f:
         json.dump({**json.load(open(os.path.join(ds_dir, "build.json"))), "factory": IVF}, f)
     with pytest.raises(ValueError, match="different factory"):

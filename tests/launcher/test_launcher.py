@@ -204,6 +204,11 @@ def test_slurm_scripts_for_a_two_node_gpu_cluster(tmp_path):
     assert "srun --kill-on-bad-exit=1 --cpus-per-task=6 " in train
     assert "#SBATCH --ntasks-per-node=1" in by_stage["eval"] and "#SBATCH --gpus-per-node=1" in by_stage["eval"]
     assert "--requeue" not in by_stage["datastore"]
+    # SIGUSR1 to every rank 120 s before the time limit; exit status 3 (stopped, checkpoint saved) -> requeue
+    assert "#SBATCH --signal=USR1@120" in train.splitlines() and "--signal" not in by_stage["datastore"]
+    assert 'if [ "$status" -eq 3 ]; then' in train and '  scontrol requeue "$SLURM_JOB_ID"' in train.splitlines()
+    assert train.rstrip().endswith('exit "$status"') and "|| status=$?" in train
+    assert "scontrol requeue" not in by_stage["datastore"]
     assert all(j.script_path.startswith(f"{tmp_path}/slurm/0") for j in jobs)
     for job in jobs:  # every script is valid bash
         path = tmp_path / os.path.basename(job.script_path)
@@ -277,3 +282,40 @@ def test_rank_discovery_under_each_launcher(launcher, tmp_path):
     rows = probe_results(tmp_path / "out")
     expected = {"deepspeed": "deepspeed/torchrun", "torchrun": "deepspeed/torchrun", "mpiexec": "mpi"}[launcher]
     assert rows == [{"rank": r, "world": 2, "local": r, "launcher": expected, "sum": 3.0} for r in (0, 1)]
+
+
+def test_mpiexec_ranks_ignore_a_world_inherited_from_an_enclosing_job(tmp_path):
+    """RANK/WORLD_SIZE and SLURM_PROCID/SLURM_NTASKS left by a parent job (a shell or test runner that was a
+    rank, mpiexec inside sbatch) do not make every mpiexec rank "rank 0 of 1" (it made a 2-rank datastore
+    build's ranks delete each other's temporary files)."""
+    script = tmp_path / "probe.py"
+    script.write_text(RANK_PROBE)
+    (tmp_path / "out").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()), PYTHONPATH=REPO,
+               PROBE_DIR=str(tmp_path / "out"), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", SLURM_PROCID="0",
+               SLURM_NTASKS="4")
+    cmd = [f"{os.path.dirname(sys.executable)}/mpiexec", "-n", "2", sys.executable, str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert probe_results(tmp_path / "out") == [{"rank": r, "world": 2, "local": r, "launcher": "mpi", "sum": 3.0}
+                                               for r in (0, 1)]
+    assert "ignoring deepspeed/torchrun rank 0 of 1 inherited from an enclosing job" in proc.stderr
+
+
+@pytest.mark.parametrize("status,requeued", [(3, True), (0, False), (1, False)])
+def test_requeue_on_signal_runs_scontrol_only_for_a_stopped_training(tmp_path, status, requeued):
+    from launcher.slurm import requeue_on_signal
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.args\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join(["set -euo pipefail", *requeue_on_signal(f"sh -c 'exit {status}'")]) + "\n")
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="42")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert proc.returncode == status
+    assert os.path.isfile(tmp_path / "scontrol.args") == requeued
+    if requeued:
+        assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "42"]
+        assert "requeueing job 42" in proc.stdout

@@ -33,7 +33,7 @@ def overrides(root, out, family="gpt2", steps=3, *extra):
     return [f"model.pretrained={root / family}", f"data.train={root}/train", "data.valid=", f"run.out_dir={out}",
             f"run.max_steps={steps}", "data.micro_batch_size=4", f"data.global_batch_size={GROUP}",
             "data.shuffle_shards=false", "objective.ce_warmup_steps=1", "optim.warmup_steps=1", "optim.lr=1e-3",
-            "run.log_every=1", "run.threads=1", *extra]
+            "run.log_every=1", "run.threads=1", "data.allow_ungrouped=true", *extra]
 
 
 def losses(out):

@@ -44,7 +44,7 @@ def test_tensorboard_and_wandb_log_the_metrics(tmp_path, monkeypatch):
                f"data.valid={tmp_path}/valid", f"run.out_dir={run}", "run.max_steps=3", "run.eval_every=2",
                "model.max_seq_len=16", "model.d_model=32", "model.d_ffn=64", "data.micro_batch_size=4",
                "data.global_batch_size=4", "deepspeed.zero_stage=0", "objective.name=trime_ext",
-               "run.trackers=[tensorboard,wandb]"])
+               "data.allow_ungrouped=true", "run.trackers=[tensorboard,wandb]"])
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     expected = {}
     for record in records:

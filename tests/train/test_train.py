@@ -112,3 +112,48 @@ def test_layouts_the_data_cannot_satisfy_are_refused(pattern_data, tmp_path, cap
     args = overrides(pattern_data, tmp_path / "b", 2, "objective.name=trime_long", f"data.train={grouped}")
     assert trime_main(["train", *args]) == 2
     assert "consecutive" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_and_bad_valid_fail_fast(pattern_data, tmp_path, capsys):
+    out = tmp_path / "empty_run"
+    assert trime_main(["train", "--resume", *overrides(pattern_data, out, 2)]) == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint in {out}/checkpoints" in err and "--auto-resume" in err
+    # data.valid missing, or without its manifest (an interrupted `trime prepare`): refused before any engine
+    incomplete = tmp_path / "valid_incomplete"
+    incomplete.mkdir()
+    for valid in (tmp_path / "no_such_valid", incomplete):
+        args = overrides(pattern_data, tmp_path / "b", 2, f"data.valid={valid}")
+        assert trime_main(["train", *args]) == 2
+        err = capsys.readouterr().err
+        assert f"data.valid={valid}" in err and "manifest.json" in err and "Traceback" not in err
+        assert not os.path.isdir(tmp_path / "b" / "checkpoints")
+
+
+def test_nan_stop_without_checkpoint_says_none_was_saved(pattern_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_trime(["train", *overrides(pattern_data, out, 3, "objective.temperature=1e-40")], check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss at step 1" in proc.stderr and "no checkpoint was saved yet" in proc.stderr
+    assert "is intact" not in proc.stderr
+
+
+def test_trime_ext_needs_bm25_groups_unless_allowed(pattern_data, tmp_path, capsys):
+    """In stream order the next segment of the same text is always in memory: refused, naming the fix."""
+    args = overrides(pattern_data, tmp_path / "a", 1, "objective.name=trime_ext")
+    assert trime_main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{pattern_data}/train holds segments in stream order" in err
+    assert "trime group" in err and "--method bm25" in err and "data.allow_ungrouped=true" in err
+    from data_pipeline.group import GroupConfig, group_segments
+
+    grouped = tmp_path / "random_groups"
+    group_segments(GroupConfig(input=str(pattern_data / "train"), output=str(grouped), method="random",
+                               group_size=8))
+    assert trime_main(["train", *overrides(pattern_data, tmp_path / "b", 1, "objective.name=trime_ext",
+                                           f"data.train={grouped}", "data.micro_batch_size=8",
+                                           "data.global_batch_size=8")]) == 2
+    assert "'random' groups" in capsys.readouterr().err
+    # the explicit override trains on them anyway
+    run_trime(["train", *overrides(pattern_data, tmp_path / "c", 1, "objective.name=trime_ext",
+                                   "data.allow_ungrouped=true")])

@@ -31,7 +31,7 @@ def _train(data, out, ranks, objective, placement, *extra):
             f"objective.name={objective}", f"data.placement={placement}", "data.global_batch_size=16",
             f"data.micro_batch_size={16 // ranks}", "data.shuffle_shards=false", "optim.schedule=constant",
             "optim.warmup_steps=1", "optim.lr=0.01", "deepspeed.precision=fp32", "memory.tile_size=100",
-            "run.seed=7", *extra]
+            "run.seed=7", "data.allow_ungrouped=true", *extra]  # (trime_ext on stream-order segments)
     run_trime(args, ranks=ranks)
     losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
     weights = load_model(str(out))[0].state_dict()

@@ -1,4 +1,5 @@
-"""Names every stage shares, each defined once: the ignored-label value, objectives, memory layouts, placements.
+"""Names every stage shares, each defined once: the ignored-label value, objectives, memory layouts, placements,
+the exit status of a training stopped by a signal.
 
 Plain Python (no torch), so configs and `--help` can use them without heavy imports.
 """
@@ -21,6 +22,13 @@ OBJECTIVES = tuple(OBJECTIVE_LAYOUTS)
 # data.placement: how a group's rows are dealt to ranks: a contiguous block per rank, or every W-th row
 # (interleaved: consecutive segments of a stream land on different ranks, so long memory is gathered).
 PLACEMENTS = ("contiguous", "interleaved")
+
+# Exit status of `trime train` stopped by SIGTERM / SIGUSR1 after saving a checkpoint: not done, rerun it
+# with --auto-resume. The SLURM script (launcher/slurm.py) turns it into `scontrol requeue`.
+EXIT_STOPPED_BY_SIGNAL = 3
+# Exit status of a torch stage whose peer rank died or stopped answering (core/lost_ranks.py): the error
+# line names that rank; resume from the last checkpoint once the cause is fixed.
+EXIT_RANK_LOST = 4
 
 # --device of the stages that run a model (core/device.py picks it): auto = this rank's GPU when CUDA is available.
 DEVICES = ("auto", "cpu", "cuda")

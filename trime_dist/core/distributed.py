@@ -45,9 +45,13 @@ def init_distributed(timeout_s: int = 1800, *, group_of_one: bool = False,
 
 
 def shutdown_distributed() -> None:
-    """Tear the process group down at the end of a stage (a clean exit under every launcher)."""
+    """Tear the process group down at the end of a stage (a clean exit under every launcher) and unlink
+    this rank's DeepSpeed all-reduce buffer, which DeepSpeed leaves in /dev/shm."""
+    from trime_dist.core.shm_buffers import remove_own_buffer
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    remove_own_buffer()
 
 
 def is_dist() -> bool:

@@ -5,11 +5,14 @@ so launchers and the MPI stages can use it without paying for the import.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
+log = logging.getLogger(__name__)
+
+_PORT_DEFAULT = 29500
 # Set by mpiexec (MPICH, Open MPI) or srun --mpi=pmi2/pmix in every rank it starts.
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
 
@@ -24,7 +27,7 @@ class DistEnv:
     launcher: str  # deepspeed/torchrun | slurm | mpi | single
 
 
-def _first_env(*names: str) -> Optional[str]:
+def _first_env(*names: str) -> str | None:
     for n in names:
         v = os.environ.get(n)
         if v not in (None, ""):
@@ -32,7 +35,7 @@ def _first_env(*names: str) -> Optional[str]:
     return None
 
 
-def _slurm_master_addr() -> Optional[str]:
+def _slurm_master_addr() -> str | None:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist:
         return None
@@ -52,39 +55,64 @@ def discover_env() -> DistEnv:
     The one place that knows launchers: DeepSpeed's launcher and torchrun set RANK/WORLD_SIZE/
     LOCAL_RANK/MASTER_ADDR; srun sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; mpiexec (MPICH
     or Open MPI) sets PMI_RANK/PMI_SIZE or OMPI_COMM_WORLD_*. Without any, this is one process.
+
+    An MPI launcher sets its variables in each process it starts, so when RANK/WORLD_SIZE or
+    SLURM_PROCID/SLURM_NTASKS name another world they were inherited from an enclosing job (a shell
+    or test runner that was itself a rank, `mpiexec` inside an sbatch script) and are ignored:
+    trusting them made every MPI rank "rank 0 of 1", all writing the same files.
     """
-    port_default = 29500
-    if _first_env("RANK") is not None and _first_env("WORLD_SIZE") is not None:
-        return DistEnv(
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            local_rank=int(_first_env("LOCAL_RANK") or 0),
-            master_addr=_first_env("MASTER_ADDR") or "127.0.0.1",
-            master_port=int(_first_env("MASTER_PORT") or port_default),
-            launcher="deepspeed/torchrun",
-        )
-    if _first_env("SLURM_PROCID") is not None and _first_env("SLURM_NTASKS") is not None and \
-            int(os.environ["SLURM_NTASKS"]) > 1:
-        return DistEnv(
-            rank=int(os.environ["SLURM_PROCID"]),
-            world_size=int(os.environ["SLURM_NTASKS"]),
-            local_rank=int(_first_env("SLURM_LOCALID") or 0),
-            master_addr=_first_env("MASTER_ADDR") or _slurm_master_addr() or "127.0.0.1",
-            master_port=int(_first_env("MASTER_PORT") or port_default),
-            launcher="slurm",
-        )
+    env = _torch_launcher_env() or _slurm_env()
+    mpi = _mpi_env()
+    if mpi is None:
+        return env or DistEnv(0, 1, 0, "127.0.0.1", _PORT_DEFAULT, "single")
+    if env is not None and (env.rank, env.world_size) == (mpi.rank, mpi.world_size):
+        return env  # srun --mpi=pmi2, or DeepSpeed's MPI runners: one world, the first launcher's master
+    if env is not None:
+        log.warning("ignoring %s rank %d of %d inherited from an enclosing job: mpiexec started this process "
+                    "as rank %d of %d", env.launcher, env.rank, env.world_size, mpi.rank, mpi.world_size)
+    return mpi
+
+
+def _torch_launcher_env() -> DistEnv | None:
+    if _first_env("RANK") is None or _first_env("WORLD_SIZE") is None:
+        return None
+    return DistEnv(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(_first_env("LOCAL_RANK") or 0),
+        master_addr=_first_env("MASTER_ADDR") or "127.0.0.1",
+        master_port=int(_first_env("MASTER_PORT") or _PORT_DEFAULT),
+        launcher="deepspeed/torchrun",
+    )
+
+
+def _slurm_env() -> DistEnv | None:
+    if _first_env("SLURM_PROCID") is None or _first_env("SLURM_NTASKS") is None or \
+            int(os.environ["SLURM_NTASKS"]) <= 1:
+        return None
+    return DistEnv(
+        rank=int(os.environ["SLURM_PROCID"]),
+        world_size=int(os.environ["SLURM_NTASKS"]),
+        local_rank=int(_first_env("SLURM_LOCALID") or 0),
+        master_addr=_first_env("MASTER_ADDR") or _slurm_master_addr() or "127.0.0.1",
+        master_port=int(_first_env("MASTER_PORT") or _PORT_DEFAULT),
+        launcher="slurm",
+    )
+
+
+def _mpi_env() -> DistEnv | None:
     mpi_rank = _first_env("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
     mpi_size = _first_env("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
-    if mpi_rank is not None and mpi_size is not None:
-        return DistEnv(
-            rank=int(mpi_rank),
-            world_size=int(mpi_size),
-            local_rank=int(_first_env("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK") or 0),
-            master_addr=_first_env("MASTER_ADDR") or "127.0.0.1",
-            master_port=int(_first_env("MASTER_PORT") or port_default),
-            launcher="mpi",
-        )
-    return DistEnv(0, 1, 0, "127.0.0.1", port_default, "single")
+    if mpi_rank is None or mpi_size is None:
+        return None
+    return DistEnv(
+        rank=int(mpi_rank),
+        world_size=int(mpi_size),
+        local_rank=int(_first_env("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK") or 0),
+        master_addr=_first_env("MASTER_ADDR") or "127.0.0.1",
+        master_port=int(_first_env("MASTER_PORT") or _PORT_DEFAULT),
+        launcher="mpi",
+    )
 
 
 def export_env(env: DistEnv) -> None:

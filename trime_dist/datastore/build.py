@@ -34,7 +34,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     from trime_dist.core.mpi import plan_on_root
     from trime_dist.model.export import load_model
 
-    env = init_distributed()
+    env = init_distributed(timeout_s=cfg.dist_timeout_s)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
         build.dsi.set_threads(cfg.threads)
@@ -80,6 +80,12 @@ def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> di
     if not 0 <= cfg.context_window < seq_len:
         raise ValueError(f"--context-window {cfg.context_window}: must be in [0, {seq_len}) (the data's segment "
                          f"length, {cfg.data}/manifest.json)")
+    # one key per target token: the manifest's count, known before anything is encoded
+    build.dsi.check_factory_fits(cfg.factory, int(manifest["tokens"]), cfg.train_sample, cfg.data)
+    if int(manifest["seq_len"]) > model.cfg.max_seq_len:
+        raise ValueError(f"{cfg.data}: seq_len {manifest['seq_len']} exceeds the model's max_seq_len "
+                         f"{model.cfg.max_seq_len} ({cfg.model}); prepare the data with --seq-len <= "
+                         f"{model.cfg.max_seq_len}")
     n_segments = int(manifest["segments"])
     part_segments = cfg.part_segments or max(1, -(-n_segments // world_size))
     plan = {"model_id": info["model_id"], "data_manifest_sha256": sha256_file(os.path.join(cfg.data, "manifest.json")),
@@ -87,20 +93,26 @@ def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> di
             "dim": model.cfg.d_model, "seq_len": int(manifest["seq_len"]), "train_sample": cfg.train_sample,
             "seed": cfg.seed, "ondisk": cfg.ondisk, "context_window": cfg.context_window}
     path = os.path.join(cfg.out, "build.json")
+    build.remove_temp_files(cfg.out)  # of a killed build; rank 0 plans before any rank writes
     if os.path.isfile(path):
         old = read_json(path, "datastore build plan")
         old.setdefault("context_window", 0)  # plans written before the setting existed
         if cfg.part_segments == 0:  # auto: keep the earlier choice so finished parts stay valid
             plan["part_segments"] = old.get("part_segments", part_segments)
         diff = sorted(k for k in plan if old.get(k) != plan[k])
-        if diff:
+        started = build.encoded_parts(cfg.out)
+        if diff and started:
             raise ValueError(f"{path}: a build with different {', '.join(diff)} "
                              f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}) is in this directory; "
                              "use another --out or delete it")
-        log.info("resuming the build in %s", cfg.out)
-    else:
-        os.makedirs(cfg.out, exist_ok=True)
-        atomic_write_json(path, plan)
+        if not diff:
+            log.info("resuming the build in %s", cfg.out)
+            return plan
+        # nothing was encoded under the old plan (e.g. it failed at its first step): the new one replaces it
+        log.warning("%s: replacing the plan of an earlier build that encoded nothing (%s)", path,
+                    ", ".join(f"{k}: {old.get(k)!r} -> {plan[k]!r}" for k in diff))
+    os.makedirs(cfg.out, exist_ok=True)
+    atomic_write_json(path, plan)
     return plan
 
 

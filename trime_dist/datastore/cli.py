@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from trime_dist.datastore.config import DatastoreConfig
 
@@ -35,11 +36,21 @@ def run(args: argparse.Namespace) -> int:
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"trime datastore build: --{name} is required")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out}: is a file, expected a datastore directory")
     from trime_dist.core.distributed import shutdown_distributed
     from trime_dist.datastore.build import build_datastore
 
     try:
         build_datastore(cfg)
+    except Exception as e:
+        from trime_dist.core.launch_env import discover_env
+        from trime_dist.core.lost_ranks import is_peer_failure, rank_lost_error
+
+        env = discover_env()
+        if env.world_size > 1 and is_peer_failure(e):
+            raise rank_lost_error(e, env, "the datastore build") from e
+        raise
     finally:
         shutdown_distributed()
     return 0

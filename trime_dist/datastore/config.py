@@ -24,3 +24,6 @@ class DatastoreConfig:
     threads: int = opt(0, "torch / faiss threads per rank (0 = leave as is)")
     device: str = opt("auto", "where the model encodes: auto = this rank's GPU when CUDA is available (bf16 "
                       "autocast), else cpu", choices=DEVICES)
+    dist_timeout_s: int = opt(3600, "seconds a rank waits for the others at start and at each barrier before it "
+                              "stops with an error naming the ranks that did not answer; above the time rank 0 "
+                              "takes to train the index")

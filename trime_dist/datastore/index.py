@@ -36,6 +36,27 @@ def check_factory(factory: str, dim: int) -> None:
         raise ValueError(f"--factory {factory!r}: PQ{m} needs m to divide the key dimension {dim}")
 
 
+def min_train_keys(factory: str) -> tuple[int, str]:
+    """(fewest training keys faiss accepts, what sets it): nlist IVF lists, 2**bits PQ centroids (k-means
+    needs at least one point per centroid). A valid factory (check_factory) is assumed."""
+    match = _FACTORY.match(factory)
+    nlist = int(match.group(2) or match.group(6) or 0)
+    bits = int(match.group(4)[1:]) if match.group(4) else 8
+    need = [(nlist, f"nlist {nlist}")] + ([(2 ** bits, f"PQ {bits}-bit codes ({2 ** bits} centroids)")]
+                                          if match.group(3) else [])
+    return max(need)
+
+
+def check_factory_fits(factory: str, n_keys: int, train_sample: int, where: str) -> None:
+    """Refuse, before any work, an index that needs more training keys than the build will have."""
+    need, what = min_train_keys(factory)
+    n_train = min(n_keys, train_sample)
+    if need > n_train:
+        limit = f"the {n_keys} keys to store in {where}" if n_train == n_keys else f"--train-sample {train_sample}"
+        raise ValueError(f"--factory {factory!r}: {what} needs >= {need} training keys, more than {limit}; "
+                         "choose a smaller index")
+
+
 def needs_training(factory: str) -> bool:
     return factory != "Flat"
 
@@ -80,9 +101,16 @@ def write_index(index, path: str) -> None:
 
 
 def read_index(path: str, mmap: bool = False):
+    """A faiss index file; a missing, truncated or corrupt file is a one-line error naming it."""
     faiss = _faiss()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"faiss index not found: {path}")
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_MMAP if mmap else 0)
-    return faiss.read_index(path, flags)
+    try:
+        return faiss.read_index(path, flags)
+    except RuntimeError as e:  # faiss's message is a multi-line C++ trace
+        reason = re.sub(r"^Error in .* at \S+:\d+: (Error: )?", "", " ".join(str(e).split())) or "unreadable"
+        raise ValueError(f"{path}: not a readable faiss index, truncated or corrupt ({reason})") from None
 
 
 def add_part(trained_path: str, keys: np.ndarray, first_id: int, out_path: str, factory: str,

@@ -48,6 +48,30 @@ def part_paths(ds_dir: str, part: Part) -> dict[str, str]:
             "index_info": os.path.join(d, f"index-{part.stem}.json")}
 
 
+def encoded_parts(ds_dir: str) -> list[str]:
+    """Names of the part info files in ds_dir/parts (a part is encoded once its info file exists)."""
+    d = os.path.join(ds_dir, "parts")
+    return sorted(f for f in os.listdir(d) if f.startswith("part-") and f.endswith(".json")) if os.path.isdir(d) \
+        else []
+
+
+def remove_temp_files(ds_dir: str) -> list[str]:
+    """Delete the temporary files (.NAME.XXXX.tmp, see core.io.atomic_path) a killed build left in ds_dir
+    and ds_dir/parts; returns their paths. Run by rank 0 before any rank writes."""
+    removed = []
+    for d in (ds_dir, os.path.join(ds_dir, "parts")):
+        if not os.path.isdir(d):
+            continue
+        for name in sorted(os.listdir(d)):
+            path = os.path.join(d, name)
+            if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(path):
+                os.remove(path)
+                removed.append(path)
+    if removed:
+        log.info("removed %d temporary files of an interrupted build in %s", len(removed), ds_dir)
+    return removed
+
+
 def maybe_exit(stage: str, count: int = 0) -> None:
     """Simulate a kill (tests): leave the process at once, without cleanup, after the named step."""
     spec = os.environ.get(EXIT_ENV, "")

@@ -27,10 +27,22 @@ class Datastore:
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
         self.first_ids = np.array([p["first_id"] for p in self.meta["parts"]], dtype=np.int64)
-        self.values = np.concatenate([np.load(os.path.join(path, p["values"]), mmap_mode="r")
+        self.check_parts()
+        self.values = np.concatenate([load_part_array(os.path.join(path, p["values"]))
                                       for p in self.meta["parts"]]) if load_values else None
         self._index = None
         self._exact = None   # an ExactIndex after use_exact_search()
+
+    def check_parts(self) -> None:
+        """Every part's keys [n_p, D] and values [n_p] open and have the sizes the metadata implies."""
+        ends = list(self.first_ids[1:]) + [self.meta["count"]]
+        for p, first, end in zip(self.meta["parts"], self.first_ids, ends):
+            n = int(end - first)
+            for name, shape in (("keys", (n, self.meta["dim"])), ("values", (n,))):
+                arr = load_part_array(os.path.join(self.path, p[name]))
+                if arr.shape != shape:
+                    raise ValueError(f"{os.path.join(self.path, p[name])}: shape {arr.shape}, expected {shape} "
+                                     f"from {META_FILE}; the datastore is damaged, rebuild it")
 
     @property
     def id(self) -> str:
@@ -53,7 +65,7 @@ class Datastore:
         part = np.searchsorted(self.first_ids, flat, side="right") - 1
         out = np.empty((len(flat), self.meta["dim"]), dtype=np.float32)
         for p in np.unique(part):
-            keys = np.load(os.path.join(self.path, self.meta["parts"][p]["keys"]), mmap_mode="r")
+            keys = load_part_array(os.path.join(self.path, self.meta["parts"][p]["keys"]))
             sel = part == p
             out[sel] = keys[flat[sel] - self.first_ids[p]]
         return out.reshape(ids.shape + (self.meta["dim"],))
@@ -97,6 +109,16 @@ class Datastore:
         scores, ids = self._exact.search(queries, k)
         labels = torch.where(ids >= 0, self._values_on_device[ids.clamp(min=0)], IGNORE_INDEX)
         return scores.to(queries.device), ids.to(queries.device), labels.to(queries.device)
+
+
+def load_part_array(path: str) -> np.ndarray:
+    """A memmapped .npy part; a missing, truncated or corrupt file is a one-line error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"datastore part not found: {path}")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:  # numpy: bad header, or data shorter than the header says
+        raise ValueError(f"{path}: not a readable .npy array, truncated or corrupt ({e})") from None
 
 
 def open_datastore(path: str, load_values: bool = True) -> Datastore:

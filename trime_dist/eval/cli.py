@@ -90,10 +90,14 @@ def run(args: argparse.Namespace) -> int:
     if cfg.taus() and not cfg.valid:
         raise ValueError("--tau-search needs --valid DIR (a validation split to choose τ on)")
     from trime_dist.core.device import pick_device
+    from trime_dist.core.distributed import shutdown_distributed
 
-    rows = evaluate_settings(settings, cfg.data, valid_dir=cfg.valid, taus=cfg.taus(),
-                             context_window=cfg.context_window, batch_size=cfg.batch_size,
-                             max_segments=cfg.max_segments, device=pick_device(cfg.device), search=cfg.search)
+    try:
+        rows = evaluate_settings(settings, cfg.data, valid_dir=cfg.valid, taus=cfg.taus(),
+                                 context_window=cfg.context_window, batch_size=cfg.batch_size,
+                                 max_segments=cfg.max_segments, device=pick_device(cfg.device), search=cfg.search)
+    finally:  # like every torch stage: no process group or DeepSpeed buffer outlives it
+        shutdown_distributed()
     print_table(rows, cfg.data)
     if cfg.out:
         from trime_dist.core.io import atomic_write_json

@@ -9,10 +9,13 @@ from trime_dist.train.config import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from trime_dist.train.signals import EXIT_STOPPED_BY_SIGNAL
+
     parser.add_argument("--config", default=None, help="YAML file (configs/*.yaml); keys as listed below")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in run.out_dir (same data order)")
+                        help="continue from the latest checkpoint in run.out_dir (same data order; an error "
+                        "when there is none)")
     resume.add_argument("--auto-resume", action="store_true",
                         help="--resume when run.out_dir holds a checkpoint, else start fresh (a requeued job)")
     parser.add_argument("--print-config", action="store_true",
@@ -20,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="override config values, e.g. model.n_layers=2 objective.name=trime_local")
-    parser.epilog = "configuration keys (defaults < --config YAML < overrides):\n" + config_help(TrainConfig)
+    parser.epilog = (f"SIGTERM / SIGUSR1 stop training after the current step with a checkpoint and exit status "
+                     f"{EXIT_STOPPED_BY_SIGNAL}: rerun with --auto-resume to continue.\n\n") + \
+        "configuration keys (defaults < --config YAML < overrides):\n" + config_help(TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,10 +35,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from trime_dist.core.distributed import shutdown_distributed
     from trime_dist.train.loop import train
+    from trime_dist.train.signals import EXIT_STOPPED_BY_SIGNAL, StoppedBySignal
 
     resume = args.resume or (args.auto_resume and has_checkpoint(cfg.run.out_dir))
     try:
         train(cfg, resume=resume)
+    except StoppedBySignal:  # the loop logged it; the exit code tells the job script to requeue
+        return EXIT_STOPPED_BY_SIGNAL
     finally:
         shutdown_distributed()
     return 0

@@ -27,6 +27,8 @@ class DataConfig:
     placement: str = opt("contiguous", "how a group is dealt to ranks", choices=PLACEMENTS)
     num_workers: int = opt(0, "loader worker processes per rank")
     shuffle_shards: bool = opt(True, "shuffle shard order each epoch (seeded; groups stay whole)")
+    allow_ungrouped: bool = opt(False, "let objective.name=trime_ext train on data not grouped by "
+                                "`trime group --method bm25` (memory is then the same text's neighbours)")
 
 
 @dataclass
@@ -82,6 +84,9 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "newest N step checkpoints are kept")
     threads: int = opt(0, "torch intra-op threads per rank (0 = leave as is)")
     compile: bool = opt(False, "torch.compile each transformer block (GPU; the first steps pay for compiling)")
+    dist_timeout_s: int = opt(900, "seconds a rank waits for the others at process-group start and in any "
+                              "collective (all-reduce, barrier) before it stops with an error naming the ranks "
+                              "that did not answer; above the longest rank-0-only work (checkpoint, export)")
     trackers: list[str] = opt(doc="also log the metrics to these (rank 0): RUN/tensorboard, RUN/wandb (offline "
                               "unless WANDB_MODE is set)", factory=list, choices=TRACKERS)
 

@@ -124,15 +124,29 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     return engine
 
 
-def init_deepspeed_distributed() -> None:
+def init_deepspeed_distributed(timeout_s: int = 1800) -> None:
     """The process group (gloo on CPU, nccl on GPU) from the launcher env, made by DeepSpeed's own init
-    so that its comm layer knows it (and binds the GPU as DeepSpeed does); one process gets a group too."""
+    so that its comm layer knows it (and binds the GPU as DeepSpeed does); one process gets a group too.
+    timeout_s bounds the start and every collective (run.dist_timeout_s)."""
+    import datetime
+
     import deepspeed
 
     from trime_dist.core.distributed import init_distributed
 
-    init_distributed(group_of_one=True, init_group=lambda backend: deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False))
+    def init_group(backend: str) -> None:
+        # Without LOCAL_SIZE DeepSpeed skips its CPU shared-memory all-reduce, which training never uses
+        # (only inference_all_reduce does): no 64 MB /dev/shm buffer per rank, and no unbounded spin in
+        # shm_initialize waiting for a peer's buffer that a dead peer (or a cleanup of /dev/shm) never provides.
+        local_size = os.environ.pop("LOCAL_SIZE", None)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                       timeout=datetime.timedelta(seconds=timeout_s))
+        finally:
+            if local_size is not None:
+                os.environ["LOCAL_SIZE"] = local_size
+
+    init_distributed(group_of_one=True, init_group=init_group)
 
 
 def current_lr(engine) -> float:
@@ -144,8 +158,10 @@ def current_lr(engine) -> float:
 def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, keep: int) -> str:
     """Save tag `step{N}`; DeepSpeed rewrites `latest` only after the tag is complete."""
     from trime_dist.core.distributed import barrier, get_rank
+    from trime_dist.train.rng_state import save_rng_state
 
     tag = f"step{step:08d}"
+    save_rng_state(ckpt_dir, tag, get_rank())  # per rank, before DeepSpeed writes `latest`
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     barrier()
     if get_rank() == 0 and keep > 0:
@@ -165,13 +181,19 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
 
 
 def load_checkpoint(engine, ckpt_dir: str) -> Optional[dict]:
-    """Load the latest complete checkpoint; returns its client state (None when there is none)."""
+    """Load the latest complete checkpoint (weights, optimizer, LR schedule, this rank's RNG streams);
+    returns its client state (None when there is none). Call it last before training: the RNG streams
+    continue from here."""
+    from trime_dist.core.distributed import get_rank
+    from trime_dist.train.rng_state import load_rng_state
+
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise ValueError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+    load_rng_state(ckpt_dir, tag, get_rank())
     log.info("resumed from %s", path)
     return client_state
 

@@ -181,7 +181,11 @@ class RankLoader:
         if self.num_workers == 0:
             return ((g.index, group_to_batch(g, self.rows)) for g in self.dataset.iter_epoch(epoch, start))
         workers = _WorkerGroups(self.dataset, epoch, start, self.rows)
-        return iter(torch.utils.data.DataLoader(workers, batch_size=None, num_workers=self.num_workers))
+        # its own generator: the workers' base seed would otherwise be drawn from the global torch RNG,
+        # shifting the dropout stream by one draw wherever a (resumed) run opens an epoch
+        seeds = torch.Generator().manual_seed(self.dataset.seed * 1_000_003 + epoch)
+        return iter(torch.utils.data.DataLoader(workers, batch_size=None, num_workers=self.num_workers,
+                                                generator=seeds))
 
     def load_state_dict(self, state: dict) -> None:
         self.state = LoaderState(int(state["epoch"]), int(state["next_index"]))

@@ -18,7 +18,9 @@ import torch
 from trime_dist.core.config import save_config
 from trime_dist.core.io import atomic_write_json
 from trime_dist.train.config import TrainConfig, grad_accum_steps, validate_train_config
+from trime_dist.train.kill_hook import maybe_exit_after_step
 from trime_dist.train.loss import LossSpec, build_loss_spec, micro_batch_loss
+from trime_dist.train.signals import EXIT_STOPPED_BY_SIGNAL, StopFlag, StoppedBySignal
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class TrainState:
     tokens_seen: int = 0
     best_valid: Optional[float] = None
     history: list = field(default_factory=list)
+    stop_ranks: int = 0           # ranks that had a stop signal at the last step's all-reduce (same on all)
 
 
 def setup_run(cfg: TrainConfig, world_size: int, rank: int, resume: bool):
@@ -46,9 +49,14 @@ def setup_run(cfg: TrainConfig, world_size: int, rank: int, resume: bool):
     if not resume and os.path.isfile(os.path.join(ckpt_dir, "latest")):
         raise ValueError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run "
                          "or choose a new run.out_dir")
+    if resume and not has_checkpoint(ckpt_dir):
+        raise ValueError(f"--resume: no checkpoint in {ckpt_dir} (run.out_dir={cfg.run.out_dir}); use "
+                         "--auto-resume to start the run or resume it, whichever applies")
     group_size = world_size * cfg.data.micro_batch_size
     train_data = ShardDataset(cfg.data.train, group_size, shuffle_shards=cfg.data.shuffle_shards,
                               seed=cfg.run.seed, verify=(rank == 0))
+    if cfg.data.valid:
+        check_valid_data(cfg.data.valid, group_size, rank)
     fit_model_to_data(cfg, train_data)
     check_data_for_objective(cfg, train_data, world_size)
     if rank == 0:
@@ -56,6 +64,16 @@ def setup_run(cfg: TrainConfig, world_size: int, rank: int, resume: bool):
         save_config(cfg, os.path.join(cfg.run.out_dir, "config.yaml"))
         add_log_file(os.path.join(cfg.run.out_dir, "train.log"))
     return train_data
+
+
+def check_valid_data(valid: str, group_size: int, rank: int) -> None:
+    """Refuse a missing or incomplete data.valid now, not after the engine is built (rank 0 checks sums)."""
+    from trime_dist.train.loader import ShardDataset
+
+    try:
+        ShardDataset(valid, group_size, drop_last=False, verify=(rank == 0))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ValueError(f"data.valid={valid}: {e}") from e
 
 
 def fit_model_to_data(cfg: TrainConfig, train_data) -> None:
@@ -79,6 +97,13 @@ def fit_model_to_data(cfg: TrainConfig, train_data) -> None:
 def check_data_for_objective(cfg: TrainConfig, train_data, world_size: int) -> None:
     """Refuse memory layouts the data cannot satisfy, saying which setting to change."""
     method = train_data.manifest.get("grouping", {}).get("method")
+    if cfg.objective.name == "trime_ext" and method != "bm25" and not cfg.data.allow_ungrouped:
+        # In stream order a segment's memory holds the next segment of the same text: trime_ext would
+        # learn to copy it instead of retrieving from similar texts.
+        found = f"{method!r} groups" if method else "segments in stream order (not grouped)"
+        raise ValueError(f"objective.name=trime_ext trains on BM25 groups, but {cfg.data.train} holds {found}; "
+                         f"group them with `trime group --input {cfg.data.train} --output DIR --method bm25`, "
+                         "or set data.allow_ungrouped=true to train on them anyway")
     if cfg.objective.name == "trime_long":
         if method not in (None, "consecutive"):
             raise ValueError(f"objective.name=trime_long needs consecutive segments, but {cfg.data.train} holds "
@@ -102,13 +127,15 @@ def add_log_file(path: str) -> None:
 # ----------------------------------------------------------------------------- one step
 
 def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainState, world_size: int,
-               device: torch.device, rank: int = 0) -> dict:
-    """One optimizer step over grad-accumulation micro-batches; returns the step's metrics."""
+               device: torch.device, rank: int = 0, stop: Optional[StopFlag] = None) -> dict:
+    """One optimizer step over grad-accumulation micro-batches; returns the step's metrics. Sets
+    state.stop_ranks to the number of ranks that had a stop signal, agreed in the step's one all-reduce."""
     from trime_dist.core.device import bf16_autocast, synchronize
     from trime_dist.core.distributed import all_reduce_sum
 
     start = time.perf_counter()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll_sum, ce_sum, tokens (this rank)
+    # nll_sum, ce_sum, tokens, stop signal (this rank)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
     memory_sizes, epoch, layout = [], 0, "none"
     accum = grad_accum_steps(cfg, world_size)
     for micro_step in range(accum):
@@ -118,21 +145,21 @@ def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainSt
         with bf16_autocast(device, cfg.deepspeed.precision == "bf16_autocast"):
             logits, memory_keys = engine(batch.input_ids)
         out = micro_batch_loss(logits, memory_keys, batch, spec, layout, use_local)
-        totals += torch.stack([out.nll_sum.double(), out.ce_sum.double(), out.n_tokens.double()])
+        totals[:3] += torch.stack([out.nll_sum.double(), out.ce_sum.double(), out.n_tokens.double()])
         memory_sizes.append(out.memory_size)
         engine.backward(out.loss)
         if micro_step == accum - 1:
-            # One collective per optimizer step, before the update: every rank sees a NaN anywhere.
+            # One collective per optimizer step, before the update: every rank sees a NaN anywhere, and a
+            # stop signal on any rank (so all ranks stop after the same step).
+            totals[3] = 1.0 if stop is not None and stop.requested else 0.0
             totals = all_reduce_sum(totals)
             if not math.isfinite(float(totals[0])):
-                raise FloatingPointError(
-                    f"non-finite loss at step {state.step + 1} (epoch {epoch}); stopping without saving, the "
-                    f"last good checkpoint in {cfg.run.out_dir}/checkpoints is intact. Try a lower optim.lr "
-                    "or deepspeed.precision=fp32")
+                raise FloatingPointError(nan_message(cfg, state.step + 1, epoch))
         engine.step()
     synchronize(device)
     elapsed = time.perf_counter() - start
     state.step += 1
+    state.stop_ranks = int(totals[3])
     tokens = int(totals[2])
     state.tokens_seen += tokens
     loss, ce_loss = float(totals[0] / max(tokens, 1)), float(totals[1] / max(tokens, 1))
@@ -146,6 +173,21 @@ def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainSt
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "lr": current_lr(engine),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "memory_size": sum(memory_sizes) / len(memory_sizes)}
+
+
+def nan_message(cfg: TrainConfig, step: int, epoch: int) -> str:
+    """The NaN-loss stop's line: it promises an intact checkpoint only when one exists."""
+    ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
+    kept = (f"the last good checkpoint in {ckpt_dir} is intact" if has_checkpoint(ckpt_dir) else
+            f"no checkpoint was saved yet (none in {ckpt_dir})")
+    return (f"non-finite loss at step {step} (epoch {epoch}); stopping without saving, {kept}. Try a lower "
+            "optim.lr or deepspeed.precision=fp32")
+
+
+def has_checkpoint(ckpt_dir: str) -> bool:
+    """A complete checkpoint: `latest` names a tag directory that exists (DeepSpeed writes it last)."""
+    latest = os.path.join(ckpt_dir, "latest")
+    return os.path.isfile(latest) and os.path.isdir(os.path.join(ckpt_dir, open(latest).read().strip()))
 
 
 @torch.no_grad()
@@ -176,7 +218,29 @@ def evaluate(engine, cfg: TrainConfig, spec: LossSpec, rank: int, world_size: in
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train until run.max_steps (or run.max_epochs); returns the final summary (also RUN/summary.json)."""
+    """Train until run.max_steps (or run.max_epochs); returns the final summary (also RUN/summary.json).
+    SIGTERM / SIGUSR1 stop it after a whole step and a checkpoint: StoppedBySignal (see signals.py)."""
+    from trime_dist.core.launch_env import discover_env
+    from trime_dist.core.lost_ranks import is_peer_failure, rank_lost_error
+    from trime_dist.core.watchdog import ProgressWatchdog
+
+    env = discover_env()
+    # a rank waiting longer than run.dist_timeout_s for the others ends with a line naming the lost ranks
+    watchdog = ProgressWatchdog(cfg.run.dist_timeout_s, env, "train", "training")
+    stop = StopFlag().install()  # from here on a signal cannot kill a step half-done
+    try:
+        return _train(cfg, resume, stop, watchdog)
+    except Exception as e:
+        # (still under the StopFlag: the launcher's SIGTERM to the survivors cannot cut the check short)
+        if env.world_size > 1 and is_peer_failure(e):
+            raise rank_lost_error(e, env, "training") from e
+        raise
+    finally:
+        watchdog.stop()
+        stop.restore()
+
+
+def _train(cfg: TrainConfig, resume: bool, stop: StopFlag, watchdog) -> dict:
     from trime_dist.core.device import pick_device
     from trime_dist.core.distributed import get_rank, get_world_size
     from trime_dist.core.launch_env import discover_env
@@ -192,7 +256,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     env = discover_env()  # config and data are checked before any process group or engine exists
     train_data = setup_run(cfg, env.world_size, env.rank, resume)
     spec = build_loss_spec(cfg)  # what every micro-batch's loss is, decided once
-    init_deepspeed_distributed()
+    init_deepspeed_distributed(cfg.run.dist_timeout_s)
     rank, world_size = get_rank(), get_world_size()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -210,6 +274,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if client is not None:
         state.step, state.tokens_seen = int(client["step"]), int(client["tokens_seen"])
         loader.load_state_dict(client["loader"])
+    watchdog.start()  # from here on every rank makes progress together
     # metrics.jsonl and the run.trackers (tensorboard, wandb): rank 0 only
     metrics = open_run_metrics(cfg, state.step if resume else None) if rank == 0 else None
     log.info("rank %d/%d: %d params, %s, %d optimizer steps from step %d, loader at %s", rank, world_size,
@@ -225,7 +290,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     last_saved = state.step
     while state.step < cfg.run.max_steps:
         try:
-            record = train_step(engine, batches, cfg, spec, state, world_size, device, rank)
+            record = train_step(engine, batches, cfg, spec, state, world_size, device, rank, stop)
         except StopIteration:
             log.info("run.max_epochs=%d reached at step %d", cfg.run.max_epochs, state.step)
             break
@@ -233,6 +298,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             record.update(evaluate(engine, cfg, spec, rank, world_size, device))
             state.history.append({k: v for k, v in record.items() if k.startswith("valid") or k == "step"})
         _record(metrics, record)
+        watchdog.beat()
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}")
@@ -240,13 +306,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             log.info("step %d epoch %d %s loss %.4f ce %.4f lr %.2e grad_norm %s tok/s %.0f", state.step,
                      record["epoch"], record["objective"], record["loss"], record["ce_loss"], record["lr"],
                      record["grad_norm"], record["tokens_per_s"])
-        if state.step % cfg.run.save_every == 0:
+        if state.step % cfg.run.save_every == 0 or state.stop_ranks:
             _save(engine, cfg, ckpt_dir, state, loader)
             last_saved = state.step
+            watchdog.beat()
+        if state.stop_ranks and state.step < cfg.run.max_steps:
+            _stop_by_signal(stop, ckpt_dir, state, rank, progress, metrics)
+        maybe_exit_after_step(state.step)
     if progress is not None:
         progress.close()
     if last_saved != state.step or not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         _save(engine, cfg, ckpt_dir, state, loader)
+    watchdog.beat()  # the final validation and export get a whole run.dist_timeout_s
     return _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, metrics, device)
 
 
@@ -260,6 +331,16 @@ def _progress(cfg: TrainConfig, state: TrainState, rank: int):
     # On a terminal the bar redraws in place; in a log file (SLURM, CI) one update every 30 s is enough.
     return tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                 mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+
+def _stop_by_signal(stop: StopFlag, ckpt_dir: str, state: TrainState, rank: int, progress, metrics) -> None:
+    """After the stopping step's checkpoint (every rank): one log line, then StoppedBySignal."""
+    error = StoppedBySignal(state.step, ckpt_dir, stop.signal_name)
+    if rank == 0:
+        progress.close()
+        metrics.close()
+        log.warning("%s (exit code %d)", error, EXIT_STOPPED_BY_SIGNAL)
+    raise error
 
 
 def _record(metrics, record: dict) -> None:
