@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from data_pipeline.segmenter import Segmenter, stream_id
-from data_pipeline.text_input import FORMATS, expand_inputs, iter_documents
+from data_pipeline.text_input import FORMATS, expand_inputs, input_size, iter_documents
 from data_pipeline.tokenizer import KINDS, SIDE_FILES, UNK, TokenizerSource
 from trime_dist.core import shards
 from trime_dist.core.config import opt
@@ -42,7 +42,9 @@ DOC_BATCH = 64                           # documents per tokenizer call
 
 @dataclass
 class PrepareConfig:
-    input: list[str] = opt(doc="input files or directories", factory=list)
+    input: list[str] = opt(doc="input files, folders (searched recursively) or globs ('data/**/*.jsonl.gz'): text, "
+                               "JSONL, Parquet (each text file may be .gz / .xz / .zst) or a `datasets` save_to_disk "
+                               "folder", factory=list)
     output: str = opt("", "output shard directory")
     seq_len: int = opt(128, "tokens per segment L")
     tokenizer_kind: str = opt("bpe", "tokenizer to train", choices=KINDS)
@@ -54,7 +56,9 @@ class PrepareConfig:
     tokenizer_sample_mb: float = opt(256.0, "MiB of text (spread over files) to train on")
     stream_per_document: bool = opt(False, "each document is its own stream")
     format: str = opt("auto", "text: blank-line separated docs; file: one doc per file; wikitext: ' = Title = ' "
-                      "headings; jsonl: a 'text' field per line; auto: by extension and content", choices=FORMATS)
+                      "headings; jsonl: a text field per line; parquet: a text column; hf_dataset: a datasets "
+                      "save_to_disk folder; auto: by extension and content", choices=FORMATS)
+    text_field: str = opt("text", "the field (JSONL) or column (Parquet, datasets folders) that holds the text")
     shard_segments: int = opt(2000, "segments per shard")
     overwrite: bool = opt(False, "start from scratch, replacing an existing output")
 
@@ -63,18 +67,18 @@ class PrepareConfig:
 
 def rank_files(files: list[str], rank: int, world: int) -> list[int]:
     """Indices of the contiguous block of `files` owned by `rank` (balanced by bytes)."""
-    sizes = np.array([max(os.path.getsize(f), 1) for f in files], dtype=np.float64)
+    sizes = np.array([max(input_size(f), 1) for f in files], dtype=np.float64)
     ends = np.cumsum(sizes)  # [F]
     # file i goes to the rank whose byte range holds the file's midpoint
     owner = np.minimum(((ends - sizes / 2) / ends[-1] * world).astype(int), world - 1)
     return [i for i in range(len(files)) if owner[i] == rank]
 
 
-def doc_token_ids(path: str, fmt: str, tok, eod_id: int, pbar) -> Iterator[np.ndarray]:
+def doc_token_ids(path: str, fmt: str, tok, eod_id: int, pbar, text_field: str = "text") -> Iterator[np.ndarray]:
     """Each document's token ids followed by the end-of-document token, int32 [n + 1], in file order."""
     from data_pipeline.tokenizer import encode_docs
 
-    docs = iter_documents(path, fmt)
+    docs = iter_documents(path, fmt, text_field)
     while batch := list(itertools.islice(docs, DOC_BATCH)):
         for ids in encode_docs(tok, batch):
             yield np.array(ids + [eod_id], dtype=np.int32)
@@ -93,7 +97,7 @@ def tokenize_file(path: str, file_index: int, cfg: PrepareConfig, tok, eod_id: i
 
     docs = unknown = 0
     unk_id = tok.token_to_id(UNK)  # char tokenizers (and some given ones) have one
-    for docs, ids in enumerate(doc_token_ids(path, cfg.format, tok, eod_id, pbar), start=1):
+    for docs, ids in enumerate(doc_token_ids(path, cfg.format, tok, eod_id, pbar, cfg.text_field), start=1):
         if unk_id is not None:
             unknown += int((ids == unk_id).sum())
         if seg is None or cfg.stream_per_document:
@@ -122,7 +126,7 @@ def process_rank(cfg: PrepareConfig, files: list[str], rank: int, world: int, to
     writer = shards.SegmentShardWriter(cfg.output, rank, cfg.shard_segments)  # imports webdataset
     counts = {"docs": 0, "streams": 0}
     t0 = time.time()
-    with tqdm(total=sum(os.path.getsize(files[i]) for i in mine), unit="B", unit_scale=True,
+    with tqdm(total=sum(input_size(files[i]) for i in mine), unit="B", unit_scale=True,
               desc=f"prepare rank {rank}", position=rank, leave=False, mininterval=1.0) as pbar:
         for i in mine:
             for k, v in tokenize_file(files[i], i, cfg, tok, eod_id, writer, pbar).items():
@@ -171,7 +175,12 @@ def settings_of(cfg: PrepareConfig, files: list[str], world: int,
 
 
 def quick_fingerprint(path: str, edge: int = 1 << 20) -> str:
-    """sha256 of (size, first MiB, last MiB): notices edited inputs without reading whole corpora."""
+    """sha256 of (size, first MiB, last MiB): notices edited inputs without reading whole corpora (a folder:
+    the fingerprints of its files)."""
+    if os.path.isdir(path):
+        parts = sorted((os.path.relpath(os.path.join(r, n), path), quick_fingerprint(os.path.join(r, n), edge))
+                       for r, _, fs in os.walk(path) for n in fs)
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     h = hashlib.sha256(str(os.path.getsize(path)).encode())
     with open(path, "rb") as f:
         h.update(f.read(edge))
@@ -222,7 +231,7 @@ def sample_texts(files: list[str], cfg: PrepareConfig) -> Iterator[str]:
     per_file = cfg.tokenizer_sample_mb * 2**20 / len(files)
     for f in files:
         taken = 0
-        for doc in iter_documents(f, cfg.format):
+        for doc in iter_documents(f, cfg.format, cfg.text_field):
             yield doc
             taken += len(doc)
             if taken >= per_file:

@@ -1,16 +1,21 @@
-"""Reading documents from input files: plain text, WikiText-style text, or JSONL with a `text` field.
+"""Reading documents from inputs: plain text, WikiText-style text, JSONL with a text field (each of them
+optionally gzip / xz / zstd compressed), Parquet files with a text column, and Hugging Face `datasets`
+folders written by `save_to_disk`.
 
-Documents are yielded one at a time (files are streamed line by line) and their text is kept
-verbatim, so decoding the prepared shards gives back exactly these strings. Empty documents
-are skipped.
+Documents are yielded one at a time (files are streamed) and their text is kept verbatim, so decoding
+the prepared shards gives back exactly these strings. Empty documents are skipped. A bad record names
+the file and its line (or row).
 """
 from __future__ import annotations
 
+import glob
+import io
 import json
 import os
 from typing import Iterator
 
-FORMATS = ("auto", "text", "file", "wikitext", "jsonl")
+FORMATS = ("auto", "text", "file", "wikitext", "jsonl", "parquet", "hf_dataset")
+COMPRESSIONS = (".gz", ".xz", ".zst", ".zstd")
 _SNIFF_BYTES = 1 << 20
 
 
@@ -20,10 +25,22 @@ def is_top_heading(line: str) -> bool:
     return s.startswith(" = ") and s.endswith(" = ") and not s.startswith(" = = ") and len(s) > 6
 
 
+def is_hf_dataset(path: str) -> bool:
+    """A folder written by `datasets.Dataset.save_to_disk` (or a DatasetDict's, which holds splits)."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "state.json")) or
+                                    os.path.isfile(os.path.join(path, "dataset_dict.json")))
+
+
 def detect_format(path: str) -> str:
-    """jsonl by extension, wikitext if a top-level heading occurs in the first MiB, else text."""
-    if path.endswith((".jsonl", ".jsonl.txt", ".ndjson")):
+    """hf_dataset for a save_to_disk folder; jsonl / parquet by extension (under a compression suffix);
+    wikitext if a top-level heading occurs in the first MiB; else text."""
+    if is_hf_dataset(path):
+        return "hf_dataset"
+    base = uncompressed_name(path)
+    if base.endswith((".jsonl", ".jsonl.txt", ".ndjson")):
         return "jsonl"
+    if base.endswith(".parquet"):
+        return "parquet"
     with _open(path) as f:
         try:
             head = f.read(_SNIFF_BYTES)
@@ -32,11 +49,35 @@ def detect_format(path: str) -> str:
     return "wikitext" if any(is_top_heading(line) for line in head.splitlines(keepends=True)) else "text"
 
 
-def _open(path: str):
+def uncompressed_name(path: str) -> str:
+    """`a/b.jsonl.gz` -> `a/b.jsonl`: the name that says what the file holds."""
+    return path[: -len(ext)] if (ext := next((e for e in COMPRESSIONS if path.endswith(e)), None)) else path
+
+
+def _open_binary(path: str):
+    """The file's bytes, decompressed by its suffix (.gz, .xz, .zst / .zstd)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    if path.endswith(".xz"):
+        import lzma
+
+        return lzma.open(path, "rb")
+    if path.endswith((".zst", ".zstd")):
+        try:
+            import zstandard
+        except ImportError:
+            raise ValueError(f"{path}: reading .zst files needs the zstandard package (pip install zstandard)") from None
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
+
+
+def _open(path: str):
     # newline="" keeps \r\n as is: the text round-trips byte for byte.
-    return open(path, encoding="utf-8", newline="")
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline="")
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
@@ -50,7 +91,7 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
 def utf8_error(path: str) -> ValueError:
     """The one-line error for a file that is not UTF-8, naming its first bad line and byte (found again
     line by line: the text reader decodes in chunks, so its own position is not the line's)."""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):  # "\n" is never inside a UTF-8 character
             try:
                 raw.decode("utf-8")
@@ -95,8 +136,8 @@ def iter_whole_file(path: str) -> Iterator[str]:
         yield text
 
 
-def iter_jsonl(path: str) -> Iterator[str]:
-    """The `text` field of each non-blank line; errors name the file and line."""
+def iter_jsonl(path: str, text_field: str = "text") -> Iterator[str]:
+    """The text field of each non-blank line; errors name the file and line."""
     for lineno, line in _lines(path):
         if not line.strip():
             continue
@@ -104,37 +145,131 @@ def iter_jsonl(path: str) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             got = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field, got {got}")
-        if record["text"]:
-            yield record["text"]
+            raise ValueError(f"{path}:{lineno}: expected an object with a string {text_field!r} field (--text-field), "
+                             f"got {got}")
+        if record[text_field]:
+            yield record[text_field]
 
 
-_READERS = {"text": iter_paragraph_docs, "file": iter_whole_file, "wikitext": iter_wikitext, "jsonl": iter_jsonl}
+def _iter_column(batches, text_field: str, where: str) -> Iterator[str]:
+    """The strings of column text_field over pyarrow record batches; a non-string value names its row."""
+    row = 0
+    for batch in batches:
+        for value in batch.column(batch.schema.get_field_index(text_field)).to_pylist():
+            row += 1
+            if value is None or value == "":
+                continue
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: row {row}: column {text_field!r} holds a {type(value).__name__}, "
+                                 "expected a string")
+            yield value
 
 
-def iter_documents(path: str, fmt: str = "auto") -> Iterator[str]:
-    """Documents of one input file. fmt: auto | text (blank-line separated) | file (the whole file
-    is one document) | wikitext (` = Title = ` boundaries) | jsonl (`text` field per line)."""
+def _require_column(schema, text_field: str, where: str) -> None:
+    if schema.get_field_index(text_field) < 0:
+        raise ValueError(f"{where}: no column {text_field!r} (columns: {', '.join(schema.names)}); "
+                         "choose one with --text-field")
+
+
+def iter_parquet(path: str, text_field: str = "text") -> Iterator[str]:
+    """The text column of a Parquet file, row group by row group (pyarrow)."""
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file not found: {path}")
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise ValueError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    _require_column(pf.schema_arrow, text_field, path)
+    return _iter_column(pf.iter_batches(columns=[text_field]), text_field, path)
+
+
+def hf_dataset_files(path: str) -> list[str]:
+    """The Arrow files of a `save_to_disk` folder, in order (its state.json lists them)."""
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        with open(os.path.join(path, "dataset_dict.json")) as f:
+            splits = json.load(f).get("splits", [])
+        raise ValueError(f"{path}: a DatasetDict folder with splits {', '.join(splits)}; give one split's folder "
+                         f"(e.g. {os.path.join(path, splits[0] if splits else 'train')})")
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    files = [os.path.join(path, d["filename"]) for d in state.get("_data_files", [])]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if not files or missing:
+        raise ValueError(f"{path}/state.json: lists no Arrow files or missing ones ({', '.join(missing) or 'none'})")
+    return files
+
+
+def iter_hf_dataset(path: str, text_field: str = "text") -> Iterator[str]:
+    """The text column of a Hugging Face `datasets` folder (save_to_disk: Arrow IPC stream files)."""
+    import pyarrow as pa
+
+    for arrow in hf_dataset_files(path):
+        with pa.memory_map(arrow) as source:
+            reader = pa.ipc.open_stream(source)
+            _require_column(reader.schema, text_field, arrow)
+            yield from _iter_column(reader, text_field, arrow)
+
+
+_READERS = {"text": iter_paragraph_docs, "file": iter_whole_file, "wikitext": iter_wikitext, "jsonl": iter_jsonl,
+            "parquet": iter_parquet, "hf_dataset": iter_hf_dataset}
+_FIELD_FORMATS = ("jsonl", "parquet", "hf_dataset")   # the formats whose records have fields
+
+
+def iter_documents(path: str, fmt: str = "auto", text_field: str = "text") -> Iterator[str]:
+    """Documents of one input. fmt: auto | text (blank-line separated) | file (the whole file is one
+    document) | wikitext (` = Title = ` boundaries) | jsonl (a text field per line) | parquet (a text
+    column) | hf_dataset (a `save_to_disk` folder's text column). Text files may be .gz / .xz / .zst."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown input format {fmt!r}, expected one of {FORMATS}")
     if fmt == "auto":
         fmt = detect_format(path)
+    if fmt in _FIELD_FORMATS:
+        return _READERS[fmt](path, text_field)
     return _READERS[fmt](path)
 
 
 def expand_inputs(paths: list[str]) -> list[str]:
-    """Absolute, sorted, de-duplicated input files; a directory stands for its non-hidden files."""
-    files = []
+    """Absolute, sorted, de-duplicated inputs. A directory stands for the non-hidden files below it
+    (recursively; a `datasets` save_to_disk folder is one input); a path with * ? [ is a glob
+    (`**` matches folders recursively)."""
+    found = []
     for p in paths:
-        if os.path.isdir(p):
-            files += [os.path.join(p, n) for n in os.listdir(p)
-                      if not n.startswith(".") and os.path.isfile(os.path.join(p, n))]
+        if any(c in p for c in "*?["):
+            matches = sorted(glob.glob(p, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"--input {p}: the pattern matches nothing")
+            found += [m for m in matches if os.path.isfile(m) or is_hf_dataset(m)]
+        elif is_hf_dataset(p):
+            found.append(p)
+        elif os.path.isdir(p):
+            found += _walk(p)
         elif os.path.isfile(p):
-            files.append(p)
+            found.append(p)
         else:
             raise FileNotFoundError(f"input file not found: {p}")
-    if not files:
+    if not found:
         raise ValueError(f"no input files in {paths}")
-    return sorted({os.path.abspath(f) for f in files})
+    return sorted({os.path.abspath(f) for f in found})
+
+
+def _walk(folder: str) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in list(dirs):
+            if is_hf_dataset(os.path.join(root, d)):   # one input; its Arrow files are not texts
+                out.append(os.path.join(root, d))
+                dirs.remove(d)
+        out += [os.path.join(root, n) for n in files if not n.startswith(".")]
+    return out
+
+
+def input_size(path: str) -> int:
+    """Bytes of an input (a folder's: all its files), for balancing inputs over ranks."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, n)) for r, _, fs in os.walk(path) for n in fs)
+    return os.path.getsize(path)
