@@ -74,12 +74,27 @@ def rank_files(files: list[str], rank: int, world: int) -> list[int]:
     return [i for i in range(len(files)) if owner[i] == rank]
 
 
-def doc_token_ids(path: str, fmt: str, tok, eod_id: int, pbar, text_field: str = "text") -> Iterator[np.ndarray]:
-    """Each document's token ids followed by the end-of-document token, int32 [n + 1], in file order."""
+TEXT_STATS = ("words", "lines", "bytes", "chars")
+
+
+def text_stats(docs: list[str]) -> dict[str, int]:
+    """What per-word and per-byte metrics divide by (docs/FORMATS.md, "text"): whitespace-separated words,
+    newlines (WikiText's line-end </s> tokens), UTF-8 bytes and characters."""
+    return {"words": sum(len(d.split()) for d in docs), "lines": sum(d.count("\n") for d in docs),
+            "bytes": sum(len(d.encode("utf-8")) for d in docs), "chars": sum(len(d) for d in docs)}
+
+
+def doc_token_ids(path: str, fmt: str, tok, eod_id: int, pbar, text_field: str = "text",
+                  stats: Optional[dict] = None) -> Iterator[np.ndarray]:
+    """Each document's token ids followed by the end-of-document token, int32 [n + 1], in file order;
+    the text's counts are added to `stats`."""
     from data_pipeline.tokenizer import encode_docs
 
     docs = iter_documents(path, fmt, text_field)
     while batch := list(itertools.islice(docs, DOC_BATCH)):
+        if stats is not None:
+            for k, v in text_stats(batch).items():
+                stats[k] = stats.get(k, 0) + v
         for ids in encode_docs(tok, batch):
             yield np.array(ids + [eod_id], dtype=np.int32)
         pbar.update(sum(len(d.encode("utf-8")) for d in batch))
@@ -88,7 +103,7 @@ def doc_token_ids(path: str, fmt: str, tok, eod_id: int, pbar, text_field: str =
 def tokenize_file(path: str, file_index: int, cfg: PrepareConfig, tok, eod_id: int,
                   writer: shards.SegmentShardWriter, pbar) -> dict[str, int]:
     """Cut one file's documents into segments of one stream (or one per document with
-    --stream-per-document) and hand them to `writer`; returns counts {docs, streams}."""
+    --stream-per-document) and hand them to `writer`; returns counts {docs, streams, words, lines, bytes, chars}."""
     streams, seg, sid = 0, None, None
 
     def end_stream():
@@ -96,8 +111,9 @@ def tokenize_file(path: str, file_index: int, cfg: PrepareConfig, tok, eod_id: i
             writer.add(sid, index, start, tokens)
 
     docs = unknown = 0
+    stats = dict.fromkeys(TEXT_STATS, 0)
     unk_id = tok.token_to_id(UNK)  # char tokenizers (and some given ones) have one
-    for docs, ids in enumerate(doc_token_ids(path, cfg.format, tok, eod_id, pbar, cfg.text_field), start=1):
+    for docs, ids in enumerate(doc_token_ids(path, cfg.format, tok, eod_id, pbar, cfg.text_field, stats), start=1):
         if unk_id is not None:
             unknown += int((ids == unk_id).sum())
         if seg is None or cfg.stream_per_document:
@@ -111,7 +127,7 @@ def tokenize_file(path: str, file_index: int, cfg: PrepareConfig, tok, eod_id: i
     if unknown:
         log.warning("%s: %d characters the tokenizer does not know became %s (decoding will not give the text "
                     "back; for a char tokenizer raise --tokenizer-sample-mb)", path, unknown, UNK)
-    return {"docs": docs, "streams": streams}
+    return {"docs": docs, "streams": streams, **stats}
 
 
 def process_rank(cfg: PrepareConfig, files: list[str], rank: int, world: int, tok_json: str,
@@ -124,7 +140,7 @@ def process_rank(cfg: PrepareConfig, files: list[str], rank: int, world: int, to
     tok = tokenizer_from_str(tok_json)
     mine = rank_files(files, rank, world)
     writer = shards.SegmentShardWriter(cfg.output, rank, cfg.shard_segments)  # imports webdataset
-    counts = {"docs": 0, "streams": 0}
+    counts = {"docs": 0, "streams": 0, **dict.fromkeys(TEXT_STATS, 0)}
     t0 = time.time()
     with tqdm(total=sum(input_size(files[i]) for i in mine), unit="B", unit_scale=True,
               desc=f"prepare rank {rank}", position=rank, leave=False, mininterval=1.0) as pbar:
@@ -312,6 +328,9 @@ def build_manifest(cfg: PrepareConfig, files: list[str], settings: dict, tok_inf
         "streams": sum(r["streams"] for r in results), "documents": sum(r["docs"] for r in results),
         "shards": entries, "inputs": files, "created_by": "trime prepare",
         "world_size": len(results), "settings": settings,
+        # per-word / per-byte metrics divide by these (rank records of older runs lack them: then none)
+        **({"text": {k: sum(r[k] for r in results) for k in TEXT_STATS}}
+           if all(k in r for r in results for k in TEXT_STATS) else {}),
     }
 
 

@@ -128,3 +128,37 @@ def test_prepare_reads_every_kind_of_input(tmp_path):
             streams.setdefault(meta["stream"], [])[meta["start"]:] = tokens.tolist()
     docs = [tokenizer.decode(tok, d) for s in sorted(streams) for d in tokenizer.split_at_eod(streams[s], eod)]
     assert docs == DOCS
+
+
+def test_manifest_counts_the_text_and_eval_reports_word_ppl_and_bits(tmp_path):
+    """prepare records words / line ends / bytes / chars of the text; eval turns the total NLL into word-level
+    perplexity and bits per byte (checked against the row's own loss × tokens)."""
+    import math
+
+    from trime_dist.cli import main
+    from trime_dist.model.config import ModelConfig
+    from trime_dist.model.export import export_model
+    from trime_dist.model.transformer import build_model
+
+    (tmp_path / "docs.jsonl").write_text(_jsonl(DOCS))
+    manifest = prepare(PrepareConfig(input=[str(tmp_path / "docs.jsonl")], output=str(tmp_path / "data"), seq_len=16,
+                                     shard_segments=50, tokenizer_kind="byte"))
+    words = sum(len(d.split()) for d in DOCS)
+    assert manifest["text"] == {"words": words, "lines": sum(d.count("\n") for d in DOCS),
+                                "bytes": sum(len(d.encode()) for d in DOCS), "chars": sum(len(d) for d in DOCS)}
+    cfg = ModelConfig(vocab_size=manifest["tokenizer"]["vocab_size"], d_model=16, n_heads=2, d_ffn=32, max_seq_len=16)
+    export_model(build_model(cfg, seed=0).state_dict(), cfg, str(tmp_path / "run"),
+                 {"step": 0, "tokenizer_sha256": manifest["tokenizer"]["sha256"], "train_manifest_sha256": "x",
+                  "seq_len": 16})
+    assert main(["eval", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--memory", "none",
+                 "local", "--device", "cpu", "--out", str(tmp_path / "rows.json")]) == 0
+    for row in json.load(open(tmp_path / "rows.json")):
+        nll = row["loss"] * row["tokens"]
+        assert row["tokens"] == manifest["tokens"]
+        assert row["words"] == words + manifest["text"]["lines"]
+        assert row["word_ppl"] == pytest.approx(math.exp(nll / row["words"]))
+        assert row["bits_per_byte"] == pytest.approx(nll / (manifest["text"]["bytes"] * math.log(2)))
+    # part of the split scored: no per-word numbers (they would not be comparable)
+    assert main(["eval", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--memory", "none",
+                 "--max-segments", "1", "--device", "cpu", "--out", str(tmp_path / "part.json")]) == 0
+    assert json.load(open(tmp_path / "part.json"))[0]["word_ppl"] is None

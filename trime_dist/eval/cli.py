@@ -110,9 +110,13 @@ def run(args: argparse.Namespace) -> int:
 def print_table(rows: list[dict], data_dir: str) -> None:
     print(f"\nPerplexity on {data_dir}")
     print(f"{'setting':<22}{'memory':<10}{'tau':>6}{'lambda':>8}{'k':>6}{'nprobe':>8}{'tokens':>9}"
-          f"{'loss':>8}{'ppl':>9}")
+          f"{'loss':>8}{'ppl':>9}{'word ppl':>10}{'bits/byte':>10}")
     for r in rows:
         k = "-" if r["k"] is None else str(r["k"])
         nprobe = "-" if r["nprobe"] is None else str(r["nprobe"])
+        word = "-" if r.get("word_ppl") is None else f"{r['word_ppl']:.3f}"
+        bpb = "-" if r.get("bits_per_byte") is None else f"{r['bits_per_byte']:.4f}"
         print(f"{r['name']:<22}{r['memory']:<10}{r['temperature']:>6.3g}{r['knn_lambda']:>8.3g}{k:>6}{nprobe:>8}"
-              f"{r['tokens']:>9}{r['loss']:>8.4f}{r['ppl']:>9.3f}")
+              f"{r['tokens']:>9}{r['loss']:>8.4f}{r['ppl']:>9.3f}{word:>10}{bpb:>10}")
+    print("(ppl per token; word ppl = exp(NLL / (words + line ends)) and bits per byte of the text `trime prepare` "
+          "read, when every target was scored)")

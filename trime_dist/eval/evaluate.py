@@ -94,6 +94,7 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
         for i, r in zip(group, result["settings"]):
             rows[i] = make_row(settings[i], info, stores, r, chosen[i][0], searched.get(i), context_window,
                                data_dir, result["tokens_per_s"])
+            rows[i].update(text_metrics(rows[i]["loss"], rows[i]["tokens"], manifest))
     return [rows[i] for i in range(len(settings))]
 
 
@@ -119,6 +120,20 @@ def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_di
                          device, time.perf_counter() - t0)
             stores[s.datastore] = ds
     return stores
+
+
+def text_metrics(loss: float, tokens: int, manifest: dict) -> dict:
+    """Per-word perplexity and bits per byte / character of the evaluated text, comparable across tokenizers
+    (the paper's WikiText-103 numbers are per word; enwik8's bits per byte): the total NLL over the text's
+    counts that `trime prepare` records (manifest "text"). word_ppl divides by words + line ends (WikiText's
+    </s> tokens). None unless every target of the split was scored and the manifest has the counts."""
+    text = manifest.get("text")
+    if not text or tokens != int(manifest["tokens"]):
+        return {"word_ppl": None, "bits_per_byte": None, "bits_per_char": None, "words": None}
+    nll = loss * tokens
+    words = int(text["words"]) + int(text["lines"])
+    return {"word_ppl": math.exp(nll / max(words, 1)), "bits_per_byte": nll / (max(int(text["bytes"]), 1) * math.log(2)),
+            "bits_per_char": nll / (max(int(text["chars"]), 1) * math.log(2)), "words": words}
 
 
 def make_row(s: EvalSetting, info: dict, stores: dict, r: dict, tau: float, searched, context_window: int,

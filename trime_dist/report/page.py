@@ -16,12 +16,13 @@ def results_table(rows: list[dict]) -> list[str]:
     lines = []
     for data in dict.fromkeys(r.get("data", "?") for r in rows):
         lines += [f"### Perplexity on `{data}`", "",
-                  "| setting | memory | τ | λ | k | long-memory size | tokens | loss | ppl |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| setting | memory | τ | λ | k | long-memory size | tokens | loss | ppl (token) | ppl (word) | "
+                  "bits/byte |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r.get("data", "?") == data):
             lines.append(f"| {r['name']} | {r['memory']} | {_fmt(r.get('temperature'), '.3g')} | "
                          f"{_fmt(r.get('knn_lambda') or None, '.3g')} | {_fmt(r.get('k'))} | {_fmt(r.get('mem_size'))} | "
-                         f"{_fmt(r.get('tokens'))} | {_fmt(r.get('loss'), '.4f')} | **{r['ppl']:.2f}** |")
+                         f"{_fmt(r.get('tokens'))} | {_fmt(r.get('loss'), '.4f')} | **{r['ppl']:.2f}** | "
+                         f"{_fmt(r.get('word_ppl'), '.2f')} | {_fmt(r.get('bits_per_byte'), '.4f')} |")
         lines.append("")
     return lines
 
