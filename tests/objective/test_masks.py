@@ -81,3 +81,19 @@ def test_unknown_layout_and_bad_meta_raise():
         build_memory_mask(META, META, "global")
     with pytest.raises(ValueError, match="TokenMeta"):
         TokenMeta(torch.zeros(3), torch.zeros(3), torch.zeros(2), torch.zeros(3))
+
+
+def test_external_without_the_query_streams_future():
+    """exclude_future: segment 0's queries lose segment 1 (the next piece of their own stream); segment 1 keeps
+    segment 0 (its past: long memory) and both keep stream 1's segment."""
+    got = build_memory_mask(META, META, "external", True, exclude_future=True)
+    expected = as_tensor(["000 000 111",
+                          "100 000 111",
+                          "110 000 111",
+                          "111 000 111",
+                          "111 100 111",
+                          "111 110 111",
+                          "111 111 000",
+                          "111 111 100",
+                          "111 111 110"])
+    assert torch.equal(got, expected)

@@ -43,12 +43,13 @@ def values_and_grads(fn, vl, q, k):
     return out.detach(), torch.autograd.grad((out * weights).sum(), leaves)
 
 
-def assert_tiled_equals_dense(case, layout, use_local, tile_size, temperature=1.0, tol=1e-5):
+def assert_tiled_equals_dense(case, layout, use_local, tile_size, temperature=1.0, tol=1e-5, exclude_future=False):
     vl, t, q, k, kl, qm, km = case
-    mask = build_memory_mask(qm, km, layout, use_local)
+    mask = build_memory_mask(qm, km, layout, use_local, exclude_future)
     dense = values_and_grads(lambda a, b, c: trime_nll(a, t, b, c, kl, mask, temperature, IGNORE_INDEX), vl, q, k)
     tiled = values_and_grads(lambda a, b, c: trime_nll_tiled(a, t, b, c, kl, qm, km, layout, use_local,
-                                                             temperature, IGNORE_INDEX, tile_size), vl, q, k)
+                                                             temperature, IGNORE_INDEX, tile_size, exclude_future),
+                             vl, q, k)
     torch.testing.assert_close(tiled[0], dense[0], rtol=tol, atol=tol)
     for g_tiled, g_dense in zip(tiled[1], dense[1]):
         torch.testing.assert_close(g_tiled, g_dense, rtol=tol, atol=tol)
@@ -60,6 +61,12 @@ def assert_tiled_equals_dense(case, layout, use_local, tile_size, temperature=1.
 @pytest.mark.parametrize("tile_size", [1, 7, 16, 1024])  # 42 keys: 7 divides M, 16 does not
 def test_tiled_matches_dense(layout, use_local, tile_size):
     assert_tiled_equals_dense(random_case(tile_size), layout, use_local, tile_size)
+
+
+@pytest.mark.parametrize("use_local", [True, False])
+@pytest.mark.parametrize("tile_size", [1, 7, 1024])
+def test_tiled_matches_dense_without_the_streams_future(use_local, tile_size):
+    assert_tiled_equals_dense(random_case(tile_size), "external", use_local, tile_size, exclude_future=True)
 
 
 def test_tiled_matches_dense_temperature_and_fp64():

@@ -45,7 +45,10 @@ def test_build_loss_spec_copies_the_config():
     cfg.memory.gather_grad, cfg.memory.tiled, cfg.memory.tile_size, cfg.run.seed = False, False, 77, 9
     assert build_loss_spec(cfg) == LossSpec(layout="external", gather=True, gather_grad=False, temperature=0.5,
                                             tiled=False, tile_size=77, cross_sent_ratio=0.3, ce_warmup_steps=4,
-                                            ce_warmup_epochs=1, seed=9)
+                                            ce_warmup_epochs=1, seed=9, exclude_future=True)
+    cfg.objective.ext_exclude_future = False
+    assert not build_loss_spec(cfg).exclude_future
+    assert not build_loss_spec(_cfg("trime_long")).exclude_future   # only external memory has a future to hide
 
 
 def test_build_loss_spec_names_bad_values():

@@ -51,12 +51,14 @@ def check_layout(layout: str) -> None:
 
 
 def build_memory_mask(query_meta: TokenMeta, key_meta: TokenMeta, layout: str,
-                      use_local: bool = True) -> torch.Tensor:
+                      use_local: bool = True, exclude_future: bool = False) -> torch.Tensor:
     """[N, M] bool: True where query i may use memory entry j (DESIGN.md §1, table of M_i).
 
     none: nothing.  local: same segment, earlier position.  long: local, or any position of an
     earlier segment of the same stream.  external: (local if use_local) or any position of any other
-    segment. Key validity (ignored labels) is not applied here; the objectives apply it.
+    segment; with exclude_future not the later segments of the query's own stream (its continuation,
+    which a datastore never holds at test time). Key validity (ignored labels) is not applied here;
+    the objectives apply it.
     """
     check_layout(layout)
     q, k = query_meta, key_meta
@@ -71,4 +73,6 @@ def build_memory_mask(query_meta: TokenMeta, key_meta: TokenMeta, layout: str,
             (k.stream_index[None, :] < q.stream_index[:, None])                    # [N, M]
         return local | earlier_in_stream
     other = ~same_segment                                                          # external
+    if exclude_future:
+        other &= ~((q.stream[:, None] == k.stream[None, :]) & (k.stream_index[None, :] > q.stream_index[:, None]))
     return (local | other) if use_local else other

@@ -81,7 +81,7 @@ class _TiledMemoryLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, targets, key_labels, query_meta_t, key_meta_t,
-                layout, use_local, scale, tile_size, ignore_index):
+                layout, use_local, scale, tile_size, ignore_index, exclude_future=False):
         dtype = _compute_dtype(queries)
         N = queries.shape[0]
         lse_all = torch.full((N,), float("-inf"), dtype=dtype, device=queries.device)  # [N]
@@ -89,14 +89,14 @@ class _TiledMemoryLSE(torch.autograd.Function):
         n_allowed = torch.zeros(N, dtype=torch.long, device=queries.device)            # [N]
         for q0, k0, sim, allowed, positive in _blocks(queries, keys, targets, key_labels, query_meta_t,
                                                       key_meta_t, layout, use_local, scale, tile_size,
-                                                      ignore_index, dtype):
+                                                      ignore_index, dtype, exclude_future):
             rows = slice(q0, q0 + sim.shape[0])
             # positives are a subset of the allowed entries, so masking sim in place after is safe
             lse_pos[rows] = torch.logaddexp(lse_pos[rows], _sparse_lse(sim, positive))
             lse_all[rows] = torch.logaddexp(lse_all[rows], torch.logsumexp(sim.masked_fill_(~allowed, float("-inf")), 1))
             n_allowed[rows] += allowed.sum(1)
         ctx.save_for_backward(queries, keys, targets, key_labels, query_meta_t, key_meta_t, lse_all, lse_pos)
-        ctx.config = (layout, use_local, scale, tile_size, ignore_index)
+        ctx.config = (layout, use_local, scale, tile_size, ignore_index, exclude_future)
         ctx.mark_non_differentiable(n_allowed)
         return lse_all, lse_pos, n_allowed
 
@@ -104,7 +104,7 @@ class _TiledMemoryLSE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_all, grad_pos, _grad_count):
         queries, keys, targets, key_labels, query_meta_t, key_meta_t, lse_all, lse_pos = ctx.saved_tensors
-        layout, use_local, scale, tile_size, ignore_index = ctx.config
+        layout, use_local, scale, tile_size, ignore_index, exclude_future = ctx.config
         dtype = lse_all.dtype
         # Rows with an empty sum get no gradient; a finite stand-in keeps exp() free of NaN.
         lse_all = torch.where(torch.isinf(lse_all), torch.zeros_like(lse_all), lse_all)
@@ -114,7 +114,7 @@ class _TiledMemoryLSE(torch.autograd.Function):
         grad_k = torch.zeros(keys.shape, dtype=dtype, device=keys.device)            # [M, d]
         for q0, k0, sim, allowed, positive in _blocks(queries, keys, targets, key_labels, query_meta_t,
                                                       key_meta_t, layout, use_local, scale, tile_size,
-                                                      ignore_index, dtype):
+                                                      ignore_index, dtype, exclude_future):
             n, m = sim.shape
             rows, cols = slice(q0, q0 + n), slice(k0, k0 + m)
             # positives (same label as the target) are sparse: only touch those entries
@@ -127,7 +127,7 @@ class _TiledMemoryLSE(torch.autograd.Function):
             grad_sim.mul_(scale)
             grad_q[rows] += grad_sim @ keys[cols].to(dtype)                                     # [n, d]
             grad_k[cols] += grad_sim.T @ queries[rows].to(dtype)                                # [m, d]
-        return (grad_q.to(queries.dtype), grad_k.to(keys.dtype)) + (None,) * 9
+        return (grad_q.to(queries.dtype), grad_k.to(keys.dtype)) + (None,) * 10
 
 
 def _sparse_lse(sim: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -168,7 +168,7 @@ def _may_share_memory(q_range: torch.Tensor, k_range: torch.Tensor, layout: str,
 
 
 def _blocks(queries, keys, targets, key_labels, query_meta_t, key_meta_t, layout, use_local,
-            scale, tile_size, ignore_index, dtype):
+            scale, tile_size, ignore_index, dtype, exclude_future=False):
     """Yield (q0, k0, sim [n, m], allowed [n, m], positive [n, m]) for every block with memory."""
     N, M = queries.shape[0], keys.shape[0]
     if N == 0 or M == 0:
@@ -183,7 +183,7 @@ def _blocks(queries, keys, targets, key_labels, query_meta_t, key_meta_t, layout
             if not _may_share_memory(q_ranges[q0 // tile_size], k_ranges[k0 // tile_size], layout, use_local):
                 continue
             k_meta = TokenMeta.unstack(key_meta_t[k0:k0 + tile_size])
-            allowed = build_memory_mask(q_meta, k_meta, layout, use_local)           # [n, m]
+            allowed = build_memory_mask(q_meta, k_meta, layout, use_local, exclude_future)   # [n, m]
             allowed &= key_valid[None, k0:k0 + tile_size]
             if layout != "external" and not bool(allowed.any()):
                 continue  # no memory here (e.g. other segments in the local layout): skip the matmul
@@ -194,7 +194,7 @@ def _blocks(queries, keys, targets, key_labels, query_meta_t, key_meta_t, layout
 
 def memory_lse_tiled(queries, keys, targets, key_labels, query_meta: TokenMeta, key_meta: TokenMeta,
                      layout: str, use_local: bool = True, temperature: float = 1.0,
-                     ignore_index: int = IGNORE_INDEX, tile_size: int = 1024):
+                     ignore_index: int = IGNORE_INDEX, tile_size: int = 1024, exclude_future: bool = False):
     """(lse_all [N], lse_pos [N], n_allowed [N]): log Σ exp(s_ij) over each query's allowed memory
     entries, and over those whose label is the query's target (-inf when empty), in tiles."""
     check_layout(layout)
@@ -205,7 +205,7 @@ def memory_lse_tiled(queries, keys, targets, key_labels, query_meta: TokenMeta, 
         raise ValueError(f"tile_size must be >= 1, got {tile_size}")
     scale = 1.0 / (math.sqrt(queries.shape[1]) * temperature)
     return _TiledMemoryLSE.apply(queries, keys, targets, key_labels, query_meta.stack(), key_meta.stack(),
-                                 layout, use_local, scale, tile_size, ignore_index)
+                                 layout, use_local, scale, tile_size, ignore_index, exclude_future)
 
 
 def memory_lse_local(queries: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -262,10 +262,10 @@ def trime_nll_tiled(vocab_logits: torch.Tensor, targets: torch.Tensor, queries: 
                     keys: torch.Tensor, key_labels: torch.Tensor, query_meta: TokenMeta,
                     key_meta: TokenMeta, layout: str, use_local: bool = True,
                     temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                    tile_size: int = 1024) -> torch.Tensor:
+                    tile_size: int = 1024, exclude_future: bool = False) -> torch.Tensor:
     """[N] TRIME NLL exactly as `trime_nll` with mask = build_memory_mask(query_meta, key_meta, ...),
     but in tile_size×tile_size blocks: peak memory O(N·d + tile²), never the N×M matrix."""
     _check_shapes(vocab_logits, targets, queries, keys, key_labels)
     lse_all, lse_pos, _ = memory_lse_tiled(queries, keys, targets, key_labels, query_meta, key_meta, layout,
-                                           use_local, temperature, ignore_index, tile_size)
+                                           use_local, temperature, ignore_index, tile_size, exclude_future)
     return combine_vocab_and_memory(vocab_logits, targets, lse_all, lse_pos, ignore_index)[0]

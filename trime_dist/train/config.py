@@ -37,6 +37,9 @@ class ObjectiveConfig:
     temperature: float = opt(1.0, "tau in sim = q.k / (sqrt(d) * tau)")
     cross_sent_ratio: float = opt(0.9, "trime_ext: probability that a micro-batch switches off local memory (drawn per "
                                   "rank and micro-batch from run.seed, as the original draws per forward pass)")
+    ext_exclude_future: bool = opt(True, "trime_ext: a query's external memory leaves out the later segments of "
+                                   "its own stream (its continuation, which BM25 groups often hold and a datastore "
+                                   "never does at test time); earlier ones stay (they are long memory)")
     ce_warmup_steps: int = opt(0, "plain cross-entropy for the first N optimizer steps")
     ce_warmup_epochs: int = opt(0, "... or for the first N epochs (the paper: 3-9)")
 

@@ -47,6 +47,7 @@ class LossSpec:
     tiled: bool = True             # the tiled objective (False: the dense reference, for tests)
     tile_size: int = 4096          # queries and keys per tile of the tiled objective
     cross_sent_ratio: float = 0.0  # external: probability that a step switches off local memory
+    exclude_future: bool = False   # external: not the later segments of the query's own stream
     ce_warmup_steps: int = 0       # plain cross-entropy for the first N optimizer steps
     ce_warmup_epochs: int = 0      # ... or for the first N epochs
     seed: int = 0                  # run.seed: seeds the per-step cross_sent_ratio draw
@@ -86,6 +87,7 @@ def build_loss_spec(cfg: "TrainConfig") -> LossSpec:
     gather = layout == "external" or (layout == "long" and cfg.data.placement == "interleaved")
     return LossSpec(layout=layout, gather=gather, gather_grad=m.gather_grad, temperature=o.temperature,
                     tiled=m.tiled, tile_size=m.tile_size, cross_sent_ratio=o.cross_sent_ratio,
+                    exclude_future=o.ext_exclude_future and layout == "external",
                     ce_warmup_steps=o.ce_warmup_steps, ce_warmup_epochs=o.ce_warmup_epochs, seed=cfg.run.seed)
 
 
@@ -155,7 +157,8 @@ def _token_nll(vocab_logits, targets, memory_keys, batch: Batch, spec: LossSpec,
         meta = token_meta(batch)
         keys, key_labels, key_meta = build_memory(queries, targets, meta, spec.gather, spec.gather_grad)
         lse_all, lse_pos, n_allowed = memory_lse_tiled(queries, keys, targets, key_labels, meta, key_meta, layout,
-                                                       use_local, spec.temperature, IGNORE_INDEX, spec.tile_size)
+                                                       use_local, spec.temperature, IGNORE_INDEX, spec.tile_size,
+                                                       spec.exclude_future)
     nll, ce = combine_vocab_and_memory(vocab_logits, targets, lse_all, lse_pos, IGNORE_INDEX)
     return nll, ce, torch.where(targets != IGNORE_INDEX, n_allowed, torch.zeros_like(n_allowed))
 
@@ -164,7 +167,7 @@ def _dense_nll(vocab_logits, targets, queries, batch: Batch, spec: LossSpec, lay
     """(nll [N], ce [N], n_allowed [N]) with the dense reference `trime_nll` and an explicit mask."""
     meta = token_meta(batch)
     keys, key_labels, key_meta = build_memory(queries, targets, meta, spec.gather, spec.gather_grad)
-    mask = build_memory_mask(meta, key_meta, layout, use_local)                     # [N, M]
+    mask = build_memory_mask(meta, key_meta, layout, use_local, spec.exclude_future)   # [N, M]
     nll = trime_nll(vocab_logits, targets, queries, keys, key_labels, mask, spec.temperature, IGNORE_INDEX)
     ce = combine_vocab_and_memory(vocab_logits, targets, None, None, IGNORE_INDEX)[1]
     n_allowed = (mask & (key_labels != IGNORE_INDEX)[None, :]).sum(1)
