@@ -147,6 +147,16 @@ def test_resume_after_kills_skips_finished_work(setup, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_two_mpi_ranks_ignore_a_world_inherited_from_the_environment(setup, tmp_path):
+    """RANK=0 WORLD_SIZE=1 left in the environment (a shell or test runner that was itself a rank) made
+    both mpiexec ranks plan, delete each other's temporary files and write the same parts."""
+    from trime_dist.datastore.store import open_datastore
+
+    proc = build(setup, tmp_path / "ds", env_extra={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    assert open_datastore(str(tmp_path / "ds")).meta["world_size"] == 2
+    assert proc.stderr.count("ignoring deepspeed/torchrun rank 0 of 1 inherited from an enclosing job") == 2
+
+
 def test_one_rank_ondisk_equals_in_memory_merge(setup, tmp_path):
     from trime_dist.datastore.store import open_datastore
 

@@ -35,7 +35,9 @@ def train_args(data, out, zero):
 def loader_position(out) -> dict:
     """The loader state saved with the run's last checkpoint (DeepSpeed's client state, rank 0's file)."""
     tag = (out / "checkpoints" / "latest").read_text().strip()
-    return torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["loader"]
+    # mp_rank_00_model_states.pt, or zero_pp_rank_0_mp_rank_00_model_states.pt under ZeRO-3
+    first = min((out / "checkpoints" / tag).glob("*mp_rank_00_model_states.pt"))
+    return torch.load(first, weights_only=False)["loader"]
 
 
 def step_rows(out):
