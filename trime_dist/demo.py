@@ -30,6 +30,8 @@ class DemoConfig:
     fresh: bool = opt(False, "delete --out first instead of resuming")
     factory: str = opt("IVF256,PQ32", "faiss index of the demo datastores")
     k: int = opt(256, "neighbours retrieved per token in external memory")
+    corpus: str = opt("", "a folder with train/, valid/ and test/ text files to use instead of the built-in corpus "
+                      "(benchmarks/quality runs the pipeline on real text this way)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +85,14 @@ def run(args: argparse.Namespace) -> int:
     data = os.path.join(cfg.out, "data")
     corpus = os.path.join(cfg.out, "corpus")
     mpi = [env_bin("mpiexec"), "-n", str(cfg.ranks)]
-    run_stage("built-in corpus", [env_bin("trime"), "corpus", "--out", corpus, "--seed", str(cfg.seed),
-                                  "--scale", str(cfg.scale)], os.path.join(corpus, "corpus.json"))
+    if cfg.corpus:
+        corpus = cfg.corpus
+        missing = [s for s in ("train", "valid", "test") if not os.path.isdir(os.path.join(corpus, s))]
+        if missing:
+            raise ValueError(f"--corpus {corpus}: expected folders train/, valid/ and test/ (missing: {', '.join(missing)})")
+    else:
+        run_stage("built-in corpus", [env_bin("trime"), "corpus", "--out", corpus, "--seed", str(cfg.seed),
+                                      "--scale", str(cfg.scale)], os.path.join(corpus, "corpus.json"))
     run_stage("prepare train split (BPE tokenizer trained here)",
               mpi + [env_bin("trime"), "prepare", "--input", os.path.join(corpus, "train"), "--output",
                      os.path.join(data, "train"), "--seq-len", "128", "--vocab-size", "2000"],

@@ -62,12 +62,13 @@ def test_trime_train_creates_no_buffer(tmp_path):
                      "local_size = os.environ.get('LOCAL_SIZE')\n"
                      "all_reduce_sum(torch.ones(1))\n"
                      "shutdown_distributed()\n"
-                     "print(json.dumps({'seen': seen, 'local_size': local_size}))\n")
+                     "with open(f\"rank{os.environ['RANK']}.json\", 'w') as f:\n"   # one file per rank: printed lines interleave
+                     "    json.dump({'seen': seen, 'local_size': local_size}, f)\n")
     proc = subprocess.run([f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(probe)],
                           check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert rows == [{"seen": False, "local_size": "2"}] * 2  # (LOCAL_SIZE is back for the rest of DeepSpeed)
 
 

@@ -19,6 +19,10 @@ _FACTORY = re.compile(r"^(Flat|IVF(\d+),PQ(\d+)(x\d+)?(fs)?|IVF(\d+),Flat)$")
 
 
 def _faiss():
+    # faiss's loader logs "Could not load library with AVX2 support" at INFO while it looks for the old per-ISA
+    # modules; the module it then loads has the AVX2 / AVX-512 kernels (dynamic dispatch: see
+    # faiss.get_compile_options()), so the line only misleads.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 
     return faiss
