@@ -9,6 +9,7 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,8 +54,24 @@ def work(slurm, tmp_path_factory):
     return root
 
 
+# MPICH 5.0.2's UCX start-up under `srun --mpi=pmi2` fails now and then on this one-node VM, inside MPI_Init and
+# before any of our code runs ("internal_Init_thread ... Message from rank 1 and tag 7 truncated" in the job's
+# .err); seen in about one CI run in four. Such a launch is retried once, from a clean run directory.
+MPI_START_FLAKE = "internal_Init_thread"
+
+
 def launch(work, *args, check=True):
-    return run_trime(["launch", *args], cwd=str(work), check=check, context=lambda: logs_of(work))
+    proc = run_trime(["launch", *args], cwd=str(work), check=False, context=lambda: logs_of(work))
+    if proc.returncode != 0 and MPI_START_FLAKE in logs_of(work):
+        run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("run_dir=")), None)
+        print(f"retrying `trime launch {' '.join(args[:2])}` once: MPI start-up failed in MPICH/UCX\n{logs_of(work)}")
+        if run_dir:
+            shutil.rmtree(os.path.join(work, run_dir), ignore_errors=True)
+        proc = run_trime(["launch", *args], cwd=str(work), check=False, context=lambda: logs_of(work))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trime launch {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}\n{logs_of(work)}")
+    return proc
 
 
 def logs_of(work) -> str:
