@@ -377,3 +377,34 @@ def test_eval_warns_when_its_context_window_differs_from_the_store(setup, tmp_pa
     assert "was encoded with --context-window 6" in caplog.text
     assert main(["datastore", "build", "--model", str(setup / "run"), "--data", str(setup / "train"),
                  "--out", str(tmp_path / "bad"), "--context-window", "16"]) == 2
+
+
+def test_rescore_recomputes_neighbour_scores_from_the_stored_keys(setup, tmp_path):
+    """--rescore: the IVF-PQ neighbours' scores become q·k of their stored keys (float64 reference), as kNN-LM
+    recomputes distances; the neighbours themselves do not change; rows record it."""
+    from trime_dist.cli import main
+    from trime_dist.datastore.store import open_datastore
+    from trime_dist.eval.evaluate import rescore_neighbours
+
+    build(setup, tmp_path / "ds", ranks=1, factory=IVF)
+    ds = open_datastore(str(tmp_path / "ds"))
+    queries = torch.from_numpy(ds.all_keys()[::11][:40]) + 0.05 * torch.randn(40, ds.meta["dim"])
+    approx, ids, labels = ds.search_tensor(queries, 8, 2)
+    exact = rescore_neighbours(ds, queries, ids)
+    stored = ds.keys(np.maximum(ids.numpy(), 0)).astype(np.float64)                         # [Q, k, D]
+    ref = np.einsum("qd,qkd->qk", queries.double().numpy(), stored)
+    found = ids.numpy() >= 0
+    np.testing.assert_allclose(exact.numpy()[found], ref[found], rtol=1e-5, atol=1e-5)
+    assert np.isinf(exact.numpy()[~found]).all()
+    assert np.abs(exact.numpy()[found] - approx.numpy()[found]).max() > 1e-3   # PQ's scores were approximate
+    rows = {}
+    for flag in ("--no-rescore", "--rescore"):
+        out = tmp_path / f"{flag}.json"
+        assert main(["eval", "--model", str(setup / "run"), "--data", str(setup / "test"), "--memory", "external",
+                     "--datastore", str(tmp_path / "ds"), "--k", "8", "--nprobe", "2", "--device", "cpu", flag,
+                     "--out", str(out)]) == 0
+        rows[flag] = json.load(open(out))[0]
+    assert rows["--rescore"]["rescore"] is True and rows["--no-rescore"]["rescore"] is False
+    assert rows["--rescore"]["loss"] != rows["--no-rescore"]["loss"]
+    assert main(["eval", "--model", str(setup / "run"), "--data", str(setup / "test"), "--datastore",
+                 str(tmp_path / "ds"), "--setting", "memory=external,rescore=maybe"]) == 2

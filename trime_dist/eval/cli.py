@@ -20,7 +20,7 @@ def settings_from_config(cfg: EvalConfig) -> list:
 
     base = EvalSetting(model=cfg.model, datastore=cfg.datastore, k=cfg.k, nprobe=cfg.nprobe,
                        temperature=cfg.temperature, mem_size=cfg.mem_size, knn_lambda=cfg.knn_lambda,
-                       knn_temperature=cfg.knn_temperature)
+                       knn_temperature=cfg.knn_temperature, rescore=cfg.rescore)
     if cfg.setting:
         out = [parse_setting(s, base) for s in cfg.setting]
     else:
@@ -55,6 +55,12 @@ def sweep_setting(setting, spec: str) -> list:
     return out
 
 
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1", "yes")
+
+
 def parse_setting(text: str, base):
     """`name=knn,memory=none,k=16` -> a copy of the EvalSetting `base` with those fields replaced."""
     fields = {f.name: f.type for f in dataclasses.fields(base)}
@@ -64,7 +70,7 @@ def parse_setting(text: str, base):
         key = key.strip().replace("-", "_")
         if not sep or key not in fields:
             raise ValueError(f"--setting {text!r}: {item!r} is not KEY=VALUE with KEY in {sorted(fields)}")
-        cast = {"int": int, "float": float}.get(fields[key], str)
+        cast = {"int": int, "float": float, "bool": _boolean}.get(fields[key], str)
         try:
             values[key] = cast(value.strip())
         except ValueError:

@@ -22,13 +22,15 @@ class EvalConfig:
     mem_size: int = opt(1024, "long-term cache size (keys) for long / external")
     knn_lambda: float = opt(0.0, "kNN-LM interpolation weight λ (0 = off)")
     knn_temperature: float = opt(1.0, "τ_knn of the kNN distribution")
+    rescore: bool = opt(False, "recompute the neighbours' inner products from the stored keys, as kNN-LM recomputes "
+                        "its distances (an IVF-PQ index returns those of compressed keys)")
     tau_search: str = opt("", "comma-separated τ values tried on --valid; the best is used")
     valid: str = opt("", "validation split for --tau-search")
     context_window: int = opt(0, "sliding context: inputs per window that are context only")
     batch_size: int = opt(8, "windows per forward pass (and per batched search)")
     max_segments: int = opt(0, "evaluate only the first N segments (0 = all)")
     setting: list[str] = opt(doc="a row with its own fields (name, model, memory, datastore, k, nprobe, temperature, "
-                                 "mem_size, knn_lambda, knn_temperature) over the flags' values; repeatable; "
+                                 "mem_size, knn_lambda, knn_temperature, rescore) over the flags' values; repeatable; "
                                  "replaces --memory", factory=list, repeat=True, metavar="KEY=VAL,...")
     sweep: list[str] = opt(doc="KEY=V1,V2,...: every row once per value of KEY (mem_size, k, temperature, "
                                "knn_lambda, knn_temperature, nprobe), named ROW@KEY=V, in the same pass over the data; "

@@ -37,6 +37,7 @@ class EvalSetting:
     mem_size: int = 1024           # long / external: cached keys from preceding windows of the stream
     knn_lambda: float = 0.0        # λ of P = (1-λ)·P_trime + λ·P_knn (0 = no interpolation)
     knn_temperature: float = 1.0   # τ_knn of P_knn = softmax(q·k / (sqrt(d)·τ_knn))
+    rescore: bool = False          # neighbours' scores recomputed from the stored keys (IVF-PQ's are approximate)
 
     def validate(self) -> None:
         if self.memory not in LAYOUTS:
@@ -144,6 +145,7 @@ def make_row(s: EvalSetting, info: dict, stores: dict, r: dict, tau: float, sear
             "loss": loss, "ppl": math.exp(loss), "tokens": int(r["tokens"]), "temperature": tau,
             "k": s.k if s.retrieves else None, "nprobe": s.nprobe if s.retrieves else None,
             "knn_lambda": s.knn_lambda, "knn_temperature": s.knn_temperature if s.knn_lambda > 0 else None,
+            "rescore": s.rescore if s.retrieves else None,
             "mem_size": s.mem_size if s.memory in ("long", "external") else None,
             "datastore": s.datastore if s.retrieves else None, "datastore_id": ds.id if ds and s.retrieves else None,
             "tau_search": searched, "context_window": context_window, "data": data_dir,
@@ -192,7 +194,7 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
                 stream = w.stream
             n, s0 = w.length, w.score_from
             for i, s in enumerate(settings):
-                ext = found.get((s.datastore, s.k, s.nprobe))
+                ext = found.get((s.datastore, s.k, s.nprobe, s.rescore))
                 nll = setting_nll(s, logits[b, s0:n], targets[b, :n], keys[b, :n], s0, cache, w,
                                   None if ext is None else (ext[0][b], ext[1][b]), taus[i])   # [n_tau, N]
                 sums[i] += nll.sum(1).double()
@@ -234,17 +236,29 @@ def forward_windows(model, batch: list[Window], pad_id: int):
 
 
 def search_batch(batch: list[Window], keys: torch.Tensor, settings: list[EvalSetting], stores: dict) -> dict:
-    """{(datastore, k, nprobe): ([scores [N_b, k]] per window, [labels [N_b, k]] per window)}: one search each."""
+    """{(datastore, k, nprobe, rescore): ([scores [N_b, k]] per window, [labels [N_b, k]] per window)}: one
+    search each."""
     out = {}
     for s in settings:
-        spec = (s.datastore, s.k, s.nprobe)
+        spec = (s.datastore, s.k, s.nprobe, s.rescore)
         if not s.retrieves or spec in out:
             continue
         queries = torch.cat([keys[b, w.score_from:w.length] for b, w in enumerate(batch)])   # [Q, D]
-        scores, _, labels = stores[s.datastore].search_tensor(queries, s.k, s.nprobe)       # [Q, k]
+        scores, ids, labels = stores[s.datastore].search_tensor(queries, s.k, s.nprobe)     # [Q, k]
+        if s.rescore:
+            scores = rescore_neighbours(stores[s.datastore], queries, ids)
         sizes = [w.length - w.score_from for w in batch]
         out[spec] = (scores.split(sizes), labels.split(sizes))
     return out
+
+
+def rescore_neighbours(store, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[Q, k] inner products q·k recomputed from the stored (fp16) keys of the retrieved ids, as kNN-LM recomputes
+    its distances from the stored keys: IVF-PQ's scores are those of compressed keys. -inf where id is -1."""
+    found = ids >= 0
+    stored = torch.from_numpy(store.keys(ids.clamp(min=0).cpu().numpy())).to(queries.device)    # [Q, k, D]
+    scores = torch.einsum("qd,qkd->qk", queries.float(), stored)                                # [Q, k]
+    return torch.where(found, scores, torch.full_like(scores, float("-inf")))
 
 
 def setting_nll(s: EvalSetting, vocab_logits, window_targets, window_keys, s0: int, cache: KeyCache,
