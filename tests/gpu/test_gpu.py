@@ -20,7 +20,7 @@ from trime_dist.train.config import TrainConfig
 from trime_dist.train.loss import build_loss_spec, micro_batch_loss
 
 from cli_runner import CONFIGS, run_trime
-from shard_fixtures import write_segment_dir
+from shard_fixtures import write_pattern_splits
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)
@@ -115,10 +115,7 @@ def test_fused_adamw_on_gpu_parameters():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu_data")
-    write_segment_dir(str(root / "train"), [700] * 12, seq_len=32, vocab_size=50, per_shard=40, noise=0.2,
-                      real_tokenizer=True)
-    write_segment_dir(str(root / "valid"), [300] * 2, seq_len=32, vocab_size=50, per_shard=40, noise=0.2, seed=1,
-                      real_tokenizer=True)
+    write_pattern_splits(root, real_tokenizer=True, valid_real_tokenizer=True)
     return root
 
 

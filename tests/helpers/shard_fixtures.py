@@ -67,3 +67,14 @@ def key_of(stream: int, order: int) -> str:
 
 
 __all__ = ["write_segment_dir", "all_segments", "key_of", "os"]
+
+
+def write_pattern_splits(root, valid: bool = True, real_tokenizer: bool = False,
+                         valid_real_tokenizer: bool = False) -> None:
+    """ROOT/train (12 learnable streams of 700 tokens, 32-token segments) and ROOT/valid (2 of 300): the data
+    the training, signal, resume, lost-rank, launcher and GPU tests train on."""
+    write_segment_dir(str(os.path.join(root, "train")), [700] * 12, seq_len=32, vocab_size=50, per_shard=40,
+                      noise=0.2, real_tokenizer=real_tokenizer)
+    if valid:
+        write_segment_dir(str(os.path.join(root, "valid")), [300] * 2, seq_len=32, vocab_size=50, per_shard=40,
+                          noise=0.2, seed=1, real_tokenizer=valid_real_tokenizer)

@@ -17,7 +17,7 @@ from trime_dist.core.config import ConfigError
 from trime_dist.core.stages import split_stage
 
 from cli_runner import BIN, REPO, run_trime  # noqa: E402
-from shard_fixtures import write_segment_dir
+from shard_fixtures import write_pattern_splits
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 EXAMPLE = os.path.join(REPO, "configs", "slurm_example.yaml")
@@ -128,8 +128,7 @@ def test_multinode_plan_hostfile_env_and_flags(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch_data")
-    write_segment_dir(str(root / "train"), [700] * 12, seq_len=32, vocab_size=50, per_shard=40, noise=0.2)
-    write_segment_dir(str(root / "valid"), [300] * 2, seq_len=32, vocab_size=50, per_shard=40, noise=0.2, seed=1)
+    write_pattern_splits(root)
     return root
 
 

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 from cli_runner import REPO, trime_command
-from shard_fixtures import write_segment_dir
+from shard_fixtures import write_pattern_splits
 
 from trime_dist.core.constants import EXIT_RANK_LOST
 
@@ -16,7 +16,7 @@ from trime_dist.core.constants import EXIT_RANK_LOST
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("lost_rank_data")
-    write_segment_dir(str(root / "train"), [700] * 12, seq_len=32, vocab_size=50, per_shard=40, noise=0.2)
+    write_pattern_splits(root, valid=False)
     return root
 
 

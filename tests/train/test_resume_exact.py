@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from cli_runner import REPO, run_trime
-from shard_fixtures import write_segment_dir
+from shard_fixtures import write_pattern_splits
 
 from trime_dist.model.export import load_model
 from trime_dist.train.kill_hook import EXIT_CODE, EXIT_ENV
@@ -20,7 +20,7 @@ TIMING = ("tokens_per_s", "step_time_s")  # the only fields allowed to differ be
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume_exact")
-    write_segment_dir(str(root / "train"), [700] * 12, seq_len=32, vocab_size=50, per_shard=40, noise=0.2)
+    write_pattern_splits(root, valid=False)
     return root
 
 

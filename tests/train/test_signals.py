@@ -10,7 +10,7 @@ import pytest
 from trime_dist.train.signals import EXIT_STOPPED_BY_SIGNAL, StopFlag
 
 from cli_runner import REPO, run_trime, trime_command
-from shard_fixtures import write_segment_dir
+from shard_fixtures import write_pattern_splits
 
 
 def test_stop_flag_records_the_first_signal_and_restores_handlers():
@@ -29,8 +29,7 @@ def test_stop_flag_records_the_first_signal_and_restores_handlers():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("signal_data")
-    write_segment_dir(str(root / "train"), [700] * 12, seq_len=32, vocab_size=50, per_shard=40, noise=0.2)
-    write_segment_dir(str(root / "valid"), [300] * 2, seq_len=32, vocab_size=50, per_shard=40, noise=0.2, seed=1)
+    write_pattern_splits(root)
     return root
 
 

@@ -7,15 +7,13 @@ import pytest
 from trime_dist.cli import main as trime_main
 
 from cli_runner import REPO, run_trime
-from shard_fixtures import write_segment_dir
+from shard_fixtures import write_pattern_splits
 
 
 @pytest.fixture(scope="module")
 def pattern_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
-    write_segment_dir(str(root / "train"), [700] * 12, seq_len=32, vocab_size=50, per_shard=40, noise=0.2,
-                      real_tokenizer=True)
-    write_segment_dir(str(root / "valid"), [300] * 2, seq_len=32, vocab_size=50, per_shard=40, noise=0.2, seed=1)
+    write_pattern_splits(root, real_tokenizer=True)
     return root
 
 
