@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     # The stage is the first word (the top level has no options but --help).
     stage = argv[0] if argv and argv[0] in STAGES else None
+    if stage == "train":  # before the slow imports: a time-limit signal during start-up must not kill a rank
+        from trime_dist.train.signals import catch_early
+        catch_early()
     args = build_parser(stage).parse_args(argv)
     module = importlib.import_module(STAGES[args.stage].module)
     from trime_dist.core.constants import EXIT_RANK_LOST

@@ -97,3 +97,57 @@ def test_signal_to_one_of_two_deepspeed_ranks_stops_both_at_one_step(data, tmp_p
     extra = ["deepspeed.zero_stage=2"]
     rc, _, stderr = run_and_signal(train_args(data, out, *extra), 2, rank1, out, sig=signal.SIGUSR1)
     check_stopped_then_resume(data, out, rc, stderr, 2, *extra)
+
+
+def test_signal_recorded_before_the_loop_is_taken_over():
+    from trime_dist.train import signals
+
+    before = signal.getsignal(signal.SIGUSR1)
+    signals.catch_early()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # during "start-up": recorded, not fatal
+        flag = StopFlag().install()
+        assert flag.requested and flag.signal_name == "SIGTERM"
+        flag.restore()
+        assert not StopFlag().install().requested  # taken over once: a later flag starts clean
+    finally:
+        signals._EARLY.restore()
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def _has_torch_loaded(pid: int) -> bool:
+    try:
+        return "libtorch" in open(f"/proc/{pid}/maps").read()
+    except OSError:
+        return False
+
+
+def test_time_limit_signal_during_start_up_stops_after_the_first_step(data, tmp_path):
+    """SLURM's --signal may come up to a minute early, i.e. while the ranks still import torch: each rank
+    keeps it, and both stop after step 1 with a checkpoint (exit 3) instead of dying; a rerun finishes."""
+    import psutil
+
+    from trime_dist.core.launch_env import free_port
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen(trime_command(train_args(data, out), 2, launcher="mpi"), cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    ranks = []
+    while proc.poll() is None and time.time() < deadline:
+        ranks = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "trime_dist.cli" in " ".join(p.cmdline())]
+        # torch is imported only after `trime train` set its recorder: the rank is past Python's start-up
+        if len(ranks) == 2 and all(_has_torch_loaded(pid) for pid in ranks):
+            break
+        time.sleep(0.02)
+    assert len(ranks) == 2 and not step_rows(out), "the ranks were not caught during start-up"
+    for pid in ranks:
+        os.kill(pid, signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_STOPPED_BY_SIGNAL, stderr[-3000:]
+    assert step_rows(out) == [1]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000001"
+    run_trime(train_args(data, out), ranks=2, launcher="mpi")
+    assert step_rows(out) == list(range(1, 61))

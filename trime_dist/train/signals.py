@@ -2,6 +2,10 @@
 
 The handler only records the signal; the loop agrees on it across ranks in the step's all-reduce,
 finishes that optimizer step, saves a checkpoint and exits with EXIT_STOPPED_BY_SIGNAL.
+
+SLURM may send its time-limit signal up to a minute early, so it can arrive while a rank still starts
+(imports, DeepSpeed's set-up), where the default action would kill the rank: `catch_early` records it
+from the first lines of `trime train`, and the loop's StopFlag takes it over.
 """
 from __future__ import annotations
 
@@ -38,12 +42,26 @@ class StopFlag:
             self.signal_name = signal.Signals(signum).name
 
     def install(self) -> "StopFlag":
-        """Catch STOP_SIGNALS (main thread only, as Python requires); `restore` puts the old handlers back."""
+        """Catch STOP_SIGNALS (main thread only, as Python requires); `restore` puts the old handlers back.
+        A signal `catch_early` recorded before counts as received here."""
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self.signal_name is None and _EARLY.signal_name is not None:
+            self.signal_name = _EARLY.signal_name
+            _EARLY.signal_name = None  # taken over: a later StopFlag (another train() call) starts clean
         return self
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+_EARLY = StopFlag()
+
+
+def catch_early() -> None:
+    """Record STOP_SIGNALS from now on instead of dying of them (the first thing `trime train` does); the
+    next StopFlag.install() takes a recorded signal over, and its restore() comes back to this recorder."""
+    if not _EARLY._previous:
+        _EARLY.install()
