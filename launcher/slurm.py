@@ -14,11 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from launcher.slurm_config import SlurmConfig, resources_for
-from trime_dist.core.constants import EXIT_STOPPED_BY_SIGNAL
+from trime_dist.core.constants import EXIT_STOPPED_BY_SIGNAL, STOPPED_MARKER_ENV
 from trime_dist.core.stages import MPI, SINGLE, env_bin, runner_for, split_stage
-
-# Seconds before the time limit at which SLURM sends SIGUSR1 to training: enough to finish a step and save.
-SIGNAL_BEFORE_LIMIT_S = 120
 
 
 @dataclass
@@ -52,12 +49,12 @@ def sbatch_header(cfg: SlurmConfig, stage: str, log_dir: str) -> list[str]:
         # A requeued job reruns this script: the log is appended to and training resumes (see below).
         # --signal without "B:" goes to the job steps, i.e. to every rank under srun (each stops after the
         # same step and saves); "B:" would signal only this batch shell, which would have to trap and forward it.
-        opts += ["--requeue", "--open-mode=append", f"--signal=USR1@{SIGNAL_BEFORE_LIMIT_S}"]
+        opts += ["--requeue", "--open-mode=append", f"--signal=USR1@{cfg.signal_before_limit_s}"]
     opts += list(cfg.sbatch_options)
     return [f"#SBATCH {o}" for o in opts]
 
 
-def script_body(cfg: SlurmConfig, stage: str, stage_args: list[str], workdir: str) -> list[str]:
+def script_body(cfg: SlurmConfig, stage: str, stage_args: list[str], workdir: str, log_dir: str) -> list[str]:
     kind = runner_for(stage)
     trime = [env_bin("trime"), stage]
     lines = ["set -euo pipefail", f"cd {shlex.quote(workdir)}"]
@@ -86,18 +83,22 @@ def script_body(cfg: SlurmConfig, stage: str, stage_args: list[str], workdir: st
     if "--resume" not in stage_args and "--auto-resume" not in stage_args:
         lines += ["", "# Requeue-friendly: a rerun of this script continues from the run's latest checkpoint."]
         stage_args = ["--auto-resume", *stage_args]
-    return lines + (requeue_on_signal(shlex.join(srun + stage_args)) if cfg.requeue else
+    return lines + (requeue_on_signal(shlex.join(srun + stage_args), log_dir) if cfg.requeue else
                     [shlex.join(srun + stage_args)])
 
 
-def requeue_on_signal(command: str) -> list[str]:
-    """Run `command`; its exit status EXIT_STOPPED_BY_SIGNAL (stopped by SLURM's --signal, checkpoint saved)
-    requeues this job, which then resumes; any other status is the job's."""
+def requeue_on_signal(command: str, log_dir: str) -> list[str]:
+    """Run `command`; when training stopped by SLURM's --signal with a checkpoint (exit status
+    EXIT_STOPPED_BY_SIGNAL, or the marker rank 0 then writes: srun --kill-on-bad-exit may end the other
+    ranks first and report their status) this job is requeued and resumes; any other status is the job's."""
     code = EXIT_STOPPED_BY_SIGNAL
-    return ["", f"# Exit status {code}: training stopped by a signal (the time limit is near) after saving a",
-            "# checkpoint. Requeue the job: it reruns this script and continues from that checkpoint.",
+    marker = os.path.join(os.path.abspath(log_dir), ".stopped-by-signal-${SLURM_JOB_ID}")
+    return ["", f"# Exit status {code} (or rank 0's marker file): training stopped by a signal (the time limit is near)",
+            "# after saving a checkpoint. Requeue the job: it reruns this script and continues from that checkpoint.",
+            f'export {STOPPED_MARKER_ENV}="{marker}"', f'rm -f "${STOPPED_MARKER_ENV}"',
             "status=0", f"{command} || status=$?",
-            f'if [ "$status" -eq {code} ]; then',
+            f'if [ "$status" -eq {code} ] || [ -f "${STOPPED_MARKER_ENV}" ]; then',
+            f'  rm -f "${STOPPED_MARKER_ENV}"',
             '  echo "training stopped by a signal with a checkpoint: requeueing job ${SLURM_JOB_ID}"',
             '  scontrol requeue "$SLURM_JOB_ID"',
             "fi",
@@ -126,7 +127,7 @@ def render_script(argv: list[str], cfg: SlurmConfig, workdir: str, script_path: 
              f"# trime {stage}: written by `trime launch slurm` on {when}.",
              f"# Submit again with: sbatch {shlex.quote(script_path)}",
              *sbatch_header(cfg, stage, log_dir), "",
-             *script_body(cfg, stage, stage_args, workdir)]
+             *script_body(cfg, stage, stage_args, workdir, log_dir)]
     return Job(stage, script_path, "\n".join(lines) + "\n")
 
 

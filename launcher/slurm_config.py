@@ -39,6 +39,8 @@ class SlurmConfig:
     mem: Optional[str] = opt(None, "--mem per node, e.g. 200G (None = cluster default)")
     mpi: str = opt("pmi2", "srun --mpi= for MPI stages (pmi2 works with the pip MPICH)")
     requeue: bool = opt(True, "--requeue: a requeued training job resumes from RUN/checkpoints")
+    signal_before_limit_s: int = opt(120, "train jobs get --signal=USR1@N: SIGUSR1 N s before the time limit, "
+                                          "to checkpoint and requeue (SLURM may send it up to 60 s earlier)")
     master_port: int = opt(0, "torch rendezvous port; 0 = 20000 + SLURM_JOB_ID % 20000")
     setup: list[str] = opt(doc="shell lines run first (module load, venv activation)", factory=list)
     env: dict[str, str] = opt(doc="variables exported in every job", factory=dict)
@@ -73,6 +75,9 @@ def validate_slurm_config(cfg: SlurmConfig, where: str) -> None:
     for name in ("nodes", "tasks_per_node", "cpus_per_task"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{where}: {name}={getattr(cfg, name)}; expected at least 1")
+    if cfg.signal_before_limit_s < 1:
+        raise ConfigError(f"{where}: signal_before_limit_s={cfg.signal_before_limit_s}; expected at least 1 "
+                          f"(seconds before the time limit)")
     if cfg.gpus_per_node < 0:
         raise ConfigError(f"{where}: gpus_per_node={cfg.gpus_per_node}; expected 0 or more")
     for label, value in [("time", cfg.time)] + [(f"stages.{s}.time", r.time) for s, r in cfg.stages.items()]:

@@ -205,7 +205,7 @@ def test_slurm_scripts_for_a_two_node_gpu_cluster(tmp_path):
     assert "--requeue" not in by_stage["datastore"]
     # SIGUSR1 to every rank 120 s before the time limit; exit status 3 (stopped, checkpoint saved) -> requeue
     assert "#SBATCH --signal=USR1@120" in train.splitlines() and "--signal" not in by_stage["datastore"]
-    assert 'if [ "$status" -eq 3 ]; then' in train and '  scontrol requeue "$SLURM_JOB_ID"' in train.splitlines()
+    assert 'if [ "$status" -eq 3 ] || [ -f "$TRIME_STOPPED_MARKER" ]; then' in train and '  scontrol requeue "$SLURM_JOB_ID"' in train.splitlines()
     assert train.rstrip().endswith('exit "$status"') and "|| status=$?" in train
     assert "scontrol requeue" not in by_stage["datastore"]
     assert all(j.script_path.startswith(f"{tmp_path}/slurm/0") for j in jobs)
@@ -301,20 +301,30 @@ def test_mpiexec_ranks_ignore_a_world_inherited_from_an_enclosing_job(tmp_path):
     assert "ignoring deepspeed/torchrun rank 0 of 1 inherited from an enclosing job" in proc.stderr
 
 
-@pytest.mark.parametrize("status,requeued", [(3, True), (0, False), (1, False)])
-def test_requeue_on_signal_runs_scontrol_only_for_a_stopped_training(tmp_path, status, requeued):
+@pytest.mark.parametrize("status,marker,requeued", [(3, False, True), (0, False, False), (1, False, False),
+                                                    (143, True, True), (1, "stale", False)])
+def test_requeue_on_signal_runs_scontrol_only_for_a_stopped_training(tmp_path, status, marker, requeued):
+    """Status 3, or rank 0's marker with another status (srun --kill-on-bad-exit ended rank 1 while it
+    left: 143), requeue; a marker left by an earlier run is removed before training starts."""
     from launcher.slurm import requeue_on_signal
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.args\n')
     (fake_bin / "scontrol").chmod(0o755)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    if marker == "stale":
+        (logs / ".stopped-by-signal-42").write_text("{}")
+    write = 'echo {} > "$TRIME_STOPPED_MARKER"; ' if marker is True else ""
     script = tmp_path / "job.sh"
-    script.write_text("\n".join(["set -euo pipefail", *requeue_on_signal(f"sh -c 'exit {status}'")]) + "\n")
+    script.write_text("\n".join(["set -euo pipefail", *requeue_on_signal(f"sh -c '{write}exit {status}'", str(logs))])
+                      + "\n")
     env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="42")
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert proc.returncode == status
     assert os.path.isfile(tmp_path / "scontrol.args") == requeued
+    assert not (logs / ".stopped-by-signal-42").exists()
     if requeued:
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "42"]
         assert "requeueing job 42" in proc.stdout

@@ -169,18 +169,60 @@ def test_train_two_tasks_then_requeue_resumes(prepared, slurm):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # nothing retrained, nothing lost
 
 
+def job_fields(slurm, job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                         env=slurm.env).stdout
+    return dict(w.split("=", 1) for w in out.split() if "=" in w)
+
+
+@pytest.mark.slow
+def test_time_limit_signal_requeues_and_ends_like_an_uninterrupted_run(prepared, slurm):
+    """A 1-minute job whose SIGUSR1 comes at once (signal_before_limit_s=60 >= the limit; SLURM checks
+    limits every 30 s): training stops after a whole step with a checkpoint, the script requeues the job,
+    and the requeued run ends with the uninterrupted run's weights. While the requeued job waits, the
+    test gives it a 10-minute limit and starts it now (SLURM holds requeued jobs back for a while)."""
+    steps = 1000  # ~40 s of steps on 2 cores: more than a 1-minute job can do after its signal
+    args = train_args("data/train", "runs/timed/out", steps, "run.log_every=100", "run.save_every=100000")
+    run_trime(train_args("data/train", "runs/untimed", steps, "run.log_every=100", "run.save_every=100000"),
+              ranks=2, cwd=str(prepared))
+    launch(prepared, "slurm", "--set", "tasks_per_node=2", "--set", "run_dir=runs/timed", "--set", "time=1",
+           "--set", "signal_before_limit_s=60", "--", *args)
+    (job,) = jobs_of(prepared / "runs" / "timed")
+    job_id = job["job_id"]
+    assert "#SBATCH --signal=USR1@60" in open(job["script"]).read()
+    deadline, released = time.monotonic() + 600, False
+    while time.monotonic() < deadline:
+        fields = job_fields(slurm, job_id)
+        if not released and int(fields.get("Restarts", 0)) >= 1 and fields.get("JobState") == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10", "StartTime=now"], check=True,
+                           env=slurm.env)
+            released = True
+        if released and fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        time.sleep(1)
+    log = open(prepared / "runs" / "timed" / "logs" / f"trime-train-{job_id}.out").read()
+    err = open(prepared / "runs" / "timed" / "logs" / f"trime-train-{job_id}.err").read()
+    assert released, f"the job was never requeued:\n{fields}\n{log[-3000:]}\n{err[-3000:]}"
+    assert fields["JobState"] == "COMPLETED", f"{fields}\n{log[-3000:]}\n{err[-3000:]}"
+    assert "requeueing job" in log and "stopped by SIGUSR1" in err, f"{log[-3000:]}\n{err[-3000:]}"
+    out = prepared / "runs" / "timed" / "out"
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))  # each step once
+    timed = json.load(open(out / "model" / "model.json"))["tensors_sha256"]
+    untimed = json.load(open(prepared / "runs" / "untimed" / "model" / "model.json"))["tensors_sha256"]
+    assert timed == untimed
+
+
 def wait_for_job(slurm, job_id: str, restarts: int, limit_s: float = 300) -> str:
     """The job's final state after its `restarts`-th run (polls scontrol; a wait, not a timing check)."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                             env=slurm.env).stdout
-        fields = dict(w.split("=", 1) for w in out.split() if "=" in w)
+        fields = job_fields(slurm, job_id)
         if int(fields.get("Restarts", 0)) >= restarts and fields.get("JobState") in (
                 "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return fields["JobState"]
         time.sleep(2)
-    raise AssertionError(f"job {job_id} did not finish its run #{restarts + 1} within {limit_s}s:\n{out}")
+    raise AssertionError(f"job {job_id} did not finish its run #{restarts + 1} within {limit_s}s:\n{fields}")
 
 
 def _have(module: str) -> bool:

@@ -20,13 +20,13 @@ def data(tmp_path_factory):
     return root
 
 
-def run_and_hit_rank(data, out, victim: int, sig, *extra) -> tuple[subprocess.CompletedProcess, float]:
-    """Start 2-rank `trime train`, send `sig` to rank `victim` after 3 steps; (result, seconds until the
-    launcher exited after the signal)."""
+def run_and_hit_rank(data, out, victim: int, sig, *extra, ranks: int = 2) -> tuple[subprocess.CompletedProcess, float]:
+    """Start `trime train` on `ranks` ranks, send `sig` to rank `victim` after 3 steps; (result, seconds until
+    the launcher exited after the signal)."""
     args = ["train", "--config", os.path.join(REPO, "configs", "tiny.yaml"), f"data.train={data}/train",
             "data.valid=", f"run.out_dir={out}", "run.max_steps=100000", "model.max_seq_len=32",
             "run.save_every=100000", *extra]
-    proc = subprocess.Popen(trime_command(args, 2), cwd=REPO, text=True, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(trime_command(args, ranks), cwd=REPO, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
@@ -79,3 +79,19 @@ def test_hung_rank_is_named_after_the_timeout(data, tmp_path):
     assert lines[0].startswith("trime train: error: rank 0: ")
     assert "rank 1 of 2 died or stopped answering" in lines[0]
     assert "Timed out waiting 5000ms" in lines[0] or "no progress for " in lines[0]
+
+
+@pytest.mark.slow
+def test_three_ranks_name_only_the_killed_one(data, tmp_path):
+    """With 3 ranks a survivor can stay blocked in a collective (waiting on the other survivor) and hear of
+    the failure only when that one exits: it must not then name the survivor that left. Every line names
+    rank 1 alone: the first verdict is shared through the store, and heartbeats end blocked ranks with it."""
+    result, seconds = run_and_hit_rank(data, tmp_path / "run", 1, signal.SIGKILL, "data.global_batch_size=24",
+                                       ranks=3)
+    assert result.returncode != 0
+    assert seconds < 60, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert 1 <= len(lines) <= 2, result.stderr[-3000:]
+    for line in lines:
+        assert "rank 1 of 3 died or stopped answering" in line, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -130,7 +130,9 @@ def test_time_limit_signal_during_start_up_stops_after_the_first_step(data, tmp_
     from trime_dist.core.launch_env import free_port
 
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(free_port()))
+    marker = tmp_path / "stopped.json"  # what the SLURM script checks besides the exit status
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(free_port()),
+               TRIME_STOPPED_MARKER=str(marker))
     proc = subprocess.Popen(trime_command(train_args(data, out), 2, launcher="mpi"), cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -149,5 +151,6 @@ def test_time_limit_signal_during_start_up_stops_after_the_first_step(data, tmp_
     assert proc.returncode == EXIT_STOPPED_BY_SIGNAL, stderr[-3000:]
     assert step_rows(out) == [1]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000001"
+    assert json.loads(marker.read_text()) == {"step": 1, "signal": "SIGUSR1"}
     run_trime(train_args(data, out), ranks=2, launcher="mpi")
     assert step_rows(out) == list(range(1, 61))

@@ -26,6 +26,10 @@ PLACEMENTS = ("contiguous", "interleaved")
 # Exit status of `trime train` stopped by SIGTERM / SIGUSR1 after saving a checkpoint: not done, rerun it
 # with --auto-resume. The SLURM script (launcher/slurm.py) turns it into `scontrol requeue`.
 EXIT_STOPPED_BY_SIGNAL = 3
+# When set, rank 0 of `trime train` stopped by a signal writes this file once every rank's checkpoint is
+# saved. Launchers that end the other ranks when one exits (srun --kill-on-bad-exit) may then report
+# another status than EXIT_STOPPED_BY_SIGNAL; the SLURM script requeues on either.
+STOPPED_MARKER_ENV = "TRIME_STOPPED_MARKER"
 # Exit status of a torch stage whose peer rank died or stopped answering (core/lost_ranks.py): the error
 # line names that rank; resume from the last checkpoint once the cause is fixed.
 EXIT_RANK_LOST = 4

@@ -22,11 +22,15 @@ class ProgressWatchdog:
     def __init__(self, timeout_s: float, env: DistEnv, stage: str, during: str):
         self.timeout_s, self.env, self.stage, self.during = timeout_s, env, stage, during
         self._last = time.monotonic()
+        self._heartbeat = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="trime-progress-watchdog", daemon=True)
 
     def start(self) -> ProgressWatchdog:
+        from trime_dist.core.lost_ranks import Heartbeat
+
         self.beat()
+        self._heartbeat = Heartbeat(self.env, self.stage, self.during).start()  # (how the others tell this rank is alive)
         if self.env.world_size > 1 and self.timeout_s > 0:  # one process has nobody to wait for
             self._thread.start()
         return self
@@ -36,6 +40,8 @@ class ProgressWatchdog:
 
     def stop(self) -> None:
         self._done.set()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
 
     def _watch(self) -> None:
         while not self._done.wait(min(1.0, self.timeout_s)):

@@ -138,11 +138,19 @@ def init_deepspeed_distributed(timeout_s: int = 1800) -> None:
         # Without LOCAL_SIZE DeepSpeed skips its CPU shared-memory all-reduce, which training never uses
         # (only inference_all_reduce does): no 64 MB /dev/shm buffer per rank, and no unbounded spin in
         # shm_initialize waiting for a peer's buffer that a dead peer (or a cleanup of /dev/shm) never provides.
+        # Nor is that op built: DeepSpeed runs ninja for it at every start (seconds of start-up), and SLURM's
+        # early time-limit signal, sent to every process of the job step, killed that ninja and the rank.
+        import importlib
+
+        # (not `import deepspeed.comm.torch as ...`: that finds the torch module deepspeed.comm imported)
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
         local_size = os.environ.pop("LOCAL_SIZE", None)
+        build_shm_op, ds_torch_comm.build_shm_op = ds_torch_comm.build_shm_op, lambda: None
         try:
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                        timeout=datetime.timedelta(seconds=timeout_s))
         finally:
+            ds_torch_comm.build_shm_op = build_shm_op
             if local_size is not None:
                 os.environ["LOCAL_SIZE"] = local_size
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from trime_dist.core.config import save_config
+from trime_dist.core.constants import STOPPED_MARKER_ENV
 from trime_dist.core.io import atomic_write_json
 from trime_dist.train.config import TrainConfig, grad_accum_steps, validate_train_config
 from trime_dist.train.kill_hook import maybe_exit_after_step
@@ -340,6 +341,9 @@ def _stop_by_signal(stop: StopFlag, ckpt_dir: str, state: TrainState, rank: int,
         progress.close()
         metrics.close()
         log.warning("%s (exit code %d)", error, EXIT_STOPPED_BY_SIGNAL)
+        marker = os.environ.get(STOPPED_MARKER_ENV)
+        if marker:  # every rank is past the checkpoint's closing barrier
+            atomic_write_json(marker, {"step": state.step, "signal": stop.signal_name})
     raise error
 
 
