@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = ".prepare-state.json"       # rank 0: settings + tokenizer of the run in progress
 RANK_RECORD = ".prepare-r{rank:03d}.json"  # each rank: its finished shard entries
+PROGRESS = ".prepare-r{rank:03d}-progress.json"  # each rank: the cut pieces finished so far (resume after a kill)
+PROGRESS_GLOB = ".prepare-r*-progress.json"
 DOC_BATCH = 64                           # documents per tokenizer call
 
 
@@ -129,8 +131,11 @@ def tokenize_piece(piece: Piece, piece_index: int, cfg: PrepareConfig, tok, eod_
 
 
 def process_rank(cfg: PrepareConfig, pieces: list[Piece], rank: int, world: int, tok_json: str,
-                 eod_id: int) -> dict[str, Any]:
-    """Write this rank's shards; returns {"shards": entries, "docs", "streams", "seconds"}."""
+                 eod_id: int, fingerprint: dict) -> dict[str, Any]:
+    """Write this rank's shards; returns {"shards": entries, "docs", "streams", ..., "seconds", "cpu_seconds"}.
+
+    A cut piece ends its last shard, and the pieces finished so far are recorded then (PROGRESS), so a rerun
+    after a kill goes on after them."""
     from tqdm import tqdm
 
     from data_pipeline.tokenizer import tokenizer_from_str
@@ -139,20 +144,50 @@ def process_rank(cfg: PrepareConfig, pieces: list[Piece], rank: int, world: int,
     mine = rank_block([p.size for p in pieces], rank, world)
     writer = shards.SegmentShardWriter(cfg.output, rank, cfg.shard_segments)  # imports webdataset
     counts = {"docs": 0, "streams": 0, **dict.fromkeys(TEXT_STATS, 0)}
+    done = resume_progress(cfg, rank, fingerprint, writer, counts)
+    progress = os.path.join(cfg.output, PROGRESS.format(rank=rank))
     t0, cpu0 = time.time(), time.process_time()
-    with tqdm(total=sum(pieces[i].size for i in mine), unit="B", unit_scale=True,
+    with tqdm(total=sum(pieces[i].size for i in mine[done:]), unit="B", unit_scale=True,
               desc=f"prepare rank {rank}", position=rank, leave=False, mininterval=1.0) as pbar:
-        for i in mine:
+        for n, i in enumerate(mine[done:], start=done + 1):
             for k, v in tokenize_piece(pieces[i], i, cfg, tok, eod_id, writer, pbar).items():
                 counts[k] += v
+            if pieces[i].end is not None:  # a cut (so big) piece: keep it, whatever happens next
+                writer.flush()
+                atomic_write_json(progress, {"fingerprint": fingerprint, "pieces_done": n,
+                                             "shards": writer.entries, "counts": counts})
     entries = writer.close()
     result = {"shards": entries, **counts, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0}
     tokens = sum(e["tokens"] for e in entries)
     log.info("rank %d: %d pieces of %d files, %d docs, %d streams, %d segments, %d tokens, %.0f tokens/s "
              "(%d shards, %d reused)",
              rank, len(mine), len({pieces[i].path for i in mine}), counts["docs"], counts["streams"],
-             sum(e["segments"] for e in entries), tokens, tokens / max(result["seconds"], 1e-9), len(entries), sum(e["reused"] for e in entries))
+             sum(e["segments"] for e in entries), tokens, tokens / max(result["seconds"], 1e-9), len(entries),
+             sum(e["reused"] for e in entries))
     return result
+
+
+def resume_progress(cfg: PrepareConfig, rank: int, fingerprint: dict, writer: shards.SegmentShardWriter,
+                    counts: dict[str, int]) -> int:
+    """How many of this rank's pieces an interrupted run with the same settings finished (their shards
+    verify): the writer goes on after their shards and `counts` starts from theirs."""
+    path = os.path.join(cfg.output, PROGRESS.format(rank=rank))
+    if not os.path.isfile(path):
+        return 0
+    record = read_json(path, "prepare progress record")
+    if record.get("fingerprint") != fingerprint:
+        return 0
+    try:
+        for entry in record["shards"]:
+            shards.verify_shard(entry, cfg.output)
+    except (ValueError, FileNotFoundError) as e:
+        log.warning("rank %d: starting over, a shard of the interrupted run does not verify: %s", rank, e)
+        return 0
+    writer.resume_after([dict(e, reused=True) for e in record["shards"]])
+    counts.update(record["counts"])
+    log.info("rank %d: going on after %d finished pieces (%d shards)", rank, record["pieces_done"],
+             len(record["shards"]))
+    return int(record["pieces_done"])
 
 
 def reuse_rank_record(cfg: PrepareConfig, rank: int, fingerprint: dict) -> Optional[dict]:
@@ -375,7 +410,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     try:
         result = reuse_rank_record(cfg, rank, fingerprint)
         if result is None:
-            result = process_rank(cfg, plan["pieces"], rank, world, plan["tok_json"], plan["tok_info"]["eod_id"])
+            result = process_rank(cfg, plan["pieces"], rank, world, plan["tok_json"], plan["tok_info"]["eod_id"],
+                                  fingerprint)
             atomic_write_json(os.path.join(cfg.output, RANK_RECORD.format(rank=rank)),
                               {"fingerprint": fingerprint, "result": result})
     except mpi.USER_ERRORS as e:
@@ -392,7 +428,8 @@ def finish(cfg: PrepareConfig, plan: dict, results: list[dict]) -> dict:
     if manifest["segments"] == 0:  # refused before manifest.json: nothing here looks complete
         raise ValueError(f"{', '.join(plan['files'])}: no text to prepare (0 documents, 0 segments): the input "
                          "is empty or only blank lines")
-    for stale in glob.glob(os.path.join(cfg.output, ".*.tmp")):  # left by a killed writer; all ranks are done
+    # left by killed writers, and the progress of finished ranks: all ranks are done
+    for stale in glob.glob(os.path.join(cfg.output, ".*.tmp")) + glob.glob(os.path.join(cfg.output, PROGRESS_GLOB)):
         os.remove(stale)
     shards.write_manifest(cfg.output, manifest)
     seconds = max(r["seconds"] for r in results)

@@ -155,3 +155,32 @@ def test_rerun_after_a_lost_rank_keeps_finished_pieces(one_big_file, tmp_path):
     shards.verify_shard(shards.read_manifest(str(tmp_path))["shards"][-1], str(tmp_path))
     with pytest.raises(ValueError, match="other settings.*cuts"):  # other cuts, other streams: refused
         prepare(PrepareConfig(**{**cfg.__dict__, "split_mb": 0.05}))
+
+
+def test_a_run_killed_midway_goes_on_after_its_finished_pieces(one_big_file, tmp_path, monkeypatch):
+    from data_pipeline import prepare as prep
+
+    cfg = PrepareConfig(input=[str(one_big_file)], output=str(tmp_path / "killed"), seq_len=32, vocab_size=500,
+                        shard_segments=100, split_mb=0.02)
+    clean = prepare(PrepareConfig(**{**cfg.__dict__, "output": str(tmp_path / "clean")}))
+    n_pieces = len(clean["settings"]["cuts"][str(one_big_file)]) + 1
+    tokenized = []
+    real = prep.tokenize_piece
+
+    def tokenize_then_die(piece, index, *args):
+        if index == 6:
+            raise KeyboardInterrupt  # as a kill: nothing after this runs
+        tokenized.append(index)
+        return real(piece, index, *args)
+
+    monkeypatch.setattr(prep, "tokenize_piece", tokenize_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg)
+    assert tokenized == list(range(6)) and not os.path.exists(tmp_path / "killed" / shards.MANIFEST)
+    tokenized.clear()
+    monkeypatch.setattr(prep, "tokenize_piece",
+                        lambda piece, index, *args: tokenized.append(index) or real(piece, index, *args))
+    manifest = prepare(cfg)
+    assert tokenized == list(range(6, n_pieces))  # the six finished pieces were not read again
+    assert manifest == clean and _segments(tmp_path / "killed") == _segments(tmp_path / "clean")
+    assert not list((tmp_path / "killed").glob("*progress*"))

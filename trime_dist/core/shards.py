@@ -126,6 +126,11 @@ class ShardWriter:
         self._samples, self._segments, self._tokens = [], 0, 0
         self.next_index += 1
 
+    def resume_after(self, entries: list[dict[str, Any]]) -> None:
+        """Go on after these finished shards of an interrupted run (their entries, as flush made them)."""
+        self.entries = list(entries)
+        self.next_index += len(entries)
+
     def close(self) -> list[dict[str, Any]]:
         self.flush()
         return self.entries
