@@ -1,9 +1,11 @@
 """`trime prepare`: tokenize text files into segment shards (docs/FORMATS.md), as MPI ranks.
 
-Rank 0 trains the tokenizer (or loads a given one: a tokenizer.json or a Hugging Face tokenizer
-folder) and broadcasts it; each rank owns a contiguous block of the sorted input files and writes
-its own shards; rank 0 writes manifest.json last. Reruns reuse finished shards; a complete output
-with other settings is refused unless --overwrite.
+Rank 0 cuts the inputs into pieces (files larger than --split-mb into byte ranges that end at document
+boundaries: data_pipeline/input_pieces.py), trains the tokenizer (or loads a given one: a tokenizer.json or a
+Hugging Face tokenizer folder) and broadcasts both; each rank owns a contiguous block of the pieces and writes
+its own shards; rank 0 writes manifest.json last. Neither the pieces nor the tokenizer depend on the number of
+ranks, so neither do the segments. Reruns reuse finished shards; a complete output with other settings is
+refused unless --overwrite.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from data_pipeline.input_pieces import Piece, plan_pieces, rank_block
 from data_pipeline.segmenter import Segmenter, stream_id
-from data_pipeline.text_input import FORMATS, expand_inputs, input_size, iter_documents
+from data_pipeline.text_input import FORMATS, expand_inputs, iter_documents
 from data_pipeline.tokenizer import KINDS, SIDE_FILES, UNK, TokenizerSource
 from trime_dist.core import shards
 from trime_dist.core.config import opt
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = ".prepare-state.json"       # rank 0: settings + tokenizer of the run in progress
 RANK_RECORD = ".prepare-r{rank:03d}.json"  # each rank: its finished shard entries
+PROGRESS = ".prepare-r{rank:03d}-progress.json"  # each rank: the cut pieces finished so far (resume after a kill)
+PROGRESS_GLOB = ".prepare-r*-progress.json"
 DOC_BATCH = 64                           # documents per tokenizer call
 
 
@@ -53,26 +58,21 @@ class PrepareConfig:
                                    "Face tokenizer folder (save_pretrained); it needs no pad token")
     eod_token: Optional[str] = opt(None, "end-of-document token (default: the tokenizer's EOS token; "
                                    "<eod> for trained tokenizers)")
-    tokenizer_sample_mb: float = opt(256.0, "MiB of text (spread over files) to train on")
+    tokenizer_sample_mb: float = opt(256.0, "MiB of text (spread over files and their pieces) to train on")
     stream_per_document: bool = opt(False, "each document is its own stream")
     format: str = opt("auto", "text: blank-line separated docs; file: one doc per file; wikitext: ' = Title = ' "
                       "headings; jsonl: a text field per line; parquet: a text column; hf_dataset: a datasets "
                       "save_to_disk folder; auto: by extension and content", choices=FORMATS)
     text_field: str = opt("text", "the field (JSONL) or column (Parquet, datasets folders) that holds the text")
     shard_segments: int = opt(2000, "segments per shard")
+    split_mb: float = opt(16.0, "an uncompressed text, WikiText or JSONL file larger than this is cut into pieces "
+                          "of about this many MiB, where a document starts, so that one big file keeps every rank "
+                          "busy; each piece is a stream of its own (compressed files, Parquet and datasets folders "
+                          "stay whole); the cuts do not depend on the number of ranks; 0: never cut")
     overwrite: bool = opt(False, "start from scratch, replacing an existing output")
 
 
 # ----------------------------------------------------------------------------- one rank's work
-
-def rank_files(files: list[str], rank: int, world: int) -> list[int]:
-    """Indices of the contiguous block of `files` owned by `rank` (balanced by bytes)."""
-    sizes = np.array([max(input_size(f), 1) for f in files], dtype=np.float64)
-    ends = np.cumsum(sizes)  # [F]
-    # file i goes to the rank whose byte range holds the file's midpoint
-    owner = np.minimum(((ends - sizes / 2) / ends[-1] * world).astype(int), world - 1)
-    return [i for i in range(len(files)) if owner[i] == rank]
-
 
 TEXT_STATS = ("words", "lines", "bytes", "chars")
 
@@ -84,13 +84,13 @@ def text_stats(docs: list[str]) -> dict[str, int]:
             "bytes": sum(len(d.encode("utf-8")) for d in docs), "chars": sum(len(d) for d in docs)}
 
 
-def doc_token_ids(path: str, fmt: str, tok, eod_id: int, pbar, text_field: str = "text",
+def doc_token_ids(piece: Piece, tok, eod_id: int, pbar, text_field: str = "text",
                   stats: Optional[dict] = None) -> Iterator[np.ndarray]:
     """Each document's token ids followed by the end-of-document token, int32 [n + 1], in file order;
     the text's counts are added to `stats`."""
     from data_pipeline.tokenizer import encode_docs
 
-    docs = iter_documents(path, fmt, text_field)
+    docs = iter_documents(piece.path, piece.fmt, text_field, piece.start, piece.end)
     while batch := list(itertools.islice(docs, DOC_BATCH)):
         if stats is not None:
             for k, v in text_stats(batch).items():
@@ -100,9 +100,9 @@ def doc_token_ids(path: str, fmt: str, tok, eod_id: int, pbar, text_field: str =
         pbar.update(sum(len(d.encode("utf-8")) for d in batch))
 
 
-def tokenize_file(path: str, file_index: int, cfg: PrepareConfig, tok, eod_id: int,
-                  writer: shards.SegmentShardWriter, pbar) -> dict[str, int]:
-    """Cut one file's documents into segments of one stream (or one per document with
+def tokenize_piece(piece: Piece, piece_index: int, cfg: PrepareConfig, tok, eod_id: int,
+                   writer: shards.SegmentShardWriter, pbar) -> dict[str, int]:
+    """Cut one piece's documents into segments of one stream (or one per document with
     --stream-per-document) and hand them to `writer`; returns counts {docs, streams, words, lines, bytes, chars}."""
     streams, seg, sid = 0, None, None
 
@@ -113,47 +113,81 @@ def tokenize_file(path: str, file_index: int, cfg: PrepareConfig, tok, eod_id: i
     docs = unknown = 0
     stats = dict.fromkeys(TEXT_STATS, 0)
     unk_id = tok.token_to_id(UNK)  # char tokenizers (and some given ones) have one
-    for docs, ids in enumerate(doc_token_ids(path, cfg.format, tok, eod_id, pbar, cfg.text_field, stats), start=1):
+    for docs, ids in enumerate(doc_token_ids(piece, tok, eod_id, pbar, cfg.text_field, stats), start=1):
         if unk_id is not None:
             unknown += int((ids == unk_id).sum())
         if seg is None or cfg.stream_per_document:
             if seg is not None:
                 end_stream()
-            seg, sid, streams = Segmenter(cfg.seq_len), stream_id(file_index, streams), streams + 1
+            seg, sid, streams = Segmenter(cfg.seq_len), stream_id(piece_index, streams), streams + 1
         for index, start, tokens in seg.push(ids):
             writer.add(sid, index, start, tokens)
     if seg is not None:
         end_stream()
     if unknown:
         log.warning("%s: %d characters the tokenizer does not know became %s (decoding will not give the text "
-                    "back; for a char tokenizer raise --tokenizer-sample-mb)", path, unknown, UNK)
+                    "back; for a char tokenizer raise --tokenizer-sample-mb)", piece.path, unknown, UNK)
     return {"docs": docs, "streams": streams, **stats}
 
 
-def process_rank(cfg: PrepareConfig, files: list[str], rank: int, world: int, tok_json: str,
-                 eod_id: int) -> dict[str, Any]:
-    """Write this rank's shards; returns {"shards": entries, "docs", "streams", "seconds"}."""
+def process_rank(cfg: PrepareConfig, pieces: list[Piece], rank: int, world: int, tok_json: str,
+                 eod_id: int, fingerprint: dict) -> dict[str, Any]:
+    """Write this rank's shards; returns {"shards": entries, "docs", "streams", ..., "seconds", "cpu_seconds"}.
+
+    A cut piece ends its last shard, and the pieces finished so far are recorded then (PROGRESS), so a rerun
+    after a kill goes on after them."""
     from tqdm import tqdm
 
     from data_pipeline.tokenizer import tokenizer_from_str
 
     tok = tokenizer_from_str(tok_json)
-    mine = rank_files(files, rank, world)
+    mine = rank_block([p.size for p in pieces], rank, world)
     writer = shards.SegmentShardWriter(cfg.output, rank, cfg.shard_segments)  # imports webdataset
     counts = {"docs": 0, "streams": 0, **dict.fromkeys(TEXT_STATS, 0)}
-    t0 = time.time()
-    with tqdm(total=sum(input_size(files[i]) for i in mine), unit="B", unit_scale=True,
+    done = resume_progress(cfg, rank, fingerprint, writer, counts)
+    progress = os.path.join(cfg.output, PROGRESS.format(rank=rank))
+    t0, cpu0 = time.time(), time.process_time()
+    with tqdm(total=sum(pieces[i].size for i in mine[done:]), unit="B", unit_scale=True,
               desc=f"prepare rank {rank}", position=rank, leave=False, mininterval=1.0) as pbar:
-        for i in mine:
-            for k, v in tokenize_file(files[i], i, cfg, tok, eod_id, writer, pbar).items():
+        for n, i in enumerate(mine[done:], start=done + 1):
+            for k, v in tokenize_piece(pieces[i], i, cfg, tok, eod_id, writer, pbar).items():
                 counts[k] += v
+            if pieces[i].end is not None:  # a cut (so big) piece: keep it, whatever happens next
+                writer.flush()
+                atomic_write_json(progress, {"fingerprint": fingerprint, "pieces_done": n,
+                                             "shards": writer.entries, "counts": counts})
     entries = writer.close()
-    result = {"shards": entries, **counts, "seconds": time.time() - t0}
+    result = {"shards": entries, **counts, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0}
     tokens = sum(e["tokens"] for e in entries)
-    log.info("rank %d: %d files, %d docs, %d streams, %d segments, %d tokens, %.0f tokens/s (%d shards, %d reused)",
-             rank, len(mine), counts["docs"], counts["streams"], sum(e["segments"] for e in entries), tokens,
-             tokens / max(result["seconds"], 1e-9), len(entries), sum(e["reused"] for e in entries))
+    log.info("rank %d: %d pieces of %d files, %d docs, %d streams, %d segments, %d tokens, %.0f tokens/s "
+             "(%d shards, %d reused)",
+             rank, len(mine), len({pieces[i].path for i in mine}), counts["docs"], counts["streams"],
+             sum(e["segments"] for e in entries), tokens, tokens / max(result["seconds"], 1e-9), len(entries),
+             sum(e["reused"] for e in entries))
     return result
+
+
+def resume_progress(cfg: PrepareConfig, rank: int, fingerprint: dict, writer: shards.SegmentShardWriter,
+                    counts: dict[str, int]) -> int:
+    """How many of this rank's pieces an interrupted run with the same settings finished (their shards
+    verify): the writer goes on after their shards and `counts` starts from theirs."""
+    path = os.path.join(cfg.output, PROGRESS.format(rank=rank))
+    if not os.path.isfile(path):
+        return 0
+    record = read_json(path, "prepare progress record")
+    if record.get("fingerprint") != fingerprint:
+        return 0
+    try:
+        for entry in record["shards"]:
+            shards.verify_shard(entry, cfg.output)
+    except (ValueError, FileNotFoundError) as e:
+        log.warning("rank %d: starting over, a shard of the interrupted run does not verify: %s", rank, e)
+        return 0
+    writer.resume_after([dict(e, reused=True) for e in record["shards"]])
+    counts.update(record["counts"])
+    log.info("rank %d: going on after %d finished pieces (%d shards)", rank, record["pieces_done"],
+             len(record["shards"]))
+    return int(record["pieces_done"])
 
 
 def reuse_rank_record(cfg: PrepareConfig, rank: int, fingerprint: dict) -> Optional[dict]:
@@ -176,12 +210,18 @@ def reuse_rank_record(cfg: PrepareConfig, rank: int, fingerprint: dict) -> Optio
 
 # ----------------------------------------------------------------------------- rank 0: plan
 
-def settings_of(cfg: PrepareConfig, files: list[str], world: int,
-                given: Optional[TokenizerSource] = None) -> dict[str, Any]:
+def settings_of(cfg: PrepareConfig, files: list[str], world: int, given: Optional[TokenizerSource] = None,
+                pieces: Optional[list[Piece]] = None) -> dict[str, Any]:
     """Everything that determines the output; a complete output with other settings is refused."""
     s = dataclasses.asdict(cfg)
-    for k in ("input", "output", "overwrite", "tokenizer"):
+    for k in ("input", "output", "overwrite", "tokenizer", "split_mb"):  # split_mb: the cuts it made count
         s.pop(k)
+    cuts = {p.path: [] for p in pieces or [] if p.start}
+    for p in pieces or []:
+        if p.start:
+            cuts[p.path].append(p.start)
+    if cuts:
+        s["cuts"] = cuts
     s["tokenizer_file_sha256"] = sha256_file(given.json_path) if given else None
     if given and given.side:  # a folder's settings choose the EOS (end-of-document) and pad tokens
         s["tokenizer_settings_sha256"] = hashlib.sha256(json.dumps(given.side, sort_keys=True).encode()).hexdigest()
@@ -242,15 +282,16 @@ def check_existing(cfg: PrepareConfig, settings: dict) -> bool:
     return False
 
 
-def sample_texts(files: list[str], cfg: PrepareConfig) -> Iterator[str]:
-    """Documents from every file, at most tokenizer_sample_mb / len(files) MiB per file."""
-    per_file = cfg.tokenizer_sample_mb * 2**20 / len(files)
-    for f in files:
+def sample_texts(pieces: list[Piece], cfg: PrepareConfig) -> Iterator[str]:
+    """Documents from every piece (so from all over a big file), at most tokenizer_sample_mb / len(pieces) MiB
+    per piece."""
+    per_piece = cfg.tokenizer_sample_mb * 2**20 / len(pieces)
+    for p in pieces:
         taken = 0
-        for doc in iter_documents(f, cfg.format, cfg.text_field):
+        for doc in iter_documents(p.path, p.fmt, cfg.text_field, p.start, p.end):
             yield doc
             taken += len(doc)
-            if taken >= per_file:
+            if taken >= per_piece:
                 break
 
 
@@ -270,7 +311,7 @@ def given_tokenizer(cfg: PrepareConfig) -> Optional[tuple[TokenizerSource, dict]
     return src, describe_tokenizer(tok, configured_special(src), cfg.eod_token, cfg.tokenizer)
 
 
-def make_tokenizer(cfg: PrepareConfig, files: list[str], settings: dict,
+def make_tokenizer(cfg: PrepareConfig, pieces: list[Piece], settings: dict,
                    given: Optional[tuple[TokenizerSource, dict]]) -> tuple[str, dict]:
     """(tokenizer.json text, its manifest entry less file/sha256): the given tokenizer (copied byte for byte,
     so splits share one sha256, with a folder's special-token settings), else the one of an interrupted run,
@@ -293,7 +334,7 @@ def make_tokenizer(cfg: PrepareConfig, files: list[str], settings: dict,
         tok_json = _read_text(out_tok)
     else:
         t0 = time.time()
-        tok = build_tokenizer(cfg.tokenizer_kind, sample_texts(files, cfg), cfg.vocab_size)
+        tok = build_tokenizer(cfg.tokenizer_kind, sample_texts(pieces, cfg), cfg.vocab_size)
         log.info("trained %s tokenizer (%d tokens) in %.1fs", cfg.tokenizer_kind, tok.get_vocab_size(),
                  time.time() - t0)
         tok_json = tok.to_str(pretty=True)
@@ -339,13 +380,15 @@ def build_manifest(cfg: PrepareConfig, files: list[str], settings: dict, tok_inf
 def _plan(cfg: PrepareConfig, world: int) -> dict:
     """Rank 0: validate inputs and output, fix the tokenizer; the plan is broadcast."""
     files = expand_inputs(cfg.input)
+    pieces = plan_pieces(files, cfg.format, cfg.split_mb)
     given = given_tokenizer(cfg)
-    settings = settings_of(cfg, files, world, given[0] if given else None)
+    settings = settings_of(cfg, files, world, given[0] if given else None, pieces)
     if check_existing(cfg, settings):
         return {"done": True, "files": files}
     os.makedirs(cfg.output, exist_ok=True)
-    tok_json, tok_info = make_tokenizer(cfg, files, settings, given)
-    return {"done": False, "files": files, "settings": settings, "tok_json": tok_json, "tok_info": tok_info}
+    tok_json, tok_info = make_tokenizer(cfg, pieces, settings, given)
+    return {"done": False, "files": files, "pieces": pieces, "settings": settings, "tok_json": tok_json,
+            "tok_info": tok_info}
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -367,7 +410,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     try:
         result = reuse_rank_record(cfg, rank, fingerprint)
         if result is None:
-            result = process_rank(cfg, plan["files"], rank, world, plan["tok_json"], plan["tok_info"]["eod_id"])
+            result = process_rank(cfg, plan["pieces"], rank, world, plan["tok_json"], plan["tok_info"]["eod_id"],
+                                  fingerprint)
             atomic_write_json(os.path.join(cfg.output, RANK_RECORD.format(rank=rank)),
                               {"fingerprint": fingerprint, "result": result})
     except mpi.USER_ERRORS as e:
@@ -384,7 +428,8 @@ def finish(cfg: PrepareConfig, plan: dict, results: list[dict]) -> dict:
     if manifest["segments"] == 0:  # refused before manifest.json: nothing here looks complete
         raise ValueError(f"{', '.join(plan['files'])}: no text to prepare (0 documents, 0 segments): the input "
                          "is empty or only blank lines")
-    for stale in glob.glob(os.path.join(cfg.output, ".*.tmp")):  # left by a killed writer; all ranks are done
+    # left by killed writers, and the progress of finished ranks: all ranks are done
+    for stale in glob.glob(os.path.join(cfg.output, ".*.tmp")) + glob.glob(os.path.join(cfg.output, PROGRESS_GLOB)):
         os.remove(stale)
     shards.write_manifest(cfg.output, manifest)
     seconds = max(r["seconds"] for r in results)

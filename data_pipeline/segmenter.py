@@ -37,6 +37,7 @@ class Segmenter:
         self.buf = np.zeros(0, dtype=np.int32)
 
 
-def stream_id(file_index: int, stream_index: int) -> int:
-    """Globally unique stream id: file_index (position in the sorted inputs) * 2**32 + stream in file."""
-    return file_index * 2**32 + stream_index
+def stream_id(piece_index: int, stream_index: int) -> int:
+    """Globally unique stream id: piece_index (position of the input piece, data_pipeline/input_pieces.py,
+    in the sorted inputs) * 2**32 + stream in the piece."""
+    return piece_index * 2**32 + stream_index

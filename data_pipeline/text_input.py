@@ -12,9 +12,10 @@ import glob
 import io
 import json
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 FORMATS = ("auto", "text", "file", "wikitext", "jsonl", "parquet", "hf_dataset")
+SPLITTABLE = ("text", "wikitext", "jsonl")   # formats read from a byte range too (data_pipeline/input_pieces.py)
 COMPRESSIONS = (".gz", ".xz", ".zst", ".zstd")
 _SNIFF_BYTES = 1 << 20
 
@@ -54,10 +55,36 @@ def uncompressed_name(path: str) -> str:
     return path[: -len(ext)] if (ext := next((e for e in COMPRESSIONS if path.endswith(e)), None)) else path
 
 
-def _open_binary(path: str):
-    """The file's bytes, decompressed by its suffix (.gz, .xz, .zst / .zstd)."""
+class _ByteRange(io.RawIOBase):
+    """Bytes [start, end) of a file, read as a stream of their own."""
+
+    def __init__(self, path: str, start: int, end: Optional[int]):
+        self.f = open(path, "rb")
+        self.f.seek(start)
+        self.left = (os.path.getsize(path) if end is None else end) - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(min(len(b), self.left))
+        b[:len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _open_binary(path: str, start: int = 0, end: Optional[int] = None):
+    """The file's bytes (only [start, end) if given), decompressed by its suffix (.gz, .xz, .zst / .zstd)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
+    if start or end is not None:
+        if path.endswith(COMPRESSIONS):
+            raise ValueError(f"{path}: a compressed file cannot be read from a byte range")
+        return io.BufferedReader(_ByteRange(path, start, end))
     if path.endswith(".gz"):
         import gzip
 
@@ -75,17 +102,29 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
-def _open(path: str):
+def _open(path: str, start: int = 0, end: Optional[int] = None):
     # newline="" keeps \r\n as is: the text round-trips byte for byte.
-    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline="")
+    return io.TextIOWrapper(_open_binary(path, start, end), encoding="utf-8", newline="")
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    with _open(path) as f:
+def _lines(path: str, start: int = 0, end: Optional[int] = None) -> Iterator[tuple[int, str]]:
+    """(line number counted from `start`, a line start, line) of the lines in bytes [start, end)."""
+    with _open(path, start, end) as f:
         try:
             yield from enumerate(f, start=1)
         except UnicodeDecodeError:
             raise utf8_error(path) from None
+
+
+def lines_before(path: str, offset: int, chunk: int = 1 << 24) -> int:
+    """Newlines in the file's first `offset` bytes: the line number of a byte range's first line, less one
+    (read only for an error message: it reads the file up to there)."""
+    count = 0
+    with open(path, "rb") as f:
+        while offset > 0 and (data := f.read(min(chunk, offset))):
+            count += data.count(b"\n")
+            offset -= len(data)
+    return count
 
 
 def utf8_error(path: str) -> ValueError:
@@ -101,13 +140,13 @@ def utf8_error(path: str) -> ValueError:
     return ValueError(f"{path}: not valid UTF-8 text; convert the file to UTF-8")
 
 
-def iter_wikitext(path: str) -> Iterator[str]:
+def iter_wikitext(path: str, start: int = 0, end: Optional[int] = None) -> Iterator[str]:
     """One document per top-level heading, from the heading line up to the next one (verbatim).
 
     Text before the first heading is a document too unless it is only whitespace.
     """
     doc: list[str] = []
-    for _, line in _lines(path):
+    for _, line in _lines(path, start, end):
         if is_top_heading(line) and doc:
             if "".join(doc).strip():
                 yield "".join(doc)
@@ -117,10 +156,10 @@ def iter_wikitext(path: str) -> Iterator[str]:
         yield "".join(doc)
 
 
-def iter_paragraph_docs(path: str) -> Iterator[str]:
+def iter_paragraph_docs(path: str, start: int = 0, end: Optional[int] = None) -> Iterator[str]:
     """Documents separated by blank (whitespace-only) lines; the blank lines are separators."""
     doc: list[str] = []
-    for _, line in _lines(path):
+    for _, line in _lines(path, start, end):
         if line.strip():
             doc.append(line)
         elif doc:
@@ -136,18 +175,18 @@ def iter_whole_file(path: str) -> Iterator[str]:
         yield text
 
 
-def iter_jsonl(path: str, text_field: str = "text") -> Iterator[str]:
+def iter_jsonl(path: str, text_field: str = "text", start: int = 0, end: Optional[int] = None) -> Iterator[str]:
     """The text field of each non-blank line; errors name the file and line."""
-    for lineno, line in _lines(path):
+    for lineno, line in _lines(path, start, end):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            raise ValueError(f"{path}:{lines_before(path, start) + lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             got = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{lineno}: expected an object with a string {text_field!r} field (--text-field), "
+            raise ValueError(f"{path}:{lines_before(path, start) + lineno}: expected an object with a string {text_field!r} field (--text-field), "
                              f"got {got}")
         if record[text_field]:
             yield record[text_field]
@@ -219,14 +258,21 @@ _READERS = {"text": iter_paragraph_docs, "file": iter_whole_file, "wikitext": it
 _FIELD_FORMATS = ("jsonl", "parquet", "hf_dataset")   # the formats whose records have fields
 
 
-def iter_documents(path: str, fmt: str = "auto", text_field: str = "text") -> Iterator[str]:
+def iter_documents(path: str, fmt: str = "auto", text_field: str = "text", start: int = 0,
+                   end: Optional[int] = None) -> Iterator[str]:
     """Documents of one input. fmt: auto | text (blank-line separated) | file (the whole file is one
     document) | wikitext (` = Title = ` boundaries) | jsonl (a text field per line) | parquet (a text
-    column) | hf_dataset (a `save_to_disk` folder's text column). Text files may be .gz / .xz / .zst."""
+    column) | hf_dataset (a `save_to_disk` folder's text column). Text files may be .gz / .xz / .zst.
+    start / end: only the documents in bytes [start, end) of an uncompressed SPLITTABLE file, where start is
+    a document boundary (data_pipeline/input_pieces.py)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown input format {fmt!r}, expected one of {FORMATS}")
     if fmt == "auto":
         fmt = detect_format(path)
+    if start or end is not None:
+        if fmt not in SPLITTABLE:
+            raise ValueError(f"{path}: a {fmt} input cannot be read from a byte range")
+        return iter_jsonl(path, text_field, start, end) if fmt == "jsonl" else _READERS[fmt](path, start, end)
     if fmt in _FIELD_FORMATS:
         return _READERS[fmt](path, text_field)
     return _READERS[fmt](path)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import corpus, tokenizer
-from data_pipeline.prepare import PrepareConfig, prepare, rank_files
+from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.segmenter import Segmenter
 from data_pipeline.text_input import iter_documents
 from trime_dist.core import shards
@@ -76,16 +76,6 @@ def test_tokenizer_round_trip_and_reload(tmp_path, kind):
     assert (info["kind"], info["pad_id"], info["eod_id"]) == (kind, 0, 1)
     assert all(info["eod_id"] not in i and info["pad_id"] not in i for i in ids)
     assert info["vocab_size"] == tok.get_vocab_size() and len(info["sha256"]) == 64
-
-
-def test_rank_files_are_contiguous_blocks(tmp_path):
-    files = []
-    for i, size in enumerate([10, 500, 20, 30, 400, 5, 5]):
-        files.append(str(tmp_path / f"f{i}"))
-        open(files[-1], "w").write("x" * size)
-    for world in (1, 2, 3, 9):
-        blocks = [rank_files(files, r, world) for r in range(world)]
-        assert sum(blocks, []) == list(range(len(files)))
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -2,7 +2,8 @@
 
 The only module that imports webdataset. Writers build each tar in memory with a fixed mtime
 (so the same samples give the same bytes and checksum) and rename it into place when complete;
-readers raise a ValueError naming the shard for a corrupt, truncated or malformed tar.
+readers raise a ValueError naming the shard for a corrupt, truncated or malformed tar. Readers take
+a data location: a folder, or an http(s) / pipe: URL (trime_dist/core/locations.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from trime_dist.core import locations
 from trime_dist.core.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -24,7 +26,7 @@ from trime_dist.core.io import (
 
 SEGMENTS_FORMAT = "trime-segments/v1"
 GROUPS_FORMAT = "trime-groups/v1"
-MANIFEST = "manifest.json"
+MANIFEST = locations.MANIFEST
 TOKENIZER_FILE = "tokenizer.json"
 SEGMENT_META_FIELDS = ("stream", "index", "start", "length")
 
@@ -124,6 +126,11 @@ class ShardWriter:
         self._samples, self._segments, self._tokens = [], 0, 0
         self.next_index += 1
 
+    def resume_after(self, entries: list[dict[str, Any]]) -> None:
+        """Go on after these finished shards of an interrupted run (their entries, as flush made them)."""
+        self.entries = list(entries)
+        self.next_index += len(entries)
+
     def close(self) -> list[dict[str, Any]]:
         self.flush()
         return self.entries
@@ -166,27 +173,32 @@ class GroupShardWriter(ShardWriter):
 
 # ----------------------------------------------------------------------------- reading
 
-def _check_end_of_archive(path: str) -> None:
-    """A tar cut at a member boundary reads as a shorter valid tar; its missing end marker tells."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        f.seek(max(0, size - 1024))
-        tail = f.read()
+def _check_end_of_archive(path: str, data: Optional[bytes]) -> None:
+    """A tar cut at a member boundary reads as a shorter valid tar; its missing end marker tells.
+    data: the shard's bytes if read already (else its local file's end is read)."""
+    if data is None:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    else:
+        size, tail = len(data), data[-1024:]
     if size % 512 or len(tail) < 1024 or tail.count(0) != len(tail):
         raise ValueError(f"{path}: corrupt or truncated tar shard (no end-of-archive marker)")
 
 
 def _iter_tar_samples(path: str, sha256: Optional[str]) -> Iterator[dict[str, bytes]]:
-    """Yield {"__key__", "tokens.npy", "meta.json"} dicts; errors name the shard."""
+    """Yield {"__key__", "tokens.npy", "meta.json"} dicts; errors name the shard (a path or URL)."""
     from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-    if not os.path.isfile(path):
+    data = None
+    if locations.is_url(path) or sha256:  # remote shards are fetched whole (a few MB each)
+        data = locations.read_bytes(path, "shard")
+    elif not os.path.isfile(path):
         raise FileNotFoundError(f"shard not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read() if sha256 else None
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(f"{path}: shard checksum mismatch (corrupt or modified file)")
-    _check_end_of_archive(path)
+    _check_end_of_archive(path, data)
     current: dict[str, Any] = {}
     try:
         with (io.BytesIO(data) if data is not None else open(path, "rb")) as stream:
@@ -271,8 +283,8 @@ def iter_range(data_dir: str, manifest: dict[str, Any], start: int = 0, end: Opt
             continue
         if end is not None and first >= end:
             return
-        path = os.path.join(data_dir, entry["path"])
-        if check and not os.path.isfile(path):
+        path = locations.resolve(data_dir, entry["path"])
+        if check and not locations.is_url(path) and not os.path.isfile(path):
             raise FileNotFoundError(f"shard listed in {os.path.join(data_dir, MANIFEST)} not found: {path}")
         index = first
         for key, tokens, meta in read(path, entry["sha256"] if check else None):
@@ -332,16 +344,20 @@ def _check_fields(obj: dict, fields: dict[str, type], where: str) -> None:
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
-    """Load and validate `directory/manifest.json` (either format); returns the manifest dict.
+    """Load and validate `directory/manifest.json` (either format; `directory` may be a URL, see
+    trime_dist/core/locations.py); returns the manifest dict.
 
     Raises FileNotFoundError when the manifest is missing (the directory is incomplete) and
     ValueError naming the file and field when it is malformed.
     """
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
+    path = locations.manifest_location(directory)
+    if locations.is_url(path):
+        manifest = _json_of(locations.read_bytes(path, "shard manifest"), path)
+    elif not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {directory} is not a complete shard directory "
                                 f"(run `trime prepare` / `trime group`, or it was interrupted)")
-    manifest = read_json(path, "shard manifest")
+    else:
+        manifest = read_json(path, "shard manifest")
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: manifest should be a JSON object")
     fmt = manifest.get("format")
@@ -360,22 +376,34 @@ def read_manifest(directory: str) -> dict[str, Any]:
     return manifest
 
 
+def _json_of(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: shard manifest is not valid JSON ({e})") from None
+
+
+def manifest_sha256(directory: str) -> str:
+    """sha256 of the data's manifest.json (a run records which data it was made from)."""
+    return locations.sha256_of(locations.manifest_location(directory))
+
+
 def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
     """Write manifest.json atomically (call LAST: it marks the directory complete)."""
     atomic_write_json(os.path.join(directory, MANIFEST), manifest)
 
 
 def shard_paths(directory: str, manifest: dict[str, Any]) -> list[str]:
-    """Absolute shard paths in manifest order (= stream order for segment shards)."""
-    return [os.path.join(directory, e["path"]) for e in manifest["shards"]]
+    """Shard paths (or URLs) in manifest order (= stream order for segment shards)."""
+    return [locations.resolve(directory, e["path"]) for e in manifest["shards"]]
 
 
 def verify_shard(entry: dict[str, Any], directory: str) -> None:
     """Check one manifest shard entry against its file; ValueError/FileNotFoundError name the shard."""
-    path = os.path.join(directory, entry["path"])
-    if not os.path.isfile(path):
+    path = locations.resolve(directory, entry["path"])
+    if not locations.is_url(path) and not os.path.isfile(path):
         raise FileNotFoundError(f"shard listed in {os.path.join(directory, MANIFEST)} not found: {path}")
-    digest = sha256_file(path)
+    digest = locations.sha256_of(path)
     if digest != entry["sha256"]:
         raise ValueError(f"{path}: shard checksum mismatch (sha256 {digest[:12]}..., manifest says "
                          f"{entry['sha256'][:12]}...): the file is corrupt or was modified")

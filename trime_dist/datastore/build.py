@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from trime_dist.core.io import atomic_write_json, read_json, sha256_file
+from trime_dist.core.io import atomic_write_json, read_json
 from trime_dist.datastore import parts as build
 from trime_dist.datastore.config import DatastoreConfig
 from trime_dist.datastore.store import FORMAT, KEY_TYPE, META_FILE
@@ -68,6 +68,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
 
 def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> dict:
     """What is being built; written once to build.json, and a rerun must agree with it."""
+    from trime_dist.core import shards
     from trime_dist.model.export import check_tokenizer
 
     if manifest["format"] != "trime-segments/v1":
@@ -88,7 +89,7 @@ def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> di
                          f"{model.cfg.max_seq_len}")
     n_segments = int(manifest["segments"])
     part_segments = cfg.part_segments or max(1, -(-n_segments // world_size))
-    plan = {"model_id": info["model_id"], "data_manifest_sha256": sha256_file(os.path.join(cfg.data, "manifest.json")),
+    plan = {"model_id": info["model_id"], "data_manifest_sha256": shards.manifest_sha256(cfg.data),
             "tokenizer_sha256": data_tok, "factory": cfg.factory, "part_segments": part_segments,
             "dim": model.cfg.d_model, "seq_len": int(manifest["seq_len"]), "train_sample": cfg.train_sample,
             "seed": cfg.seed, "ondisk": cfg.ondisk, "context_window": cfg.context_window}
@@ -170,6 +171,8 @@ def _add_step(cfg, mine: list, offsets: list[int]) -> None:
 
 
 def _merge_step(cfg, plan: dict, parts: list, offsets: list[int], total: int, world_size: int) -> dict:
+    from trime_dist.core import locations
+
     index_paths = [build.part_paths(cfg.out, p)["index"] for p in parts]
     t0 = time.perf_counter()
     ntotal = build.dsi.merge_parts(os.path.join(cfg.out, "trained.index"), index_paths,
@@ -182,7 +185,7 @@ def _merge_step(cfg, plan: dict, parts: list, offsets: list[int], total: int, wo
     meta = {"format": FORMAT, "datastore_id": ident[:16], "model_id": plan["model_id"], "key_type": KEY_TYPE,
             "dim": plan["dim"], "dtype": "float16", "value_dtype": "int32", "count": total,
             "tokenizer_sha256": plan["tokenizer_sha256"], "data_manifest_sha256": plan["data_manifest_sha256"],
-            "data": os.path.abspath(cfg.data), "model": os.path.abspath(cfg.model), "seq_len": plan["seq_len"],
+            "data": locations.describe(cfg.data), "model": os.path.abspath(cfg.model), "seq_len": plan["seq_len"],
             "context_window": plan["context_window"],
             "factory": cfg.factory, "metric": "inner_product", "index": "index.faiss", "ondisk": cfg.ondisk,
             "world_size": world_size, "created_by": "trime datastore build",

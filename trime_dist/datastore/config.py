@@ -10,7 +10,8 @@ from trime_dist.core.constants import DEVICES
 @dataclass
 class DatastoreConfig:
     model: str = opt("", "trained run directory (or its model/ directory)")
-    data: str = opt("", "prepared segment shards to store (`trime prepare` output)")
+    data: str = opt("", "prepared segment shards to store (`trime prepare` output): a folder or its URL "
+                       "(http(s), a manifest.json URL, pipe:)")
     out: str = opt("", "datastore directory (created; a rerun resumes it)")
     factory: str = opt("Flat", "faiss index: Flat | IVF{nlist},PQ{m} | IVF{nlist},Flat")
     train_sample: int = opt(100_000, "keys sampled to train an IVF index")

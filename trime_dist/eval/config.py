@@ -13,7 +13,8 @@ SEARCHES = ("faiss", "exact")
 @dataclass
 class EvalConfig:
     model: str = opt("", "trained run directory (or its model/ directory)")
-    data: str = opt("", "prepared segment shards to evaluate (e.g. the test split); required")
+    data: str = opt("", "prepared segment shards to evaluate (e.g. the test split): a folder or its URL "
+                       "(http(s), a manifest.json URL, pipe:); required")
     memory: list[str] = opt(doc="one row per memory setting", factory=lambda: ["local"], choices=LAYOUTS)
     datastore: str = opt("", "datastore directory (external memory, kNN interpolation)")
     k: int = opt(1024, "neighbours per query")

@@ -20,8 +20,9 @@ TRACKERS = ("tensorboard", "wandb")
 
 @dataclass
 class DataConfig:
-    train: str = opt("", "prepared (or grouped) shard directory for training")
-    valid: Optional[str] = opt(None, "prepared shard directory for validation (empty = none)")
+    train: str = opt("", "prepared (or grouped) shard directory for training, or its URL (http(s), a "
+                         "manifest.json URL, pipe:)")
+    valid: Optional[str] = opt(None, "prepared shard directory (or URL) for validation (empty = none)")
     micro_batch_size: int = opt(8, "segments per rank per forward pass")
     global_batch_size: int = opt(16, "segments per optimizer step, over all ranks and accumulation")
     placement: str = opt("contiguous", "how a group is dealt to ranks", choices=PLACEMENTS)

@@ -67,6 +67,19 @@ def setup_run(cfg: TrainConfig, world_size: int, rank: int, resume: bool):
     return train_data
 
 
+def fetch_beside(url: str, out_dir: str) -> str:
+    """A local copy of the file at `url` in out_dir (a missing one: a path that does not exist)."""
+    from trime_dist.core.io import atomic_write_bytes
+    from trime_dist.core.locations import read_bytes
+
+    local = os.path.join(out_dir, ".data-" + os.path.basename(url.rstrip("/")))
+    try:
+        atomic_write_bytes(local, read_bytes(url, "tokenizer"))
+    except FileNotFoundError as e:
+        log.warning("the model's tokenizer is not copied beside it: %s", e)
+    return local
+
+
 def check_valid_data(valid: str, group_size: int, rank: int) -> None:
     """Refuse a missing or incomplete data.valid now, not after the engine is built (rank 0 checks sums)."""
     from trime_dist.train.loader import ShardDataset
@@ -80,7 +93,9 @@ def check_valid_data(valid: str, group_size: int, rank: int) -> None:
 def fit_model_to_data(cfg: TrainConfig, train_data) -> None:
     """model.vocab_size from the data's tokenizer when 0; refuse data whose token ids or segment length the
     model cannot take (for model.pretrained, its config.json fixed both)."""
-    m, manifest = cfg.model, f"{cfg.data.train}/manifest.json"
+    from trime_dist.core.locations import manifest_location
+
+    m, manifest = cfg.model, manifest_location(cfg.data.train)
     data_vocab = int(train_data.manifest["tokenizer"]["vocab_size"])
     origin = f" (from {m.pretrained}/config.json)" if m.pretrained else ""
     if m.vocab_size == 0:
@@ -361,8 +376,9 @@ def _save(engine, cfg: TrainConfig, ckpt_dir: str, state: TrainState, loader) ->
 
 def _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, metrics, device) -> dict:
     """Final validation, exported model, summary JSON and loss-curve PNG."""
+    from trime_dist.core import locations
     from trime_dist.core.distributed import barrier
-    from trime_dist.core.io import sha256_file
+    from trime_dist.core.shards import manifest_sha256
     from trime_dist.model.export import export_model
     from trime_dist.train.engine import full_state_dict, latest_tag
     from trime_dist.train.metrics import plot_loss_curve
@@ -379,12 +395,14 @@ def _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, me
     if rank == 0:
         tok = train_data.manifest["tokenizer"]
         info = {"step": state.step, "objective": cfg.objective.name, "tokenizer_sha256": tok["sha256"],
-                "tokenizer": tok, "train_data": os.path.abspath(cfg.data.train),
-                "train_manifest_sha256": sha256_file(os.path.join(cfg.data.train, "manifest.json")),
+                "tokenizer": tok, "train_data": locations.describe(cfg.data.train),
+                "train_manifest_sha256": manifest_sha256(cfg.data.train),
                 "seq_len": train_data.seq_len}
         # a run from model.pretrained records its HF config; the data's tokenizer goes beside the weights
         hf_config = engine.module.hf_config_dict() if hasattr(engine.module, "hf_config_dict") else None
-        tok_file = os.path.join(cfg.data.train, tok.get("file", ""))
+        tok_file = locations.resolve(cfg.data.train, tok.get("file", ""))
+        if locations.is_url(tok_file):  # data read from a URL: its tokenizer goes beside the weights too
+            tok_file = fetch_beside(tok_file, cfg.run.out_dir)
         export_model(weights, cfg.model, cfg.run.out_dir, info, run_config=cfg, hf_config=hf_config,
                      tokenizer_file=tok_file if os.path.isfile(tok_file) else None)
         atomic_write_json(os.path.join(cfg.run.out_dir, "summary.json"), summary)
