@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def eval_cmd(cfg: DemoConfig, data: str) -> list[str]:
-    """One `trime eval` with a row per (model, memory) setting; tau tuned on the validation split."""
+    """One `trime eval` with a row per (model, memory) setting; τ, and the interpolation's λ and kNN temperature,
+    tuned on the validation split."""
     run, store = (lambda n: os.path.join(cfg.out, "runs", n)), (lambda n: os.path.join(cfg.out, "datastore", n))
     settings = [
         f"name=CE,model={run('ce')},memory=none",
@@ -161,7 +162,8 @@ def eval_cmd(cfg: DemoConfig, data: str) -> list[str]:
         "knn_lambda=0.25",
     ]
     return [env_bin("trime"), "eval", "--data", os.path.join(data, "test"), "--valid", os.path.join(data, "valid"),
-            "--tau-search", "1.0,1.25,1.5", "--k", str(cfg.k), "--nprobe", "16", "--mem-size", "1024",
+            "--tau-search", "1.0,1.25,1.5", "--lambda-search", "0.1,0.25,0.5,0.75",
+            "--knn-temperature-search", "1,3,10,30", "--k", str(cfg.k), "--nprobe", "16", "--mem-size", "1024",
             "--threads", "1", "--out", os.path.join(cfg.out, "eval.json"),
             *[a for s in settings for a in ("--setting", s)]]
 
