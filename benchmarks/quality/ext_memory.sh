@@ -4,7 +4,9 @@
 #      distribution, τ / λ / kNN temperature chosen on valid) against the external memory used either way alone;
 #  (b) datastore relevance: stores over the training text vs over training + test text (the test documents
 #      themselves in the store: the most relevant a store can be), for TrimeLM_ext and for kNN-LM on CE;
-#  (c) k and τ sweeps of the in-softmax external memory; an exact (Flat) store and --rescore against IVF-PQ.
+#  (c) k and τ sweeps of the in-softmax external memory; an exact (Flat) store and --rescore against IVF-PQ;
+#  (d) keys and queries with 64 tokens of context (datastore build and eval --context-window 64);
+#  (e) kNN-LM as published: an L2 store (--metric l2), distances recomputed from the stored keys (--rescore).
 #   bash benchmarks/quality/ext_memory.sh [QUALITY_OUT] [OUT]     (defaults: runs/quality runs/ext_memory)
 set -euo pipefail
 Q=${1:-runs/quality}
@@ -42,4 +44,21 @@ trime eval "${SEARCH[@]}" --tau-search 1,1.25,1.5,2,3 --lambda-search 0.05,0.1,0
 trime eval "${SEARCH[@]}" --out "$OUT/sweep_k_tau.json" \
   --setting "name=ext,$EXT,memory=external,datastore=$TRAIN_EXT" \
   --sweep k=4,16,64,256,1024 --sweep temperature=1,1.5,2,3
-trime report "$OUT/relevance.json" "$OUT/sweep_k_tau.json" --out "$OUT/report"
+# (d) context windows: keys encoded with the context their queries get
+MASTER_PORT=$(port) mpiexec -n 2 trime datastore build --model "$Q/runs/trime_ext" --data "$Q/data/train" \
+  --out "$OUT/ds/trime_ext_c64" --factory IVF256,PQ32 --context-window 64 --threads 1
+trime eval "${SEARCH[@]}" --context-window 64 --tau-search 1,1.25,1.5,2,3 --lambda-search 0.05,0.1,0.2,0.3,0.5,0.7 \
+  --knn-temperature-search 1,3,10,30 --out "$OUT/context64.json" \
+  --setting "name=ext as long (C=64),$EXT,memory=long" \
+  --setting "name=ext (C=64 store),$EXT,memory=external,datastore=$TT/trime_ext_c64" \
+  --setting "name=long+interp (C=64 store),$EXT,memory=long,datastore=$TT/trime_ext_c64,knn_lambda=0.25"
+# (e) kNN-LM with kNN-LM's L2 store vs the inner-product one
+MASTER_PORT=$(port) mpiexec -n 2 trime datastore build --model "$Q/runs/ce" --data "$Q/data/train" \
+  --out "$OUT/ds/ce_l2" --factory IVF256,PQ32 --metric l2 --threads 1
+trime eval "${SEARCH[@]}" --lambda-search 0.1,0.25,0.5,0.7 --knn-temperature-search 1,3,10,30,100 \
+  --out "$OUT/knnlm_l2.json" \
+  --setting "name=kNN-LM ip,$CE,memory=none,datastore=$Q/datastore/ce,knn_lambda=0.25" \
+  --setting "name=kNN-LM l2 rescored,$CE,memory=none,datastore=$TT/ce_l2,knn_lambda=0.25,rescore=true" \
+  --setting "name=kNN-LM l2,$CE,memory=none,datastore=$TT/ce_l2,knn_lambda=0.25"
+trime report "$OUT/relevance.json" "$OUT/sweep_k_tau.json" "$OUT/context64.json" "$OUT/knnlm_l2.json" \
+  --out "$OUT/report"

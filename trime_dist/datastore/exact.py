@@ -25,18 +25,20 @@ def shard_range(count: int, rank: int, world_size: int) -> tuple[int, int]:
 def topk_chunked(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 1 << 18,
                  compute_dtype: torch.dtype = torch.float32, metric: str = "ip") -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [Q, k'], rows [Q, k']) of the k' = min(k, M) largest q.k (ip) or -||q - k||^2 (l2) over keys
-    [M, D], scanning `chunk` keys at a time in compute_dtype (scores in compute_dtype precision, sorted
-    descending)."""
+    [M, D], scanning `chunk` keys at a time: the matmul in compute_dtype (ip scores in its precision; l2 scores are
+    combined with the norms in fp32), sorted descending."""
     Q, M = queries.shape[0], keys.shape[0]
     k = min(k, M)
     q = queries.to(compute_dtype)
-    best_s = torch.full((Q, 0), float("-inf"), dtype=compute_dtype, device=queries.device)
+    best_s = torch.full((Q, 0), float("-inf"), dtype=torch.float32 if metric == "l2" else compute_dtype,
+                        device=queries.device)
     best_i = torch.zeros((Q, 0), dtype=torch.long, device=queries.device)
     for c0 in range(0, M, chunk):
         block = keys[c0:c0 + chunk].to(compute_dtype)                                          # [c, D]
         scores = q @ block.T                                                                  # [Q, c]
         if metric == "l2":  # -||q - k||^2 = 2 q·k - ||k||^2 - ||q||^2; ||q||^2 is added after the selection
-            scores = 2 * scores - (block * block).sum(1)[None, :]
+            # in fp32: squared norms of real keys overflow fp16 (65504) for hidden states of norm > 256
+            scores = 2 * scores.float() - block.float().pow(2).sum(1)[None, :]
         # unsorted selection is the cheaper radix select; one sort at the end
         s, i = scores.topk(min(k, scores.shape[1]), dim=1, sorted=False)                      # [Q, <=k]
         if best_s.shape[1]:
@@ -47,7 +49,7 @@ def topk_chunked(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
         best_s, best_i = s, i
     best_s, order = best_s.sort(dim=1, descending=True)
     if metric == "l2":
-        best_s = best_s - (q * q).sum(1, keepdim=True)
+        best_s = best_s - q.float().pow(2).sum(1, keepdim=True)
     return best_s, best_i.gather(1, order)
 
 
