@@ -13,9 +13,9 @@ Q=${1:-runs/quality}
 OUT=${2:-runs/ext_memory}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 port() { echo $((20000 + RANDOM % 20000)); }
-mkdir -p "$OUT/corpus_train_test"
-ln -sf "$(realpath "$Q/corpus/train")" "$OUT/corpus_train_test/a_train"
-ln -sf "$(realpath "$Q/corpus/test")" "$OUT/corpus_train_test/b_test"
+rm -rf "$OUT/corpus_train_test" && mkdir -p "$OUT/corpus_train_test"   # prepare reads files in path order
+cp -r "$Q/corpus/train" "$OUT/corpus_train_test/a_train"
+cp -r "$Q/corpus/test" "$OUT/corpus_train_test/b_test"
 [ -f "$OUT/data/train_test/manifest.json" ] || trime prepare --input "$OUT/corpus_train_test" \
   --output "$OUT/data/train_test" --seq-len 128 --tokenizer "$Q/data/train/tokenizer.json"
 for m in trime_ext ce; do

@@ -181,7 +181,8 @@ def _merge_step(cfg, plan: dict, parts: list, offsets: list[int], total: int, wo
              time.perf_counter() - t0)
     # an inner-product store keeps the id it had before --metric existed
     metric = "" if cfg.metric == "ip" else f"|{cfg.metric}"
-    ident = hashlib.sha256(f"{plan['model_id']}|{plan['data_manifest_sha256']}|{cfg.factory}{metric}".encode()).hexdigest()
+    key = f"{plan['model_id']}|{plan['data_manifest_sha256']}|{cfg.factory}{metric}"
+    ident = hashlib.sha256(key.encode()).hexdigest()
     meta = {"format": FORMAT, "datastore_id": ident[:16], "model_id": plan["model_id"], "key_type": KEY_TYPE,
             "dim": plan["dim"], "dtype": "float16", "value_dtype": "int32", "count": total,
             "tokenizer_sha256": plan["tokenizer_sha256"], "data_manifest_sha256": plan["data_manifest_sha256"],

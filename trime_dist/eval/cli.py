@@ -126,7 +126,7 @@ def print_table(rows: list[dict], data_dir: str) -> None:
         word = "-" if r.get("word_ppl") is None else f"{r['word_ppl']:.3f}"
         bpb = "-" if r.get("bits_per_byte") is None else f"{r['bits_per_byte']:.4f}"
         knn_tau = "-" if r.get("knn_temperature") is None else f"{r['knn_temperature']:.3g}"
-        print(f"{r['name']:<22}{r['memory']:<10}{r['temperature']:>6.3g}{r['knn_lambda']:>8.3g}{knn_tau:>8}{k:>6}{nprobe:>8}"
-              f"{r['tokens']:>9}{r['loss']:>8.4f}{r['ppl']:>9.3f}{word:>10}{bpb:>10}")
+        print(f"{r['name']:<22}{r['memory']:<10}{r['temperature']:>6.3g}{r['knn_lambda']:>8.3g}{knn_tau:>8}{k:>6}"
+              f"{nprobe:>8}{r['tokens']:>9}{r['loss']:>8.4f}{r['ppl']:>9.3f}{word:>10}{bpb:>10}")
     print("(ppl per token; word ppl = exp(NLL / (words + line ends)) and bits per byte of the text `trime prepare` "
           "read, when every target was scored)")

@@ -191,8 +191,8 @@ def make_row(s: EvalSetting, info: dict, stores: dict, r: dict, searched: dict, 
             "datastore": s.datastore if s.retrieves else None, "datastore_id": ds.id if ds and s.retrieves else None,
             "metric": ds.metric if ds and s.retrieves else None,
             "tau_search": searched.get("tau_search"), "lambda_search": searched.get("lambda_search"),
-            "knn_temperature_search": searched.get("knn_temperature_search"), "context_window": context_window, "data": data_dir,
-            "pass_tokens_per_s": tokens_per_s}
+            "knn_temperature_search": searched.get("knn_temperature_search"), "context_window": context_window,
+            "data": data_dir, "pass_tokens_per_s": tokens_per_s}
 
 
 def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting], stores: dict,
