@@ -67,7 +67,7 @@ def test_two_rank_build_equals_one_process(setup, tmp_path, factory):
     meta = ds.meta
     manifest = shards.read_manifest(str(setup / "train"))
     assert meta["count"] == manifest["tokens"] and meta["world_size"] == 2 and len(meta["parts"]) == 5
-    assert meta["factory"] == factory and meta["metric"] == "inner_product" and meta["key_type"] == "last_ffn_input"
+    assert meta["factory"] == factory and meta["metric"] == "ip" and meta["key_type"] == "last_ffn_input"
     assert meta["dim"] == 16 and meta["dtype"] == "float16"
     assert meta["model_id"] == load_model(str(setup / "run"))[1]["model_id"]
     keys = np.load(os.path.join(ds.path, meta["parts"][1]["keys"]), mmap_mode="r")

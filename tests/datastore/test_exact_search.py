@@ -94,3 +94,27 @@ def test_two_rank_sharded_search_equals_one_process(tmp_path):
     _, _, (s, i) = _sharded_search(0, 1, str(tmp_path / "one"), keys[:5], queries, 8)
     assert (i[:, 5:] == -1).all() and torch.isinf(s[:, 5:]).all() and (i[:, :5] >= 0).all()
 
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float16])
+def test_l2_topk_equals_float64_brute_force_and_faiss(compute_dtype):
+    """metric l2: the k smallest ||q - k||^2, scored -||q - k||^2 (faiss METRIC_L2, negated), fp32 scan or fp16
+    scan + fp32 rescoring."""
+    from trime_dist.datastore import index as dsi
+
+    keys, queries = _case(4, M=2000, D=32)
+    keys = (keys.float() * torch.linspace(0.2, 3.0, 2000)[:, None]).half()   # norms differ: l2 order != ip order
+    k = 12
+    if compute_dtype == torch.float32:
+        s, i = topk_chunked(queries, keys, k, chunk=600, metric="l2")
+    else:
+        _, cand = topk_chunked(queries, keys, k + 8, chunk=600, compute_dtype=compute_dtype, metric="l2")
+        s, i = rescore(queries, keys, cand, k, query_chunk=8, metric="l2")
+    d2 = ((queries.double()[:, None, :] - keys.double()[None]) ** 2).sum(2)      # [Q, M]
+    ref = (-d2).topk(k, dim=1)
+    assert torch.equal(i, ref.indices)
+    torch.testing.assert_close(s.double(), ref.values, rtol=1e-4, atol=1e-3)
+    assert not torch.equal(i, _brute(keys, queries, k)[1])                       # not the inner-product neighbours
+    f_s, f_i = dsi.brute_force_search(keys.float().numpy(), queries.numpy(), k, metric="l2")
+    np.testing.assert_array_equal(i.numpy(), f_i)
+    np.testing.assert_allclose(s.numpy(), f_s, rtol=1e-4, atol=1e-3)

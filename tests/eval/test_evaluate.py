@@ -75,8 +75,10 @@ def test_window_nll_matches_dense_reference(seed):
 
 
 def test_knn_interpolation_matches_explicit_sum():
+    """P_knn = softmax(q·k / τ_knn) over the neighbours: τ_knn is the raw scale (no sqrt(d)), as TRIME's
+    --interp-temp and kNN-LM's temperature are."""
     c = _eval_case(5)
-    lam, tau_knn, D = 0.3, 0.8, 6
+    lam, tau_knn = 0.3, 2.5
     ours = _ours(c, [1.1], ext_in_softmax=False, knn_lambda=lam, knn_temperature=tau_knn)[0]
     p_trime = torch.exp(-_reference(c, 1.1, ext_in_softmax=False))
     queries = c["window_keys"][c["s0"]:]
@@ -88,11 +90,29 @@ def test_knn_interpolation_matches_explicit_sum():
         for j in range(c["K"]):
             y = int(c["ext_labels"][i, j])
             if y != IGNORE_INDEX:
-                s = float(queries[i] @ c["ext_keys"][i, j]) / (math.sqrt(D) * tau_knn)
+                s = float(queries[i] @ c["ext_keys"][i, j]) / tau_knn
                 weights[y] = weights.get(y, 0.0) + math.exp(s)
         p_knn = weights.get(int(c["targets"][i]), 0.0) / sum(weights.values())
         expected = -math.log((1 - lam) * float(p_trime[i]) + lam * p_knn)
         assert float(ours[i]) == pytest.approx(expected, rel=1e-10)
+
+
+def test_grid_of_tau_lambda_and_knn_temperature_equals_each_point_alone():
+    """One call over a (τ, λ, τ_knn) grid gives, row by row in τ-major order, what each point gives alone."""
+    c = _eval_case(6)
+    taus, lams, knn_taus = [0.8, 1.2], [0.0, 0.25, 0.6], [0.5, 3.0]
+    for ext_in_softmax in (False, True):
+        grid = _ours(c, taus, ext_in_softmax=ext_in_softmax, knn_lambda=lams, knn_temperature=knn_taus)
+        assert grid.shape == (len(taus) * len(lams) * len(knn_taus), c["N"])
+        row = 0
+        for tau in taus:
+            for lam in lams:
+                for kt in knn_taus:
+                    alone = _ours(c, [tau], ext_in_softmax=ext_in_softmax, knn_lambda=lam, knn_temperature=kt)[0]
+                    torch.testing.assert_close(grid[row], alone, rtol=0, atol=0)
+                    row += 1
+        # λ = 0 rows do not depend on τ_knn; λ > 0 rows do
+        assert torch.equal(grid[0], grid[1]) and not torch.equal(grid[2], grid[3])
 
 
 def test_query_without_neighbours_is_plain_model():

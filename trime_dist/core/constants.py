@@ -36,3 +36,7 @@ EXIT_RANK_LOST = 4
 
 # --device of the stages that run a model (core/device.py picks it): auto = this rank's GPU when CUDA is available.
 DEVICES = ("auto", "cpu", "cuda")
+
+# `trime datastore build --metric`: how a query scores a stored key, larger = closer. ip: q·k (TRIME's datastore,
+# the same similarity as training's memory); l2: -||q - k||^2 (kNN-LM's default, faiss METRIC_L2).
+METRICS = ("ip", "l2")

@@ -92,12 +92,13 @@ def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> di
     plan = {"model_id": info["model_id"], "data_manifest_sha256": shards.manifest_sha256(cfg.data),
             "tokenizer_sha256": data_tok, "factory": cfg.factory, "part_segments": part_segments,
             "dim": model.cfg.d_model, "seq_len": int(manifest["seq_len"]), "train_sample": cfg.train_sample,
-            "seed": cfg.seed, "ondisk": cfg.ondisk, "context_window": cfg.context_window}
+            "seed": cfg.seed, "ondisk": cfg.ondisk, "context_window": cfg.context_window, "metric": cfg.metric}
     path = os.path.join(cfg.out, "build.json")
     build.remove_temp_files(cfg.out)  # of a killed build; rank 0 plans before any rank writes
     if os.path.isfile(path):
         old = read_json(path, "datastore build plan")
-        old.setdefault("context_window", 0)  # plans written before the setting existed
+        old.setdefault("context_window", 0)  # plans written before these settings existed
+        old.setdefault("metric", "ip")
         if cfg.part_segments == 0:  # auto: keep the earlier choice so finished parts stay valid
             plan["part_segments"] = old.get("part_segments", part_segments)
         diff = sorted(k for k in plan if old.get(k) != plan[k])
@@ -148,7 +149,7 @@ def _train_step(cfg, parts: list, offsets: list[int], total: int) -> None:
     else:  # Flat: nothing to learn, the "trained" index is just the empty one
         sample = np.zeros((0, int(read_json(build.part_paths(cfg.out, parts[0])["info"])["dim"])), np.float32)
     t0 = time.perf_counter()
-    build.dsi.train_index(cfg.factory, sample, path, cfg.seed)
+    build.dsi.train_index(cfg.factory, sample, path, cfg.seed, cfg.metric)
     log.info("index: trained %s on %d keys in %.1f s", cfg.factory, len(sample), time.perf_counter() - t0)
     build.maybe_exit("train")
 
@@ -181,13 +182,16 @@ def _merge_step(cfg, plan: dict, parts: list, offsets: list[int], total: int, wo
         raise ValueError(f"{cfg.out}: merged index holds {ntotal} keys, the parts {total}")
     log.info("index: merged %d parts (%s) in %.1f s", len(parts), "on disk" if cfg.ondisk else "in memory",
              time.perf_counter() - t0)
-    ident = hashlib.sha256(f"{plan['model_id']}|{plan['data_manifest_sha256']}|{cfg.factory}".encode()).hexdigest()
+    # an inner-product store keeps the id it had before --metric existed
+    metric = "" if cfg.metric == "ip" else f"|{cfg.metric}"
+    key = f"{plan['model_id']}|{plan['data_manifest_sha256']}|{cfg.factory}{metric}"
+    ident = hashlib.sha256(key.encode()).hexdigest()
     meta = {"format": FORMAT, "datastore_id": ident[:16], "model_id": plan["model_id"], "key_type": KEY_TYPE,
             "dim": plan["dim"], "dtype": "float16", "value_dtype": "int32", "count": total,
             "tokenizer_sha256": plan["tokenizer_sha256"], "data_manifest_sha256": plan["data_manifest_sha256"],
             "data": locations.describe(cfg.data), "model": os.path.abspath(cfg.model), "seq_len": plan["seq_len"],
             "context_window": plan["context_window"],
-            "factory": cfg.factory, "metric": "inner_product", "index": "index.faiss", "ondisk": cfg.ondisk,
+            "factory": cfg.factory, "metric": cfg.metric, "index": "index.faiss", "ondisk": cfg.ondisk,
             "world_size": world_size, "created_by": "trime datastore build",
             "parts": [{"keys": os.path.relpath(build.part_paths(cfg.out, p)["keys"], cfg.out),
                        "values": os.path.relpath(build.part_paths(cfg.out, p)["values"], cfg.out),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trime_dist.core.config import opt
-from trime_dist.core.constants import DEVICES
+from trime_dist.core.constants import DEVICES, METRICS
 
 
 @dataclass
@@ -14,6 +14,9 @@ class DatastoreConfig:
                        "(http(s), a manifest.json URL, pipe:)")
     out: str = opt("", "datastore directory (created; a rerun resumes it)")
     factory: str = opt("Flat", "faiss index: Flat | IVF{nlist},PQ{m} | IVF{nlist},Flat")
+    metric: str = opt("ip", "how a query scores a key, larger = closer: ip = q·k (TRIME; the similarity training's "
+                      "memory uses); l2 = -||q - k||^2 (kNN-LM's default); eval, exact search and --rescore follow "
+                      "the store's metric", choices=METRICS)
     train_sample: int = opt(100_000, "keys sampled to train an IVF index")
     batch_size: int = opt(16, "segments (windows) per forward pass when encoding")
     context_window: int = opt(0, "encode each key in the sliding window `trime eval --context-window C` scores it in "

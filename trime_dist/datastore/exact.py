@@ -1,11 +1,11 @@
-"""Exact top-k inner-product search with torch, keys held on the device (a GPU, or the CPU).
+"""Exact top-k search (inner product, or L2 distance) with torch, keys held on the device (a GPU, or the CPU).
 
 For stores that fit in the GPU memory of a job (WikiText-103: 103M fp16 keys of d=1024 are about
 26 GB per GPU on 8 GPUs), exact search has none of IVF-PQ's recall loss and runs at matmul speed.
 Each rank holds a contiguous slice of the key ids; every rank searches its slice for the same
 queries and the per-rank top-k are merged (one all-gather). On a GPU the scan is an fp16 matmul;
 its candidates are rescored in fp32 from the same fp16 keys, so scores equal faiss Flat's on the
-stored keys.
+stored keys. Scores are similarities, larger = closer: q·k, or -||q - k||^2 for an l2 store.
 """
 from __future__ import annotations
 
@@ -23,16 +23,25 @@ def shard_range(count: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def topk_chunked(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 1 << 18,
-                 compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [Q, k'], rows [Q, k']) of the k' = min(k, M) largest q.k over keys [M, D], scanning
-    `chunk` keys at a time in compute_dtype (scores in compute_dtype precision, sorted descending)."""
+                 compute_dtype: torch.dtype = torch.float32, metric: str = "ip",
+                 key_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [Q, k'], rows [Q, k']) of the k' = min(k, M) largest q.k (ip) or -||q - k||^2 (l2) over keys
+    [M, D], scanning `chunk` keys at a time: the matmul in compute_dtype (ip scores in its precision; l2 scores are
+    combined with the norms in fp32; key_sq [M] = ||k||^2, computed here when not given), sorted descending."""
     Q, M = queries.shape[0], keys.shape[0]
     k = min(k, M)
     q = queries.to(compute_dtype)
-    best_s = torch.full((Q, 0), float("-inf"), dtype=compute_dtype, device=queries.device)
+    best_s = torch.full((Q, 0), float("-inf"), dtype=torch.float32 if metric == "l2" else compute_dtype,
+                        device=queries.device)
     best_i = torch.zeros((Q, 0), dtype=torch.long, device=queries.device)
+    if metric == "l2" and key_sq is None:
+        key_sq = squared_norms(keys)
     for c0 in range(0, M, chunk):
-        scores = q @ keys[c0:c0 + chunk].to(compute_dtype).T                                  # [Q, c]
+        block = keys[c0:c0 + chunk].to(compute_dtype)                                          # [c, D]
+        scores = q @ block.T                                                                  # [Q, c]
+        if metric == "l2":  # -||q - k||^2 = 2 q·k - ||k||^2 - ||q||^2; ||q||^2 is added after the selection
+            # in fp32: squared norms of real keys overflow fp16 (65504) for hidden states of norm > 256
+            scores = 2 * scores.float() - key_sq[c0:c0 + chunk][None, :]
         # unsorted selection is the cheaper radix select; one sort at the end
         s, i = scores.topk(min(k, scores.shape[1]), dim=1, sorted=False)                      # [Q, <=k]
         if best_s.shape[1]:
@@ -42,17 +51,28 @@ def topk_chunked(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
             i = i + c0
         best_s, best_i = s, i
     best_s, order = best_s.sort(dim=1, descending=True)
+    if metric == "l2":
+        best_s = best_s - q.float().pow(2).sum(1, keepdim=True)
     return best_s, best_i.gather(1, order)
 
 
+def squared_norms(keys: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """[M] fp32 ||k||^2 of keys [M, D], a chunk at a time (no fp32 copy of all keys)."""
+    return torch.cat([keys[c0:c0 + chunk].float().pow(2).sum(1) for c0 in range(0, keys.shape[0], chunk)]) \
+        if keys.shape[0] else keys.new_zeros(0, dtype=torch.float32)
+
+
 def rescore(queries: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, k: int,
-            query_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+            query_chunk: int = 256, metric: str = "ip") -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates rows [Q, c] rescored in fp32 from keys [M, D]; the k best, sorted: ([Q, k] fp32, rows)."""
     out_s, out_i = [], []
     for q0 in range(0, queries.shape[0], query_chunk):
         q = queries[q0:q0 + query_chunk].float()                                              # [q, D]
         r = rows[q0:q0 + query_chunk]                                                         # [q, c]
-        s = torch.bmm(keys[r].float(), q[:, :, None])[:, :, 0]                               # [q, c]
+        if metric == "l2":
+            s = -((keys[r].float() - q[:, None, :]) ** 2).sum(2)                              # [q, c]
+        else:
+            s = torch.bmm(keys[r].float(), q[:, :, None])[:, :, 0]                           # [q, c]
         s, pick = s.topk(min(k, s.shape[1]), dim=1)
         out_s.append(s)
         out_i.append(r.gather(1, pick))
@@ -68,25 +88,28 @@ def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.T
 class ExactIndex:
     """A store's keys [lo, hi) on `device` (fp16) and their exact top-k search, merged over the ranks."""
 
-    def __init__(self, store, device: torch.device, rank: int = 0, world_size: int = 1):
+    def __init__(self, store, device: torch.device, rank: int = 0, world_size: int = 1, metric: str = "ip"):
         self.device = device
+        self.metric = metric
         self.count = int(store.meta["count"])
         self.lo, self.hi = shard_range(self.count, rank, world_size)
         self.keys = load_key_range(store, self.lo, self.hi).to(device)                       # [n, D] fp16
         self.world_size = world_size
+        self.key_sq = squared_norms(self.keys) if metric == "l2" else None                  # [n] fp32, once
         # fp16 tensor-core matmul on a GPU (candidates rescored in fp32); fp32 on the CPU (fp16 matmul is slow there)
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores [Q, k] fp32 inner products, ids [Q, k] int64 global; -1 / -inf where the store has < k keys)."""
+        """(scores [Q, k] fp32 similarities, ids [Q, k] int64 global; -1 / -inf where the store has < k keys)."""
         queries = queries.to(self.device)
         Q = queries.shape[0]
         if self.keys.shape[0]:
             if self.compute_dtype == torch.float32:
-                s, rows = topk_chunked(queries, self.keys, k)
+                s, rows = topk_chunked(queries, self.keys, k, metric=self.metric, key_sq=self.key_sq)
             else:  # a margin of candidates, so fp16 rounding does not drop a true k-th neighbour
-                _, cand = topk_chunked(queries, self.keys, k + max(8, k // 8), compute_dtype=self.compute_dtype)
-                s, rows = rescore(queries, self.keys, cand, k)
+                _, cand = topk_chunked(queries, self.keys, k + max(8, k // 8), compute_dtype=self.compute_dtype,
+                                       metric=self.metric, key_sq=self.key_sq)
+                s, rows = rescore(queries, self.keys, cand, k, metric=self.metric)
             s, ids = s.float(), rows + self.lo
         else:
             s = torch.zeros((Q, 0), dtype=torch.float32, device=self.device)

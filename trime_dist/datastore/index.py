@@ -1,4 +1,4 @@
-"""The faiss side of the datastore: build, train, add, merge, load and search inner-product indexes.
+"""The faiss side of the datastore: build, train, add, merge, load and search inner-product or L2 indexes.
 
 The only module that imports faiss. Every function takes and returns plain numpy arrays or file
 paths; files are written under a temporary name and renamed when complete.
@@ -11,9 +11,11 @@ import re
 
 import numpy as np
 
+from trime_dist.core.constants import METRICS
 from trime_dist.core.io import atomic_path
 
 log = logging.getLogger(__name__)
+
 
 _FACTORY = re.compile(r"^(Flat|IVF(\d+),PQ(\d+)(x\d+)?(fs)?|IVF(\d+),Flat)$")
 
@@ -70,9 +72,20 @@ def uses_ids(factory: str) -> bool:
     return factory != "Flat"
 
 
-def build_empty_index(factory: str, dim: int):
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+
+
+def _faiss_metric(metric: str):
+    check_metric(metric)
     faiss = _faiss()
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def build_empty_index(factory: str, dim: int, metric: str = "ip"):
+    faiss = _faiss()
+    index = faiss.index_factory(dim, factory, _faiss_metric(metric))
     if "PQ" in factory and not factory.endswith("fs"):
         # The factory turns on polysemous training (a code reordering for Hamming pre-filtering, which
         # we never use); it is ~30x the cost of the PQ training itself.
@@ -80,10 +93,10 @@ def build_empty_index(factory: str, dim: int):
     return index
 
 
-def train_index(factory: str, sample: np.ndarray, out_path: str, seed: int = 0) -> None:
-    """Train an empty `factory` index on `sample` [n, D] float32 (GPU faiss when present) and save it."""
+def train_index(factory: str, sample: np.ndarray, out_path: str, seed: int = 0, metric: str = "ip") -> None:
+    """Train an empty `factory` index of `metric` on `sample` [n, D] float32 (GPU faiss when present); save it."""
     faiss = _faiss()
-    index = build_empty_index(factory, sample.shape[1])
+    index = build_empty_index(factory, sample.shape[1], metric)
     if needs_training(factory):
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.seed = seed
@@ -176,19 +189,22 @@ def set_nprobe(index, nprobe: int) -> None:
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [N, k] float32 inner products, ids [N, k] int64; -1 where fewer than k were found)."""
+    """(scores [N, k] float32, best first, ids [N, k] int64; -1 where fewer than k were found).
+
+    A score is a similarity, larger = closer: q·k for an inner-product index, -||q - k||^2 for an L2 one
+    (faiss returns squared distances; kNN-LM scores its neighbours with their negative)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(k, max(int(index.ntotal), 1))
     scores, ids = index.search(queries, k)
-    return scores, ids
+    return (-scores if index.metric_type == _faiss().METRIC_L2 else scores), ids
 
 
-def brute_force_search(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner product over keys [M, D] with faiss.knn (reference for tests and recall)."""
-    faiss = _faiss()
-    scores, ids = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
-                            np.ascontiguousarray(keys, dtype=np.float32), k, faiss.METRIC_INNER_PRODUCT)
-    return scores, ids
+def brute_force_search(keys: np.ndarray, queries: np.ndarray, k: int,
+                       metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over keys [M, D] with faiss.knn (reference for tests and recall); scores as search()."""
+    scores, ids = _faiss().knn(np.ascontiguousarray(queries, dtype=np.float32),
+                               np.ascontiguousarray(keys, dtype=np.float32), k, _faiss_metric(metric))
+    return (-scores if metric == "l2" else scores), ids
 
 
 def set_threads(n: int) -> None:

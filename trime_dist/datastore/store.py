@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from trime_dist.core.constants import IGNORE_INDEX
+from trime_dist.core.constants import IGNORE_INDEX, METRICS
 from trime_dist.core.io import read_json
 from trime_dist.datastore import index as dsi
 
@@ -26,6 +26,8 @@ class Datastore:
         self.meta = read_json(meta_path, "datastore metadata")
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"{meta_path}: metric {self.meta.get('metric')!r}, expected one of {', '.join(METRICS)}")
         self.first_ids = np.array([p["first_id"] for p in self.meta["parts"]], dtype=np.int64)
         self.check_parts()
         self.values = np.concatenate([load_part_array(os.path.join(path, p["values"]))
@@ -47,6 +49,21 @@ class Datastore:
     @property
     def id(self) -> str:
         return self.meta["datastore_id"]
+
+    @property
+    def metric(self) -> str:
+        """ip or l2 (core/constants.py METRICS); stores written before --metric existed say inner_product."""
+        metric = self.meta.get("metric", "ip")
+        return "ip" if metric == "inner_product" else metric
+
+    def similarity(self, queries, keys):
+        """Scores [*, k] of queries [*, D] against their neighbours' keys [*, k, D] (tensors), as search() scores:
+        q·k (ip) or -||q - k||^2 (l2), in fp32 or wider."""
+        import torch
+
+        dtype = torch.promote_types(queries.dtype, torch.float32)
+        q, k = queries.to(dtype)[..., None, :], keys.to(dtype)                                  # [*, 1, D], [*, k, D]
+        return -((q - k) ** 2).sum(-1) if self.metric == "l2" else (q * k).sum(-1)
 
     def check_compatible(self, model_info: dict, tokenizer_sha256: str, data_dir: str = "") -> None:
         """Refuse a store built by other weights, or whose tokens are not those of the data evaluated."""
@@ -84,7 +101,8 @@ class Datastore:
         return self._index
 
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(scores [N, k] inner products, ids [N, k], labels [N, k]; id -1 / label IGNORE_INDEX where missing)."""
+        """(scores [N, k] similarities (q·k, or -||q - k||^2 for an l2 store), best first, ids [N, k], labels [N, k];
+        id -1 / label IGNORE_INDEX where missing)."""
         scores, ids = dsi.search(self.index(nprobe), queries, k)
         labels = np.where(ids >= 0, self.values[np.maximum(ids, 0)], IGNORE_INDEX).astype(np.int64)
         return scores, ids, labels
@@ -95,7 +113,7 @@ class Datastore:
 
         from trime_dist.datastore.exact import ExactIndex
 
-        self._exact = ExactIndex(self, device, rank, world_size)
+        self._exact = ExactIndex(self, device, rank, world_size, metric=self.metric)
         self._values_on_device = torch.from_numpy(self.values.astype(np.int64)).to(device)   # [count]
 
     def search_tensor(self, queries, k: int, nprobe: int):

@@ -93,13 +93,16 @@ def run(args: argparse.Namespace) -> int:
 
         set_threads(cfg.threads)
     settings = settings_from_config(cfg)
-    if cfg.taus() and not cfg.valid:
-        raise ValueError("--tau-search needs --valid DIR (a validation split to choose τ on)")
+    searches = [f for f, grid in (("--tau-search", cfg.taus()), ("--lambda-search", cfg.lambdas()),
+                                  ("--knn-temperature-search", cfg.knn_temperatures())) if grid]
+    if searches and not cfg.valid:
+        raise ValueError(f"{' / '.join(searches)} needs --valid DIR (a validation split to choose the values on)")
     from trime_dist.core.device import pick_device
     from trime_dist.core.distributed import shutdown_distributed
 
     try:
-        rows = evaluate_settings(settings, cfg.data, valid_dir=cfg.valid, taus=cfg.taus(),
+        rows = evaluate_settings(settings, cfg.data, valid_dir=cfg.valid, taus=cfg.taus(), lambdas=cfg.lambdas(),
+                                 knn_temperatures=cfg.knn_temperatures(),
                                  context_window=cfg.context_window, batch_size=cfg.batch_size,
                                  max_segments=cfg.max_segments, device=pick_device(cfg.device), search=cfg.search)
     finally:  # like every torch stage: no process group or DeepSpeed buffer outlives it
@@ -115,14 +118,15 @@ def run(args: argparse.Namespace) -> int:
 
 def print_table(rows: list[dict], data_dir: str) -> None:
     print(f"\nPerplexity on {data_dir}")
-    print(f"{'setting':<22}{'memory':<10}{'tau':>6}{'lambda':>8}{'k':>6}{'nprobe':>8}{'tokens':>9}"
+    print(f"{'setting':<22}{'memory':<10}{'tau':>6}{'lambda':>8}{'tau_knn':>8}{'k':>6}{'nprobe':>8}{'tokens':>9}"
           f"{'loss':>8}{'ppl':>9}{'word ppl':>10}{'bits/byte':>10}")
     for r in rows:
         k = "-" if r["k"] is None else str(r["k"])
         nprobe = "-" if r["nprobe"] is None else str(r["nprobe"])
         word = "-" if r.get("word_ppl") is None else f"{r['word_ppl']:.3f}"
         bpb = "-" if r.get("bits_per_byte") is None else f"{r['bits_per_byte']:.4f}"
-        print(f"{r['name']:<22}{r['memory']:<10}{r['temperature']:>6.3g}{r['knn_lambda']:>8.3g}{k:>6}{nprobe:>8}"
-              f"{r['tokens']:>9}{r['loss']:>8.4f}{r['ppl']:>9.3f}{word:>10}{bpb:>10}")
+        knn_tau = "-" if r.get("knn_temperature") is None else f"{r['knn_temperature']:.3g}"
+        print(f"{r['name']:<22}{r['memory']:<10}{r['temperature']:>6.3g}{r['knn_lambda']:>8.3g}{knn_tau:>8}{k:>6}"
+              f"{nprobe:>8}{r['tokens']:>9}{r['loss']:>8.4f}{r['ppl']:>9.3f}{word:>10}{bpb:>10}")
     print("(ppl per token; word ppl = exp(NLL / (words + line ends)) and bits per byte of the text `trime prepare` "
           "read, when every target was scored)")

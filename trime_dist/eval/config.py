@@ -22,11 +22,20 @@ class EvalConfig:
     temperature: float = opt(1.0, "τ of the memory similarities")
     mem_size: int = opt(1024, "long-term cache size (keys) for long / external")
     knn_lambda: float = opt(0.0, "kNN-LM interpolation weight λ (0 = off)")
-    knn_temperature: float = opt(1.0, "τ_knn of the kNN distribution")
+    knn_temperature: float = opt(1.0, "τ_knn of the kNN distribution P_knn = softmax(score / τ_knn), a raw scale: "
+                                 "score = q·k (ip store) or -||q - k||^2 (l2 store), not divided by sqrt(d). TRIME's "
+                                 "--interp-temp is this value (10.5 for its WikiText-103 model); kNN-LM's L2 "
+                                 "distribution is 1. (--temperature τ instead scales q·k / (sqrt(d)·τ), TRIME's "
+                                 "--softmax-temp)")
     rescore: bool = opt(False, "recompute the neighbours' inner products from the stored keys, as kNN-LM recomputes "
                         "its distances (an IVF-PQ index returns those of compressed keys)")
-    tau_search: str = opt("", "comma-separated τ values tried on --valid; the best is used")
-    valid: str = opt("", "validation split for --tau-search")
+    tau_search: str = opt("", "comma-separated τ values tried on --valid (rows with memory); the best is used")
+    lambda_search: str = opt("", "comma-separated λ values tried on --valid for rows that interpolate (knn_lambda > 0), "
+                             "in the same pass as --tau-search / --knn-temperature-search (every combination); "
+                             "the best is used")
+    knn_temperature_search: str = opt("", "comma-separated τ_knn values tried on --valid for rows that interpolate; "
+                                      "the best is used")
+    valid: str = opt("", "validation split for --tau-search, --lambda-search and --knn-temperature-search")
     context_window: int = opt(0, "sliding context: inputs per window that are context only")
     batch_size: int = opt(8, "windows per forward pass (and per batched search)")
     max_segments: int = opt(0, "evaluate only the first N segments (0 = all)")
@@ -46,4 +55,25 @@ class EvalConfig:
 
     def taus(self) -> list[float]:
         """The τ grid of --tau-search (empty: no search)."""
-        return [float(t) for t in self.tau_search.split(",") if t.strip()]
+        return _grid("--tau-search", self.tau_search, lambda t: t > 0, "a positive number")
+
+    def lambdas(self) -> list[float]:
+        """The λ grid of --lambda-search (empty: no search)."""
+        return _grid("--lambda-search", self.lambda_search, lambda x: 0 <= x <= 1, "a number in [0, 1]")
+
+    def knn_temperatures(self) -> list[float]:
+        """The τ_knn grid of --knn-temperature-search (empty: no search)."""
+        return _grid("--knn-temperature-search", self.knn_temperature_search, lambda t: t > 0, "a positive number")
+
+
+def _grid(flag: str, text: str, ok, expected: str) -> list[float]:
+    out = []
+    for item in filter(None, (v.strip() for v in text.split(","))):
+        try:
+            value = float(item)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise ValueError(f"{flag} {text!r}: {item!r} is not {expected}")
+        out.append(value)
+    return out

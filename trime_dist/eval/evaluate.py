@@ -6,6 +6,7 @@ logits and keys. Runs in one process; prints a table and writes a JSON file.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -36,7 +37,7 @@ class EvalSetting:
     temperature: float = 1.0       # τ of memory similarities q·k / (sqrt(d)·τ)
     mem_size: int = 1024           # long / external: cached keys from preceding windows of the stream
     knn_lambda: float = 0.0        # λ of P = (1-λ)·P_trime + λ·P_knn (0 = no interpolation)
-    knn_temperature: float = 1.0   # τ_knn of P_knn = softmax(q·k / (sqrt(d)·τ_knn))
+    knn_temperature: float = 1.0   # τ_knn of P_knn = softmax(score / τ_knn), raw score: q·k or -||q-k||^2 (l2)
     rescore: bool = False          # neighbours' scores recomputed from the stored keys (IVF-PQ's are approximate)
 
     def validate(self) -> None:
@@ -59,14 +60,36 @@ class EvalSetting:
 
 # ----------------------------------------------------------------------------- the passes
 
+@dataclass
+class SearchGrid:
+    """The values tried on the validation split (each empty = not searched): τ for rows with memory, λ and τ_knn
+    for rows that interpolate with the kNN distribution (knn_lambda > 0). Every point of a row's grid is scored
+    in one pass; the row is then evaluated at the point of least validation loss."""
+    taus: tuple = ()
+    lambdas: tuple = ()
+    knn_temperatures: tuple = ()
+
+    def for_setting(self, s: EvalSetting) -> tuple[list[float], list[float], list[float]]:
+        interpolates = s.knn_lambda > 0
+        return (list(self.taus) if self.taus and s.memory != "none" else [s.temperature],   # τ scales memory only
+                list(self.lambdas) if self.lambdas and interpolates else [s.knn_lambda],
+                list(self.knn_temperatures) if self.knn_temperatures and interpolates else [s.knn_temperature])
+
+    def searches(self, s: EvalSetting) -> bool:
+        return self.for_setting(s) != ([s.temperature], [s.knn_lambda], [s.knn_temperature])
+
+
 def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str = "", taus: list[float] = (),
                       context_window: int = 0, batch_size: int = 8, max_segments: int = 0,
-                      device: torch.device = torch.device("cpu"), search: str = "faiss") -> list[dict]:
+                      device: torch.device = torch.device("cpu"), search: str = "faiss",
+                      lambdas: list[float] = (), knn_temperatures: list[float] = ()) -> list[dict]:
     """One row dict per setting (in order); settings of one model share each pass. The model runs on
-    `device` (bf16 autocast on a GPU); search = faiss (the stores' indexes) or exact (keys on `device`)."""
+    `device` (bf16 autocast on a GPU); search = faiss (the stores' indexes) or exact (keys on `device`).
+    taus / lambdas / knn_temperatures: the SearchGrid searched on valid_dir first."""
     from trime_dist.core import shards
     from trime_dist.model.export import check_tokenizer, load_model
 
+    grid = SearchGrid(tuple(taus), tuple(lambdas), tuple(knn_temperatures))
     manifest = shards.read_manifest(data_dir)
     rows: dict[int, dict] = {}
     for model_path in dict.fromkeys(s.model for s in settings):
@@ -75,28 +98,46 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
         log.info("model %s (%s): %s in one pass over %s", model_path, info["model_id"],
                  ", ".join(settings[i].name for i in group), data_dir)
         stores = open_stores([settings[i] for i in group], info, manifest, data_dir, search, device, context_window)
-        chosen = {i: [settings[i].temperature] for i in group}
+        chosen = {i: settings[i] for i in group}
         searched = {}
-        tuned = [i for i in group if settings[i].memory != "none"]  # τ only scales memory similarities
-        if taus and tuned:
+        tuned = [i for i in group if grid.searches(settings[i])]
+        if tuned:
             valid_manifest = shards.read_manifest(valid_dir)
             check_tokenizer(info, valid_manifest, valid_dir, model_path)
+            grids = [grid.for_setting(settings[i]) for i in tuned]
             result = eval_pass(model, valid_dir, valid_manifest, [settings[i] for i in tuned], stores,
-                               [taus] * len(tuned), context_window, batch_size, max_segments)
-            for i, r in zip(tuned, result["settings"]):
-                losses = r["nll"] / max(r["tokens"], 1)
-                searched[i] = {f"{t:g}": float(l) for t, l in zip(taus, losses)}
-                chosen[i] = [taus[int(np.argmin(losses))]]
-                log.info("%s: τ search on %s: %s -> τ = %g", settings[i].name, valid_dir,
-                         ", ".join(f"{t}: {l:.4f}" for t, l in searched[i].items()), chosen[i][0])
+                               [g[0] for g in grids], context_window, batch_size, max_segments,
+                               [g[1] for g in grids], [g[2] for g in grids])
+            for i, g, r in zip(tuned, grids, result["settings"]):
+                chosen[i], searched[i] = pick_from_grid(settings[i], g, r["nll"] / max(r["tokens"], 1))
+                log.info("%s: search on %s: %s -> τ = %g, λ = %g, τ_knn = %g", settings[i].name, valid_dir,
+                         "; ".join(f"{k}: " + ", ".join(f"{v}: {loss:.4f}" for v, loss in d.items())
+                                   for k, d in searched[i].items() if d),
+                         chosen[i].temperature, chosen[i].knn_lambda, chosen[i].knn_temperature)
         check_tokenizer(info, manifest, data_dir, model_path)
-        result = eval_pass(model, data_dir, manifest, [settings[i] for i in group], stores,
-                           [chosen[i] for i in group], context_window, batch_size, max_segments)
+        result = eval_pass(model, data_dir, manifest, [chosen[i] for i in group], stores,
+                           [[chosen[i].temperature] for i in group], context_window, batch_size, max_segments)
         for i, r in zip(group, result["settings"]):
-            rows[i] = make_row(settings[i], info, stores, r, chosen[i][0], searched.get(i), context_window,
-                               data_dir, result["tokens_per_s"])
+            rows[i] = make_row(chosen[i], info, stores, r, searched.get(i, {}), context_window, data_dir,
+                               result["tokens_per_s"])
             rows[i].update(text_metrics(rows[i]["loss"], rows[i]["tokens"], manifest))
     return [rows[i] for i in range(len(settings))]
+
+
+def pick_from_grid(s: EvalSetting, grid: tuple[list, list, list], losses: np.ndarray) -> tuple[EvalSetting, dict]:
+    """(s at the grid point of least loss, {"tau_search" / "lambda_search" / "knn_temperature_search": {value:
+    valid loss along that axis through the best point}, None for an axis not searched}); losses [n_tau*n_l*n_k]."""
+    taus, lams, knn_taus = grid
+    losses = np.asarray(losses).reshape(len(taus), len(lams), len(knn_taus))
+    t, l, k = np.unravel_index(int(np.argmin(losses)), losses.shape)
+    best = dataclasses.replace(s, temperature=taus[t], knn_lambda=lams[l], knn_temperature=knn_taus[k])
+
+    def axis(values, line, was):
+        return {f"{v:g}": float(x) for v, x in zip(values, line)} if values != [was] else None
+
+    return best, {"tau_search": axis(taus, losses[:, l, k], s.temperature),
+                  "lambda_search": axis(lams, losses[t, :, k], s.knn_lambda),
+                  "knn_temperature_search": axis(knn_taus, losses[t, l, :], s.knn_temperature)}
 
 
 def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_dir: str, search: str = "faiss",
@@ -137,34 +178,43 @@ def text_metrics(loss: float, tokens: int, manifest: dict) -> dict:
             "bits_per_char": nll / (max(int(text["chars"]), 1) * math.log(2)), "words": words}
 
 
-def make_row(s: EvalSetting, info: dict, stores: dict, r: dict, tau: float, searched, context_window: int,
+def make_row(s: EvalSetting, info: dict, stores: dict, r: dict, searched: dict, context_window: int,
              data_dir: str, tokens_per_s: float) -> dict:
     loss = float(r["nll"][0] / max(r["tokens"], 1))
     ds = stores.get(s.datastore)
     return {"name": s.name, "model": s.model, "model_id": info["model_id"], "memory": s.memory,
-            "loss": loss, "ppl": math.exp(loss), "tokens": int(r["tokens"]), "temperature": tau,
+            "loss": loss, "ppl": math.exp(loss), "tokens": int(r["tokens"]), "temperature": s.temperature,
             "k": s.k if s.retrieves else None, "nprobe": s.nprobe if s.retrieves else None,
             "knn_lambda": s.knn_lambda, "knn_temperature": s.knn_temperature if s.knn_lambda > 0 else None,
             "rescore": s.rescore if s.retrieves else None,
             "mem_size": s.mem_size if s.memory in ("long", "external") else None,
             "datastore": s.datastore if s.retrieves else None, "datastore_id": ds.id if ds and s.retrieves else None,
-            "tau_search": searched, "context_window": context_window, "data": data_dir,
-            "pass_tokens_per_s": tokens_per_s}
+            "metric": ds.metric if ds and s.retrieves else None,
+            "tau_search": searched.get("tau_search"), "lambda_search": searched.get("lambda_search"),
+            "knn_temperature_search": searched.get("knn_temperature_search"), "context_window": context_window,
+            "data": data_dir, "pass_tokens_per_s": tokens_per_s}
 
 
 def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting], stores: dict,
               taus: list[list[float]], context_window: int = 0, batch_size: int = 8,
-              max_segments: int = 0) -> dict:
-    """{"settings": [{"nll": [n_tau] summed nats, "tokens"}], "tokens_per_s", "seconds": {forward, search,
-    memory}} for one model (tokens_per_s: scored tokens over the whole pass, data reading included)."""
+              max_segments: int = 0, lambdas: list[list[float]] | None = None,
+              knn_temperatures: list[list[float]] | None = None) -> dict:
+    """{"settings": [{"nll": [n_tau * n_lambda * n_knn_tau] summed nats (τ slowest), "tokens"}], "tokens_per_s",
+    "seconds": {forward, search, memory}} for one model; per setting, the grid of its τ values (`taus`), λ values
+    (`lambdas`, default: its knn_lambda) and τ_knn values (default: its knn_temperature), all from the same
+    forward pass and search (tokens_per_s: scored tokens over the whole pass, data reading included)."""
     from tqdm import tqdm
+
+    lambdas = lambdas or [[s.knn_lambda] for s in settings]
+    knn_temperatures = knn_temperatures or [[s.knn_temperature] for s in settings]
 
     L = int(manifest["seq_len"])
     pad_id = int(manifest["tokenizer"]["pad_id"])
     cached = [s.mem_size for s in settings if s.memory in ("long", "external")]
     cache = KeyCache(max(cached) + context_window if cached else 0)
     device = next(model.parameters()).device
-    sums = [torch.zeros(len(t), dtype=torch.float64, device=device) for t in taus]   # summed on the device:
+    sums = [torch.zeros(len(t) * len(lam) * len(kt), dtype=torch.float64, device=device)   # summed on the device:
+            for t, lam, kt in zip(taus, lambdas, knn_temperatures)]
     n_scored = torch.zeros((), dtype=torch.long, device=device)                     # no sync per window
     stream, start_time = None, time.perf_counter()
     windows = iter_windows(data_dir, manifest, L, context_window, max_segments)
@@ -196,7 +246,8 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
             for i, s in enumerate(settings):
                 ext = found.get((s.datastore, s.k, s.nprobe, s.rescore))
                 nll = setting_nll(s, logits[b, s0:n], targets[b, :n], keys[b, :n], s0, cache, w,
-                                  None if ext is None else (ext[0][b], ext[1][b]), taus[i])   # [n_tau, N]
+                                  None if ext is None else (ext[0][b], ext[1][b]), taus[i], lambdas[i],
+                                  knn_temperatures[i])                                     # [n_grid, N]
                 sums[i] += nll.sum(1).double()
             n_scored += (targets[b, s0:n] != IGNORE_INDEX).sum()
             cache.push(keys[b, s0:n], targets[b, s0:n], w.start + positions[s0:n])
@@ -253,17 +304,20 @@ def search_batch(batch: list[Window], keys: torch.Tensor, settings: list[EvalSet
 
 
 def rescore_neighbours(store, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[Q, k] inner products q·k recomputed from the stored (fp16) keys of the retrieved ids, as kNN-LM recomputes
-    its distances from the stored keys: IVF-PQ's scores are those of compressed keys. -inf where id is -1."""
+    """[Q, k] scores recomputed from the stored (fp16) keys of the retrieved ids in the store's metric (q·k, or
+    -||q - k||^2 for l2), as kNN-LM recomputes its distances from the stored keys: IVF-PQ's scores are those of
+    compressed keys. -inf where id is -1."""
     found = ids >= 0
     stored = torch.from_numpy(store.keys(ids.clamp(min=0).cpu().numpy())).to(queries.device)    # [Q, k, D]
-    scores = torch.einsum("qd,qkd->qk", queries.float(), stored)                                # [Q, k]
+    scores = store.similarity(queries.float(), stored)                                          # [Q, k]
     return torch.where(found, scores, torch.full_like(scores, float("-inf")))
 
 
 def setting_nll(s: EvalSetting, vocab_logits, window_targets, window_keys, s0: int, cache: KeyCache,
-                w: Window, ext, taus: list[float]) -> torch.Tensor:
-    """[n_tau, N] NLL of the scored positions s0.. of one window under setting s."""
+                w: Window, ext, taus: list[float], lambdas: list[float] | None = None,
+                knn_temperatures: list[float] | None = None) -> torch.Tensor:
+    """[n_tau * n_lambda * n_knn_tau, N] NLL of the scored positions s0.. of one window under setting s, for each
+    point of the grid (λ and τ_knn default to the setting's)."""
     n = window_keys.shape[0]
     queries, targets = window_keys[s0:], window_targets[s0:]                        # [N, D], [N]
     keys = labels = mask = None
@@ -278,5 +332,5 @@ def setting_nll(s: EvalSetting, vocab_logits, window_targets, window_keys, s0: i
                 mask = torch.cat([mask.new_ones(len(queries), len(c_labels)), mask], 1)
     ext_scores, ext_labels = ext if ext is not None else (None, None)
     return window_nll(vocab_logits, targets, queries, keys, labels, mask, ext_scores, ext_labels, taus,
-                      ext_in_softmax=s.memory == "external", knn_lambda=s.knn_lambda,
-                      knn_temperature=s.knn_temperature)
+                      ext_in_softmax=s.memory == "external", knn_lambda=lambdas or [s.knn_lambda],
+                      knn_temperature=knn_temperatures or [s.knn_temperature])

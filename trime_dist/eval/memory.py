@@ -57,16 +57,21 @@ def window_nll(vocab_logits: torch.Tensor, targets: torch.Tensor, queries: torch
                keys: Optional[torch.Tensor], key_labels: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                ext_scores: Optional[torch.Tensor] = None, ext_labels: Optional[torch.Tensor] = None,
                temperatures: Sequence[float] = (1.0,), ext_in_softmax: bool = True,
-               knn_lambda: float = 0.0, knn_temperature: float = 1.0) -> torch.Tensor:
-    """[n_tau, N] -log P(target_i) in nats for each temperature τ; 0 where target == IGNORE_INDEX.
+               knn_lambda: float | Sequence[float] = 0.0,
+               knn_temperature: float | Sequence[float] = 1.0) -> torch.Tensor:
+    """[n_tau * n_lambda * n_knn_tau, N] -log P(target_i) in nats for each (τ, λ, τ_knn) of the grid (τ slowest);
+    0 where target == IGNORE_INDEX. With one λ and one τ_knn (floats): [n_tau, N].
 
     vocab_logits [N, V]; queries [N, D]; keys [M, D] with key_labels [M] and mask [N, M] (in-context
-    memory: earlier window tokens and cached keys; None = no memory); ext_scores [N, K] raw inner
-    products q·k of each query's retrieved neighbours with ext_labels [N, K] (IGNORE_INDEX = no neighbour).
-    P_trime: one softmax over the vocabulary, the allowed memory and (if ext_in_softmax) the
-    neighbours, with sim = q·k / (sqrt(D)·τ). With knn_lambda = λ > 0:
-    P = (1-λ)·P_trime + λ·P_knn, P_knn(y) = Σ_{j: y_j = y} softmax_j(q·k_j / (sqrt(D)·τ_knn)).
+    memory: earlier window tokens and cached keys; None = no memory); ext_scores [N, K] the datastore's scores
+    s_ij of each query's retrieved neighbours (q·k, or -||q - k||^2 for an l2 store) with ext_labels [N, K]
+    (IGNORE_INDEX = no neighbour). P_trime: one softmax over the vocabulary, the allowed memory (sim = q·k /
+    (sqrt(D)·τ)) and, if ext_in_softmax, the neighbours (sim = s_ij / (sqrt(D)·τ), as TRIME scales them). With
+    knn_lambda = λ > 0: P = (1-λ)·P_trime + λ·P_knn, P_knn(y) = Σ_{j: y_j = y} softmax_j(s_ij / τ_knn): τ_knn
+    divides the raw score (TRIME's --interp-temp, e.g. 10.5 at d=1024; kNN-LM's L2 distribution is τ_knn = 1).
     """
+    lambdas = [knn_lambda] if isinstance(knn_lambda, (int, float)) else list(knn_lambda)
+    knn_taus = [knn_temperature] if isinstance(knn_temperature, (int, float)) else list(knn_temperature)
     dtype = torch.promote_types(queries.dtype, torch.float32)
     N, D = queries.shape
     valid = targets != IGNORE_INDEX                                                 # [N]
@@ -83,6 +88,10 @@ def window_nll(vocab_logits: torch.Tensor, targets: torch.Tensor, queries: torch
         ext_scores = ext_scores.to(dtype)                                           # [N, K]
         ext_ok = ext_labels != IGNORE_INDEX                                         # [N, K]
         ext_pos = ext_ok & (ext_labels == tgt[:, None])                             # [N, K]
+    interpolating = any(lam > 0 for lam in lambdas)
+    if interpolating and ext_scores is None:
+        raise ValueError("kNN interpolation (knn_lambda > 0) needs retrieved neighbours (a datastore)")
+    log_p_knn = [knn_log_prob(ext_scores, ext_ok, ext_pos, t) for t in knn_taus] if interpolating else []
     out = []
     for tau in temperatures:
         scale = 1.0 / (math.sqrt(D) * tau)
@@ -94,20 +103,23 @@ def window_nll(vocab_logits: torch.Tensor, targets: torch.Tensor, queries: torch
             den.append(_lse(ext_scores * scale, ext_ok))
             num.append(_lse(ext_scores * scale, ext_pos))
         log_p = torch.logsumexp(torch.stack(num), 0) - torch.logsumexp(torch.stack(den), 0)  # [N]
-        if knn_lambda > 0:
-            log_p = interpolate_knn(log_p, ext_scores, ext_ok, ext_pos, D, knn_lambda, knn_temperature)
-        out.append(torch.where(valid, -log_p, torch.zeros_like(log_p)))
+        for lam in lambdas:
+            for t in range(len(knn_taus)):
+                mixed = interpolate(log_p, log_p_knn[t], lam) if lam > 0 else log_p
+                out.append(torch.where(valid, -mixed, torch.zeros_like(mixed)))
     return torch.stack(out)
 
 
-def interpolate_knn(log_p_model: torch.Tensor, ext_scores: torch.Tensor, ext_ok: torch.Tensor,
-                    ext_pos: torch.Tensor, dim: int, knn_lambda: float, knn_temperature: float) -> torch.Tensor:
-    """[N] log((1-λ)·P_model + λ·P_knn); P_knn = 0 for a query without neighbours or without its target."""
-    if ext_scores is None:
-        raise ValueError("kNN interpolation (knn_lambda > 0) needs retrieved neighbours (a datastore)")
-    s = ext_scores / (math.sqrt(dim) * knn_temperature)                             # [N, K]
+def knn_log_prob(ext_scores: torch.Tensor, ext_ok: torch.Tensor, ext_pos: torch.Tensor,
+                 knn_temperature: float) -> torch.Tensor:
+    """[N] log P_knn(target): softmax over the neighbours of score / τ_knn, summed over those labelled with the
+    target; -inf for a query without neighbours or without its target among them."""
+    s = ext_scores / knn_temperature                                                # [N, K]
     lse_all, lse_pos = _lse(s, ext_ok), _lse(s, ext_pos)                            # [N]
-    neg_inf = torch.full_like(lse_all, float("-inf"))
-    log_p_knn = torch.where(torch.isfinite(lse_pos), lse_pos - lse_all, neg_inf)   # [N]
-    a = log_p_model + math.log1p(-knn_lambda) if knn_lambda < 1 else neg_inf
+    return torch.where(torch.isfinite(lse_pos), lse_pos - lse_all, torch.full_like(lse_all, float("-inf")))
+
+
+def interpolate(log_p_model: torch.Tensor, log_p_knn: torch.Tensor, knn_lambda: float) -> torch.Tensor:
+    """[N] log((1-λ)·P_model + λ·P_knn)."""
+    a = log_p_model + math.log1p(-knn_lambda) if knn_lambda < 1 else torch.full_like(log_p_model, float("-inf"))
     return torch.logaddexp(a, log_p_knn + math.log(knn_lambda))
