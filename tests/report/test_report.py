@@ -93,3 +93,28 @@ def test_eval_sweep_rows_equal_separate_settings(tmp_path):
     assert rows["long@mem_size=4@temperature=2"]["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert len({round(r["loss"], 6) for r in rows.values()}) == 4
     assert main([*common, "--sweep", "layers=1,2"]) == 2
+
+
+def _model(root, name, objective, **arch):
+    os.makedirs(root / name / "model")
+    model = {"vocab_size": 100, "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ffn": 256, **arch}
+    with open(root / name / "model" / "model.json", "w") as f:
+        json.dump({"objective": objective, "model": model}, f)
+    return str(root / name)
+
+
+@pytest.mark.parametrize("objective,memory,knn_lambda,arch,expected", [
+    ("trime_long", "long", 0.0, dict(n_layers=16, d_model=1024, n_heads=8, d_ffn=4096), "17.64 (word ppl, wt103_247m)"),
+    ("trime_ext", "external", 0.3, dict(n_layers=16, d_model=1024, n_heads=8, d_ffn=4096), "15.46 (word ppl, wt103_247m)"),
+    ("ce", "none", 0.25, dict(n_layers=16, d_model=1024, n_heads=8, d_ffn=4096), "16.12 (word ppl, wt103_247m)"),
+    ("trime_long", "long", 0.0, dict(n_layers=12, d_model=512, n_heads=8, d_ffn=2048), "1.05 (bits/byte, enwik8_38m)"),
+    ("trime_long", "local", 0.0, dict(n_layers=16, d_model=1024, n_heads=8, d_ffn=4096), "–"),  # not a paper row
+    ("trime_long", "long", 0.0, {}, "–"),                                                        # not a paper model
+])
+def test_report_shows_the_papers_number_for_a_paper_config(tmp_path, objective, memory, knn_lambda, arch, expected):
+    model = _model(tmp_path, "m", objective, **arch)
+    with open(tmp_path / "eval.json", "w") as f:
+        json.dump([_row("row", memory, 20.0, model=model, knn_lambda=knn_lambda)], f)
+    assert main(["report", str(tmp_path / "eval.json"), "--out", str(tmp_path / "r")]) == 0
+    line = next(line for line in open(tmp_path / "r" / "report.md") if line.startswith("| row |"))
+    assert line.rstrip().endswith(f"| {expected} |"), line

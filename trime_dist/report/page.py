@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from trime_dist.report.collect import Inputs
+from trime_dist.report.published import published
 
 
 def _fmt(value, spec: str = "") -> str:
@@ -12,18 +13,29 @@ def _fmt(value, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
+def _paper_cell(row: dict) -> str:
+    found = published(row)
+    if found is None:
+        return "–"
+    value, metric, config = found
+    return f"{value:g} ({'word ppl' if metric == 'word_ppl' else 'bits/byte'}, {config})"
+
+
 def results_table(rows: list[dict]) -> list[str]:
     lines = []
     for data in dict.fromkeys(r.get("data", "?") for r in rows):
         lines += [f"### Perplexity on `{data}`", "",
                   "| setting | memory | τ | λ | k | long-memory size | tokens | loss | ppl (token) | ppl (word) | "
-                  "bits/byte |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "bits/byte | paper (test) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r.get("data", "?") == data):
             lines.append(f"| {r['name']} | {r['memory']} | {_fmt(r.get('temperature'), '.3g')} | "
                          f"{_fmt(r.get('knn_lambda') or None, '.3g')} | {_fmt(r.get('k'))} | {_fmt(r.get('mem_size'))} | "
                          f"{_fmt(r.get('tokens'))} | {_fmt(r.get('loss'), '.4f')} | **{r['ppl']:.2f}** | "
-                         f"{_fmt(r.get('word_ppl'), '.2f')} | {_fmt(r.get('bits_per_byte'), '.4f')} |")
-        lines.append("")
+                         f"{_fmt(r.get('word_ppl'), '.2f')} | {_fmt(r.get('bits_per_byte'), '.4f')} | "
+                         f"{_paper_cell(r)} |")
+        lines += ["", "\"paper (test)\": the TRIME paper's published test number for the same row (model objective "
+                  "and memory) where the model has the architecture of a paper config (configs/wt103_247m.yaml, "
+                  "wt103_150m.yaml, enwik8_38m.yaml; docs/PAPER_RECIPES.md); compare it with the column it names.", ""]
     return lines
 
 
