@@ -1,4 +1,5 @@
-"""Okapi BM25 over token ids, scored all-pairs as sparse matrix products in query blocks.
+"""Okapi BM25 over token ids, scored all-pairs as sparse matrix products in query blocks (exact), or with
+query-term pruning and exact rescoring of the best candidates (pruned, `BM25Params.query_terms` > 0).
 
 Same scoring as bm25s's default ("lucene"): idf = log(1 + (N - df + 0.5) / (df + 0.5)),
 score(q, d) = sum over q's tokens (repeats count) of idf(t) * tf(t, d) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl)).
@@ -22,6 +23,8 @@ class BM25Params:
     dense_df_ratio: float = 0.05  # terms in at least this fraction of docs are scored with a dense matmul
     max_dense_terms: int = 1024   # at most this many dense terms (memory: max_dense_terms x docs x 4 bytes)
     use_numba: bool = True        # compiled sparse loop when numba is installed (else scipy's sparse product)
+    query_terms: int = 0          # pruned mode: each query scored with its m highest-impact terms (0 = exact)
+    candidates: int = 100         # pruned mode: best candidates rescored with the full query (>= k)
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,6 +34,14 @@ def _compiled_kernel() -> Optional[Callable]:
     except ImportError:
         return None
     return add_sparse_scores
+
+
+def _pruned_kernel() -> Callable:
+    try:
+        from data_pipeline.bm25_numba import pruned_topk
+    except ImportError as e:
+        raise ImportError("the pruned BM25 search (--query-terms > 0) needs numba: pip install numba") from e
+    return pruned_topk
 
 
 def count_matrix(docs: Sequence[np.ndarray], vocab_size: int) -> sp.csr_matrix:
@@ -84,7 +95,9 @@ def weight_matrix(counts: sp.csr_matrix, doc_len: np.ndarray, idf: np.ndarray, a
 
 class NeighbourIndex:
     """All documents' BM25 weights, split into frequent terms (dense [F, N], scored by BLAS) and the
-    rest (sparse [V, N]). Built identically on every rank; queries are rows of the count matrix."""
+    rest (sparse [V, N]). Built identically on every rank; queries are rows of the count matrix.
+    Pruned mode (params.query_terms > 0) keeps every term sparse and also the document-major weights
+    [N, V] for rescoring."""
 
     def __init__(self, counts: sp.csr_matrix, doc_len: np.ndarray, df: np.ndarray, params: BM25Params):
         n_docs = counts.shape[0]
@@ -94,10 +107,13 @@ class NeighbourIndex:
         self.keep = scored_terms(df, n_docs, params)
         self.params, self.doc_len = params, np.asarray(doc_len)
         weights = weight_matrix(counts, doc_len, self.idf, self.avgdl, self.keep, params.k1, params.b)  # [N, V]
+        self.pruned = params.query_terms > 0
+        self.doc_weights = weights if self.pruned else None                           # [N, V], rescoring
+        max_dense = 0 if self.pruned else params.max_dense_terms  # pruned queries skip most frequent terms
         dense_candidates = np.flatnonzero(self.keep & (df >= params.dense_df_ratio * n_docs))
         # the most frequent ones first; ties by term id so every rank picks the same set
         order = np.lexsort((dense_candidates, -df[dense_candidates]))
-        self.dense_terms = np.sort(dense_candidates[order[: params.max_dense_terms]])
+        self.dense_terms = np.sort(dense_candidates[order[:max_dense]])
         is_dense = np.zeros(counts.shape[1], dtype=bool)
         is_dense[self.dense_terms] = True
         self.sparse_keep = self.keep & ~is_dense
@@ -135,10 +151,28 @@ class NeighbourIndex:
 
     def topk(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k other documents for each query row: (ids [B, k] int64, scores [B, k] float32), ordered by
-        score desc then id asc; slots without a positive score hold id -1 and score 0."""
+        score desc then id asc; slots without a positive score hold id -1 and score 0. Exact, or pruned
+        (approximate ids, exact scores) when params.query_terms > 0."""
+        if self.pruned:
+            return self.pruned_topk(rows, k)
+        return self.exact_topk(rows, k)
+
+    def exact_topk(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.scores(rows)                                                          # [B, N]
         s[np.arange(len(rows)), rows] = -np.inf  # a segment is not its own neighbour
         return topk_rows(s, k)
+
+    def pruned_topk(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Query-term pruning (each query keeps its m terms of largest count x idf, an upper bound on a
+        term's share of any score), then the best `candidates` rescored exactly; see bm25_numba."""
+        ids = np.full((len(rows), k), -1, dtype=np.int64)
+        vals = np.zeros((len(rows), k), dtype=np.float32)
+        t, d, c = self.sparse_weights, self.doc_weights, self.counts
+        impact = np.where(self.keep, self.idf, 0.0)                                    # [V]
+        _pruned_kernel()(np.asarray(rows, dtype=np.int64), c.indptr, c.indices, c.data, impact,
+                         self.params.query_terms, max(k, self.params.candidates), t.indptr, t.indices, t.data,
+                         d.indptr, d.indices, d.data, ids, vals)
+        return ids, vals
 
 
 def _zero_rows(m: sp.csr_matrix, drop: np.ndarray) -> sp.csr_matrix:
@@ -181,6 +215,16 @@ def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ids[:, :kk] = np.where(positive, part, -1)
     vals[:, :kk] = np.where(positive, part_scores, 0.0)
     return ids, vals
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |found ∩ exact| / |exact| for neighbour id lists [N, k] (-1 = none); queries
+    without exact neighbours count as 1."""
+    recalls = []
+    for got, ref in zip(found, exact):
+        ref = set(ref[ref >= 0].tolist())
+        recalls.append(len(ref & set(got[got >= 0].tolist())) / len(ref) if ref else 1.0)
+    return float(np.mean(recalls)) if recalls else 1.0
 
 
 def mean_pair_score(index: NeighbourIndex, groups: np.ndarray) -> float:
