@@ -209,30 +209,36 @@ def group_segments(cfg: GroupConfig) -> int:
     entries = _write_my_shards(cfg, source, groups, segs, rank, world)
     clock.lap("write")
     wait_for_all_ranks()
-    all_entries = mpi.gather(entries)
+    gathered = mpi.gather((entries, clock.cpu))
     if rank == 0:
         sim = _similarity_report(index, groups, cfg) if index is not None and cfg.similarity_groups else {}
         if recall:
             sim["pruned_search"] = recall
         clock.lap("similarity")
         dropped_keys = [shards.segment_key(segs[int(i)][1]["stream"], segs[int(i)][1]["index"]) for i in dropped]
-        _finish(cfg, source, source_sha, groups, dropped_keys, [e for part in all_entries for e in part], sim,
-                world, clock)
+        cpu_per_rank = [cpu for _, cpu in gathered]
+        cpu_per_rank[0] = clock.cpu
+        _finish(cfg, source, source_sha, groups, dropped_keys, [e for part, _ in gathered for e in part], sim,
+                world, clock, cpu_per_rank)
     wait_for_all_ranks()
     return 0
 
 
 class _PhaseClock:
-    """Wall time per phase of this rank, for the log and the manifest."""
+    """Wall time and CPU time (this process) per phase of this rank, for the log and the manifest. CPU time
+    is the fairer measure when ranks share cores with other work."""
 
     def __init__(self):
         self.start = self.last = time.time()
+        self.last_cpu = time.process_time()
         self.phases: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
-        now = time.time()
+        now, now_cpu = time.time(), time.process_time()
         self.phases[name] = round(self.phases.get(name, 0.0) + now - self.last, 2)
-        self.last = now
+        self.cpu[name] = round(self.cpu.get(name, 0.0) + now_cpu - self.last_cpu, 2)
+        self.last, self.last_cpu = now, now_cpu
 
     def total(self) -> float:
         return round(time.time() - self.start, 2)
@@ -289,7 +295,7 @@ def _similarity_report(index: NeighbourIndex, groups: np.ndarray, cfg: GroupConf
 
 
 def _finish(cfg: GroupConfig, source: dict, source_sha: str, groups: np.ndarray, dropped_keys: list[str],
-            entries: list[dict], sim: dict, world: int, clock: _PhaseClock) -> None:
+            entries: list[dict], sim: dict, world: int, clock: _PhaseClock, cpu_per_rank: list[dict]) -> None:
     """Copy the tokenizer, remove stale shards, write the manifest LAST (it marks the output complete)."""
     tok = source["tokenizer"]
     # The tokenizer file, and a HF folder's special-token settings when prepare copied them, so the
@@ -309,7 +315,7 @@ def _finish(cfg: GroupConfig, source: dict, source_sha: str, groups: np.ndarray,
         "segments": int(groups.size), "dropped_segments": len(dropped_keys), "dropped_keys": dropped_keys,
         "source_manifest_sha256": source_sha, "shards": entries, "similarity": sim,
         "created_by": "trime group", "world_size": world, "seconds": clock.total(),
-        "seconds_rank0": clock.phases,
+        "seconds_rank0": clock.phases, "cpu_seconds_per_rank": cpu_per_rank,
     }
     shards.write_manifest(cfg.output, manifest)
     log.info("grouped %d segments into %d groups of %d (%d dropped) with %s in %.1fs on %d rank(s); "
