@@ -6,6 +6,7 @@ with CPU time per rank and phase, and a projection to a larger corpus and more r
     python benchmarks/bench_bm25.py wikitext --seq-lens 128 512
     python benchmarks/bench_bm25.py recall --seq-lens 128 512 --query-terms 16 32 64 --candidates 50 100 200
     python benchmarks/bench_bm25.py scale --segments 50000 200000 --ranks 1 2 --query-terms 0 32
+    python benchmarks/bench_bm25.py exact-cost --segments 200000
 """
 from __future__ import annotations
 
@@ -285,6 +286,36 @@ def project(runs: dict, args) -> None:
         print(f"| peak RSS per rank | {rss:,.0f} GiB (measured {runs[n1, m, 1]['rss'][0]:.2f} GiB at {n1:,}) |")
 
 
+def bench_exact_cost(args) -> None:
+    """CPU time of the exact search per query on a corpus too large to search exactly here: the exact index
+    (one process) and --blocks query blocks spread over the corpus, extrapolated to all N queries; next to
+    the search CPU of the pruned runs that `scale` left in --workdir."""
+    from data_pipeline.group_search import read_local_segments
+
+    src = os.path.join(args.workdir, f"synthetic-{args.segments}x{args.seq_len}")
+    manifest = shards.read_manifest(src)
+    docs = read_local_segments(src, manifest, 0, 1).docs(set())
+    counts = count_matrix(docs, manifest["tokenizer"]["vocab_size"])
+    del docs
+    t0 = time.process_time()
+    index = NeighbourIndex(counts, np.asarray(counts.sum(axis=1)).ravel(), document_frequencies(counts),
+                           BM25Params(k1=args.k1, b=args.b))
+    t_index = time.process_time() - t0
+    starts = np.linspace(0, index.n_docs - 256, args.blocks).astype(int)
+    t0 = time.process_time()
+    for s0 in starts:
+        index.topk(np.arange(s0, s0 + 256), K)
+    per_query = (time.process_time() - t0) / (256 * len(starts))
+    print("\n| segments | search | CPU s per query | search CPU s, all queries, 1 rank |\n|---|---|---|---|")
+    print(f"| {args.segments} | exact (index {t_index:.1f}s) | {per_query * 1e3:.3f} ms | "
+          f"{per_query * index.n_docs:.0f} (extrapolated from {len(starts)} blocks of 256) |")
+    for name in sorted(os.listdir(args.workdir)):
+        if name.startswith(f"out-n{args.segments}-r1-m") and not name.endswith("-m0"):
+            cpu = shards.read_manifest(os.path.join(args.workdir, name))["cpu_seconds_per_rank"][0]["search"]
+            print(f"| {args.segments} | pruned, {name} | {cpu / index.n_docs * 1e3:.3f} ms | {cpu:.0f} (measured; "
+                  f"{per_query * index.n_docs / cpu:.1f}x faster) |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -313,11 +344,17 @@ def main() -> None:
     s.add_argument("--workdir", default="/tmp/bench_bm25")
     s.add_argument("--project-tokens", type=float, default=1e9)
     s.add_argument("--project-ranks", type=int, default=64)
-    for p in (w, rc, s):
+    e = sub.add_parser("exact-cost")
+    e.add_argument("--segments", type=int, default=200_000)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--blocks", type=int, default=8)
+    e.add_argument("--workdir", default="/tmp/bench_bm25")
+    for p in (w, rc, s, e):
         p.add_argument("--k1", type=float, default=0.9)
         p.add_argument("--b", type=float, default=0.4)
     args = parser.parse_args()
-    {"wikitext": bench_wikitext, "recall": bench_recall, "scale": bench_scale}[args.what](args)
+    {"wikitext": bench_wikitext, "recall": bench_recall, "scale": bench_scale,
+     "exact-cost": bench_exact_cost}[args.what](args)
 
 
 if __name__ == "__main__":
