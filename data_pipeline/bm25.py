@@ -119,7 +119,8 @@ class NeighbourIndex:
         self.sparse_keep = self.keep & ~is_dense
         wt = weights.T.tocsr()                                                         # [V, N]
         self.dense_weights = np.ascontiguousarray(wt[self.dense_terms].toarray())      # [F, N] float32
-        self.sparse_weights = _zero_rows(wt, ~self.sparse_keep)                        # [V, N]
+        # unscored terms have empty rows already; only dense terms need removing
+        self.sparse_weights = _zero_rows(wt, ~self.sparse_keep) if len(self.dense_terms) else wt  # [V, N]
         self.counts = counts
 
     def query_matrices(self, rows: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:

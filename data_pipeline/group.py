@@ -187,17 +187,7 @@ def group_segments(cfg: GroupConfig) -> int:
         clock.lap("index")
     order = None
     if cfg.method == "bm25":
-        work = os.path.join(cfg.output, "neighbours")
-        search_neighbours(index, work, cfg.top_k, cfg.query_block, _search_fingerprint(cfg, source_sha),
-                          rank, world)
-        clock.lap("search")
-        wait_for_all_ranks()
-        neighbours = load_neighbours(work, n, cfg.top_k, cfg.query_block) if rank == 0 else None   # [N, k]
-        if cfg.query_terms > 0 and cfg.recall_sample > 0:
-            recall = sampled_recall(index, neighbours, cfg.recall_sample, cfg.top_k, cfg.seed + 2, rank, world)
-            clock.lap("recall")
-        if rank == 0:
-            order = greedy_chain(neighbours, cfg.seed)
+        order, recall = _bm25_order(cfg, index, source_sha, clock, rank, world)
     elif rank == 0:
         order = random_order(n, cfg.seed) if cfg.method == "random" else consecutive_order(n)
     wait_for_all_ranks()
@@ -222,6 +212,22 @@ def group_segments(cfg: GroupConfig) -> int:
                 world, clock, cpu_per_rank)
     wait_for_all_ranks()
     return 0
+
+
+def _bm25_order(cfg: GroupConfig, index: NeighbourIndex, source_sha: str, clock: "_PhaseClock", rank: int,
+                world: int) -> tuple[np.ndarray | None, dict | None]:
+    """The neighbour search (every rank), the pruned search's sampled recall, and the greedy chain on rank
+    0: (order [N] on rank 0 else None, recall report on rank 0 else None)."""
+    work = os.path.join(cfg.output, "neighbours")
+    search_neighbours(index, work, cfg.top_k, cfg.query_block, _search_fingerprint(cfg, source_sha), rank, world)
+    clock.lap("search")
+    wait_for_all_ranks()
+    neighbours = load_neighbours(work, index.n_docs, cfg.top_k, cfg.query_block) if rank == 0 else None  # [N, k]
+    recall = None
+    if cfg.query_terms > 0 and cfg.recall_sample > 0:
+        recall = sampled_recall(index, neighbours, cfg.recall_sample, cfg.top_k, cfg.seed + 2, rank, world)
+        clock.lap("recall")
+    return (greedy_chain(neighbours, cfg.seed) if rank == 0 else None), recall
 
 
 class _PhaseClock:
