@@ -177,7 +177,7 @@ def write_synthetic(out: str, n: int, L: int, vocab: int = 32000, topics: int = 
     shards.write_manifest(out, manifest)
 
 
-def run_group(src: str, out: str, ranks: int, args, query_terms: int) -> dict:
+def run_group(src: str, out: str, ranks: int, args, query_terms: int, max_df: float) -> dict:
     """One `trime group` run (under mpiexec for ranks > 1): wall, per-rank CPU and peak RSS (/usr/bin/time),
     the output manifest (phase CPU seconds per rank, sampled recall of the pruned search)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -185,7 +185,7 @@ def run_group(src: str, out: str, ranks: int, args, query_terms: int) -> dict:
     cmd = ["/usr/bin/time", "-f", "rank_usage user=%U sys=%S maxrss_kb=%M", os.path.join(bindir, "trime"), "group",
            "--input", src, "--output", out, "--method", "bm25", "--group-size", str(args.group_size),
            "--query-terms", str(query_terms), "--candidates", str(args.candidates),
-           "--recall-sample", str(args.recall_sample)]
+           "--recall-sample", str(args.recall_sample), "--max-df-ratio", str(max_df)]
     if ranks > 1:
         cmd = [os.path.join(bindir, "mpiexec"), "-n", str(ranks)] + cmd
     t0 = time.perf_counter()
@@ -211,42 +211,43 @@ PHASES = ("read", "index", "search", "recall", "chain", "write", "similarity")
 
 
 def bench_scale(args) -> None:
-    print("\n| segments | ranks | query terms (0 = exact) | wall s | CPU s per rank | wall speed-up | CPU speed-up "
+    print("\n| segments | max_df_ratio | ranks | query terms (0 = exact) | wall s | CPU s per rank | wall speed-up | CPU speed-up "
           "| peak RSS per rank GiB | recall@20 vs exact | within-group BM25 (bm25 / random) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     runs = {}
     for n in args.segments:
         src = os.path.join(args.workdir, f"synthetic-{n}x{args.seq_len}")
         if not os.path.isfile(os.path.join(src, "manifest.json")):
             write_synthetic(src, n, args.seq_len)
-        for m in args.query_terms:
+        for max_df, m in [(x, m) for x in args.max_df_ratios for m in args.query_terms]:
             if m == 0 and n > args.exact_max_segments:
                 continue
             for ranks in args.ranks:
-                out = os.path.join(args.workdir, f"out-n{n}-r{ranks}-m{m}")
-                r = runs[n, m, ranks] = run_group(src, out, ranks, args, m)
-                one = runs.get((n, m, 1))
+                tag = "" if max_df == 1.0 else f"-df{max_df}"
+                out = os.path.join(args.workdir, f"out-n{n}-r{ranks}-m{m}{tag}")
+                r = runs[n, max_df, m, ranks] = run_group(src, out, ranks, args, m, max_df)
+                one = runs.get((n, max_df, m, 1))
                 speed = (f"{one['wall'] / r['wall']:.2f}x | {sum(one['cpu']) / max(r['cpu']):.2f}x" if one
                          else "- | -")
                 sim = r["manifest"]["similarity"]
                 if m == 0:
                     recall = "1 (exact)"
-                elif (n, 0, ranks) in runs:
-                    exact = neighbour_sets(os.path.join(args.workdir, f"out-n{n}-r{ranks}-m0"))
+                elif os.path.isdir(os.path.join(args.workdir, f"out-n{n}-r{ranks}-m0{tag}")):
+                    exact = neighbour_sets(os.path.join(args.workdir, f"out-n{n}-r{ranks}-m0{tag}"))
                     recall = f"{recall_at_k(neighbour_sets(out), exact):.4f} (all)"
                 else:
                     p = sim["pruned_search"]
                     recall = f"{p[f'recall_at_{K}']:.4f} ({p['segments_sampled']} sampled)"
-                print(f"| {n} | {ranks} | {m} | {r['wall']:.1f} | {', '.join(f'{x:.1f}' for x in r['cpu'])} | "
+                print(f"| {n} | {max_df} | {ranks} | {m} | {r['wall']:.1f} | {', '.join(f'{x:.1f}' for x in r['cpu'])} | "
                       f"{speed} | {', '.join(f'{x:.2f}' for x in r['rss'])} | {recall} | "
                       f"{sim['mean_within_group_bm25']:.1f} / {sim['mean_within_group_bm25_random']:.1f} |", flush=True)
     print("\nCPU seconds per phase (per rank, from the manifests):\n")
-    print("| segments | ranks | query terms | " + " | ".join(PHASES) + " |")
-    print("|---|---|---|" + "---|" * len(PHASES))
-    for (n, m, ranks), r in runs.items():
+    print("| segments | max_df_ratio | ranks | query terms | " + " | ".join(PHASES) + " |")
+    print("|---|---|---|---|" + "---|" * len(PHASES))
+    for (n, max_df, m, ranks), r in runs.items():
         per_rank = r["manifest"]["cpu_seconds_per_rank"]
         cells = [", ".join(f"{c.get(p, 0.0):.1f}" for c in per_rank) for p in PHASES]
-        print(f"| {n} | {ranks} | {m} | " + " | ".join(cells) + " |")
+        print(f"| {n} | {max_df} | {ranks} | {m} | " + " | ".join(cells) + " |")
     if args.project_tokens:
         project(runs, args)
 
@@ -258,12 +259,12 @@ def project(runs: dict, args) -> None:
     fitted as a power of N (df of the query terms grows with N); the chain runs on rank 0, ~N; the
     similarity report samples a fixed number of groups (constant). Peak memory per rank ~ N (the index
     is replicated)."""
-    for m in sorted({m for (_, m, _) in runs}):
-        sizes = sorted(n for (n, mm, r) in runs if mm == m and r == 1)
+    for m in sorted({m for (_, _, m, _) in runs}):
+        sizes = sorted(n for (n, df, mm, r) in runs if mm == m and r == 1 and df == 1.0)
         if len(sizes) < 2:
             continue
         (n0, n1) = sizes[-2:]
-        c0, c1 = (runs[n, m, 1]["manifest"]["cpu_seconds_per_rank"][0] for n in (n0, n1))
+        c0, c1 = (runs[n, 1.0, m, 1]["manifest"]["cpu_seconds_per_rank"][0] for n in (n0, n1))
         big_n, big_r = args.project_tokens / args.seq_len, args.project_ranks
         per_query0, per_query1 = c0["search"] / n0, c1["search"] / n1
         alpha = np.log(per_query1 / per_query0) / np.log(n1 / n0)
@@ -282,8 +283,8 @@ def project(runs: dict, args) -> None:
         for name, sec in est.items():
             print(f"| {name} | {sec:,.0f} |")
         print(f"| total | {sum(est.values()):,.0f} ({sum(est.values()) / 60:,.1f} min) |")
-        rss = runs[n1, m, 1]["rss"][0] * big_n / n1
-        print(f"| peak RSS per rank | {rss:,.0f} GiB (measured {runs[n1, m, 1]['rss'][0]:.2f} GiB at {n1:,}) |")
+        rss = runs[n1, 1.0, m, 1]["rss"][0]
+        print(f"| peak RSS per rank | {rss * big_n / n1:,.0f} GiB (measured {rss:.2f} GiB at {n1:,}) |")
 
 
 def bench_exact_cost(args) -> None:
@@ -338,6 +339,7 @@ def main() -> None:
     s.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     s.add_argument("--query-terms", type=int, nargs="+", default=[0, 32], help="0 = exact search")
     s.add_argument("--candidates", type=int, default=100)
+    s.add_argument("--max-df-ratios", type=float, nargs="+", default=[1.0], help="terms in more segments unscored")
     s.add_argument("--recall-sample", type=int, default=1024)
     s.add_argument("--exact-max-segments", type=int, default=50_000, help="larger corpora: pruned runs only")
     s.add_argument("--group-size", type=int, default=16)
