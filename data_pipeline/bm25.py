@@ -36,12 +36,13 @@ def _compiled_kernel() -> Optional[Callable]:
     return add_sparse_scores
 
 
-def _pruned_kernel() -> Callable:
+def pruned_kernels() -> tuple[Callable, Callable]:
+    """(pruned_candidates, rescore) from bm25_numba."""
     try:
-        from data_pipeline.bm25_numba import pruned_topk
+        from data_pipeline.bm25_numba import pruned_candidates, rescore
     except ImportError as e:
         raise ImportError("the pruned BM25 search (--query-terms > 0) needs numba: pip install numba") from e
-    return pruned_topk
+    return pruned_candidates, rescore
 
 
 def count_matrix(docs: Sequence[np.ndarray], vocab_size: int) -> sp.csr_matrix:
@@ -99,12 +100,14 @@ class NeighbourIndex:
     Pruned mode (params.query_terms > 0) keeps every term sparse and also the document-major weights
     [N, V] for rescoring."""
 
-    def __init__(self, counts: sp.csr_matrix, doc_len: np.ndarray, df: np.ndarray, params: BM25Params):
+    def __init__(self, counts: sp.csr_matrix, doc_len: np.ndarray, df: np.ndarray, params: BM25Params,
+                 n_total: Optional[int] = None, avgdl: Optional[float] = None):
+        """counts: [N, V]; n_total / avgdl: the corpus's, when these N documents are only part of it."""
         n_docs = counts.shape[0]
         self.n_docs = n_docs
-        self.avgdl = float(np.sum(doc_len, dtype=np.float64) / n_docs)
-        self.idf = lucene_idf(df, n_docs)
-        self.keep = scored_terms(df, n_docs, params)
+        self.avgdl = float(np.sum(doc_len, dtype=np.float64) / n_docs) if avgdl is None else avgdl
+        self.idf = lucene_idf(df, n_total or n_docs)
+        self.keep = scored_terms(df, n_total or n_docs, params)
         self.params, self.doc_len = params, np.asarray(doc_len)
         weights = weight_matrix(counts, doc_len, self.idf, self.avgdl, self.keep, params.k1, params.b)  # [N, V]
         self.pruned = params.query_terms > 0
@@ -166,14 +169,39 @@ class NeighbourIndex:
     def pruned_topk(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Query-term pruning (each query keeps its m terms of largest count x idf, an upper bound on a
         term's share of any score), then the best `candidates` rescored exactly; see bm25_numba."""
-        ids = np.full((len(rows), k), -1, dtype=np.int64)
-        vals = np.zeros((len(rows), k), dtype=np.float32)
-        t, d, c = self.sparse_weights, self.doc_weights, self.counts
+        candidates, rescore = pruned_kernels()
+        rows = np.asarray(rows, dtype=np.int64)
+        q, t, d = self.counts[rows], self.sparse_weights, self.doc_weights                 # q: [B, V]
         impact = np.where(self.keep, self.idf, 0.0)                                    # [V]
-        _pruned_kernel()(np.asarray(rows, dtype=np.int64), c.indptr, c.indices, c.data, impact,
-                         self.params.query_terms, max(k, self.params.candidates), t.indptr, t.indices, t.data,
-                         d.indptr, d.indices, d.data, ids, vals)
-        return ids, vals
+        ids = np.empty((len(rows), max(k, self.params.candidates)), dtype=np.int64)    # [B, C]
+        partial = np.empty(ids.shape, dtype=np.float32)
+        candidates(q.indptr, q.indices, q.data, rows, impact, self.params.query_terms, 0, self.n_docs,
+                   t.indptr, t.indices, t.data, ids, partial)
+        exact = np.zeros(ids.shape, dtype=np.float64)
+        rescore(q.indptr, q.indices, q.data, impact, ids, 0, d.indptr, d.indices, d.data, exact)
+        return best_rescored(ids, exact, k)
+
+
+def merge_candidates(ids: np.ndarray, partial: np.ndarray, n_cand: int) -> np.ndarray:
+    """The best n_cand of several partitions' candidate lists, concatenated along axis 1 (ids [B, P*C],
+    partial scores [B, P*C]; -1 = none): [B, n_cand] ids ordered by partial score desc, id asc."""
+    key = np.where(ids >= 0, -partial.astype(np.float64), np.inf)
+    order = np.lexsort((ids, key), axis=1)[:, :n_cand]
+    out = np.take_along_axis(ids, order, axis=1)
+    out[np.take_along_axis(key, order, axis=1) == np.inf] = -1
+    return out
+
+
+def best_rescored(ids: np.ndarray, exact: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of candidates ids [B, C] (-1 = none) by their exact scores [B, C]: (ids [B, k] int64, scores
+    [B, k] float32), score desc then id asc, -1 / 0 where fewer than k."""
+    key = np.where(ids >= 0, -exact, np.inf)
+    order = np.lexsort((ids, key), axis=1)[:, :k]
+    top_ids = np.take_along_axis(ids, order, axis=1)
+    top = np.take_along_axis(exact, order, axis=1)
+    none = np.take_along_axis(key, order, axis=1) == np.inf
+    top_ids[none], top[none] = -1, 0.0
+    return top_ids, top.astype(np.float32)
 
 
 def _zero_rows(m: sp.csr_matrix, drop: np.ndarray) -> sp.csr_matrix:

@@ -20,28 +20,24 @@ def add_sparse_scores(out: np.ndarray, q_indptr: np.ndarray, q_indices: np.ndarr
                 row[w_indices[j]] += qv * w_data[j]
 
 
+
 @numba.njit(cache=True, nogil=True)
-def pruned_topk(rows: np.ndarray, q_indptr: np.ndarray, q_indices: np.ndarray, q_data: np.ndarray,
-                impact: np.ndarray, query_terms: int, n_candidates: int,
-                t_indptr: np.ndarray, t_indices: np.ndarray, t_data: np.ndarray,
-                d_indptr: np.ndarray, d_indices: np.ndarray, d_data: np.ndarray,
-                out_ids: np.ndarray, out_scores: np.ndarray) -> None:
-    """Top-k neighbours of documents `rows` in two steps (query-term pruning, then exact rescoring):
-    1. each query is scored with its `query_terms` highest-impact terms only (impact = count x idf;
-       ties by term id) over the term-major weights t [V, N], accumulated term-at-a-time;
-    2. its `n_candidates` best documents under those scores (ties by id) are rescored with the full
-       query over the document-major weights d [N, V] (float64), and the top-k of those are written.
-    q: counts CSR [N, V]; impact: [V] idf of scored terms, 0 for the others. out_ids [B, k] (-1 = none),
-    out_scores [B, k]. Every query's result depends on that query only (not on the block it is in)."""
-    n_docs = d_indptr.shape[0] - 1
-    k = out_ids.shape[1]
-    acc = np.zeros(n_docs, np.float32)        # pruned scores, 0 = not touched (weights are > 0)
-    touched = np.empty(n_docs, np.int64)
-    qfull = np.zeros(impact.shape[0], np.float64)
-    for r in range(rows.shape[0]):
-        q = rows[r]
-        terms = q_indices[q_indptr[q]:q_indptr[q + 1]]                       # ascending term ids
-        counts = q_data[q_indptr[q]:q_indptr[q + 1]]
+def pruned_candidates(q_indptr: np.ndarray, q_indices: np.ndarray, q_data: np.ndarray, q_ids: np.ndarray,
+                      impact: np.ndarray, query_terms: int, first: int, n_docs: int,
+                      t_indptr: np.ndarray, t_indices: np.ndarray, t_data: np.ndarray,
+                      out_ids: np.ndarray, out_scores: np.ndarray) -> None:
+    """Step 1 of the pruned search, over documents [first, first + n_docs) (term-major weights t [V, n]): each
+    query (counts CSR q [B, V], global ids q_ids) is scored with its `query_terms` highest-impact terms only
+    (impact = count x idf, ties by term id; unscored terms have impact 0), term-at-a-time; its best
+    documents (score desc, id asc) go to out_ids [B, C] (global ids, -1 = none) with their partial scores.
+    A document's partial score is summed in the same order whatever the partition, so the best C of all
+    partitions' lists are the best C of one whole index."""
+    n_cand = out_ids.shape[1]
+    acc = np.zeros(max(n_docs, 1), np.float32)     # partial scores, 0 = not touched (weights are > 0)
+    touched = np.empty(max(n_docs, 1), np.int64)
+    for r in range(q_ids.shape[0]):
+        terms = q_indices[q_indptr[r]:q_indptr[r + 1]]                       # ascending term ids
+        counts = q_data[q_indptr[r]:q_indptr[r + 1]]
         imp = impact[terms] * counts
         order = np.argsort(-imp, kind="mergesort")                           # stable: ties by term id
         n_touched = 0
@@ -55,33 +51,46 @@ def pruned_topk(rows: np.ndarray, q_indptr: np.ndarray, q_indices: np.ndarray, q
                     touched[n_touched] = d
                     n_touched += 1
                 acc[d] += qv * t_data[j]
-        acc[q] = 0                                                           # not its own neighbour
+        self_local = q_ids[r] - first
+        if 0 <= self_local < n_docs:
+            acc[self_local] = 0                                              # not its own neighbour
         cand = touched[:n_touched]
         cand = cand[acc[cand] > 0]
-        if cand.shape[0] > n_candidates:                                     # keep >= C, then cut exactly
-            kth = -np.partition(-acc[cand], n_candidates - 1)[n_candidates - 1]
+        if cand.shape[0] > n_cand:                                           # keep >= C, then cut exactly
+            kth = -np.partition(-acc[cand], n_cand - 1)[n_cand - 1]
             cand = cand[acc[cand] >= kth]
         cand = np.sort(cand)
-        cand = cand[np.argsort(-acc[cand], kind="mergesort")[:n_candidates]]  # score desc, id asc
-        for i in range(terms.shape[0]):
-            if impact[terms[i]] > 0:
-                qfull[terms[i]] = counts[i]
-        exact = np.zeros(cand.shape[0], np.float64)
-        for c in range(cand.shape[0]):
-            d = cand[c]
+        cand = cand[np.argsort(-acc[cand], kind="mergesort")[:n_cand]]       # score desc, id asc
+        out_ids[r, :] = -1
+        out_scores[r, :] = 0
+        for i in range(cand.shape[0]):
+            out_ids[r, i] = cand[i] + first
+            out_scores[r, i] = acc[cand[i]]
+        for i in range(n_touched):
+            acc[touched[i]] = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def rescore(q_indptr: np.ndarray, q_indices: np.ndarray, q_data: np.ndarray, impact: np.ndarray,
+            cand_ids: np.ndarray, first: int, d_indptr: np.ndarray, d_indices: np.ndarray, d_data: np.ndarray,
+            out: np.ndarray) -> None:
+    """Step 2: exact float64 BM25 scores out [B, C] of each query (counts CSR q [B, V]) against its
+    candidates cand_ids [B, C] (global ids) that lie in [first, first + n) (document-major weights d [n, V]);
+    other entries are left as they are (0: a sum over the partitions then gives every score once)."""
+    n_docs = d_indptr.shape[0] - 1
+    qfull = np.zeros(impact.shape[0], np.float64)
+    for r in range(cand_ids.shape[0]):
+        lo, hi = q_indptr[r], q_indptr[r + 1]
+        for i in range(lo, hi):
+            if impact[q_indices[i]] > 0:
+                qfull[q_indices[i]] = q_data[i]
+        for c in range(cand_ids.shape[1]):
+            d = cand_ids[r, c] - first
+            if cand_ids[r, c] < 0 or d < 0 or d >= n_docs:
+                continue
             s = 0.0
             for j in range(d_indptr[d], d_indptr[d + 1]):
                 s += qfull[d_indices[j]] * d_data[j]
-            exact[c] = s
-        cand_order = np.argsort(cand)
-        cand, exact = cand[cand_order], exact[cand_order]
-        best = np.argsort(-exact, kind="mergesort")[:k]                       # score desc, id asc
-        out_ids[r, :] = -1
-        out_scores[r, :] = 0
-        for i in range(best.shape[0]):
-            out_ids[r, i] = cand[best[i]]
-            out_scores[r, i] = exact[best[i]]
-        for i in range(n_touched):
-            acc[touched[i]] = 0
-        for i in range(terms.shape[0]):
-            qfull[terms[i]] = 0
+            out[r, c] = s
+        for i in range(lo, hi):
+            qfull[q_indices[i]] = 0

@@ -26,10 +26,10 @@ from data_pipeline.group_search import (
     gather_counts,
     load_neighbours,
     read_local_segments,
-    sampled_recall,
     search_neighbours,
     wait_for_all_ranks,
 )
+from data_pipeline.pruned_search import FetchedSegments, LocalIndex, sampled_recall_pruned, search_neighbours_pruned
 from data_pipeline.tokenizer import SIDE_FILES
 from trime_dist.core import mpi, shards
 from trime_dist.core.config import ConfigError, opt
@@ -181,7 +181,11 @@ def group_segments(cfg: GroupConfig) -> int:
     local = read_local_segments(cfg.input, source, rank, world)
     clock.lap("read")
     index, recall = None, None
-    if cfg.method == "bm25" or cfg.similarity_groups > 0:
+    if cfg.method == "bm25" and cfg.query_terms > 0:  # pruned: each rank indexes its own segments only
+        index = LocalIndex(local.docs(set(cfg.stopwords)), local.first, source["tokenizer"]["vocab_size"], n,
+                           cfg.bm25_params())
+        clock.lap("index")
+    elif cfg.method == "bm25" or cfg.similarity_groups > 0:  # exact: the whole index on every rank
         counts, doc_len, df = gather_counts(local.docs(set(cfg.stopwords)), source["tokenizer"]["vocab_size"], n)
         index = NeighbourIndex(counts, doc_len, df, cfg.bm25_params())
         clock.lap("index")
@@ -199,9 +203,12 @@ def group_segments(cfg: GroupConfig) -> int:
     entries = _write_my_shards(cfg, source, groups, segs, rank, world)
     clock.lap("write")
     wait_for_all_ranks()
+    scorer = index
+    if isinstance(index, LocalIndex) and cfg.similarity_groups:  # fetch the sampled segments' counts
+        scorer = FetchedSegments(index, np.concatenate([g.ravel() for g in _similarity_samples(groups, n, cfg)]))
     gathered = mpi.gather((entries, clock.cpu))
     if rank == 0:
-        sim = _similarity_report(index, groups, cfg) if index is not None and cfg.similarity_groups else {}
+        sim = _similarity_report(scorer, groups, n, cfg) if scorer is not None and cfg.similarity_groups else {}
         if recall:
             sim["pruned_search"] = recall
         clock.lap("similarity")
@@ -214,18 +221,19 @@ def group_segments(cfg: GroupConfig) -> int:
     return 0
 
 
-def _bm25_order(cfg: GroupConfig, index: NeighbourIndex, source_sha: str, clock: "_PhaseClock", rank: int,
-                world: int) -> tuple[np.ndarray | None, dict | None]:
-    """The neighbour search (every rank), the pruned search's sampled recall, and the greedy chain on rank
-    0: (order [N] on rank 0 else None, recall report on rank 0 else None)."""
+def _bm25_order(cfg: GroupConfig, index: NeighbourIndex | LocalIndex, source_sha: str, clock: "_PhaseClock",
+                rank: int, world: int) -> tuple[np.ndarray | None, dict | None]:
+    """The neighbour search (exact: replicated index; pruned: partitioned), the pruned search's sampled
+    recall, and the greedy chain on rank 0: (order [N] on rank 0 else None, recall on rank 0 else None)."""
     work = os.path.join(cfg.output, "neighbours")
-    search_neighbours(index, work, cfg.top_k, cfg.query_block, _search_fingerprint(cfg, source_sha), rank, world)
+    search = search_neighbours_pruned if isinstance(index, LocalIndex) else search_neighbours
+    search(index, work, cfg.top_k, cfg.query_block, _search_fingerprint(cfg, source_sha), rank, world)
     clock.lap("search")
     wait_for_all_ranks()
     neighbours = load_neighbours(work, index.n_docs, cfg.top_k, cfg.query_block) if rank == 0 else None  # [N, k]
     recall = None
-    if cfg.query_terms > 0 and cfg.recall_sample > 0:
-        recall = sampled_recall(index, neighbours, cfg.recall_sample, cfg.top_k, cfg.seed + 2, rank, world)
+    if isinstance(index, LocalIndex) and cfg.recall_sample > 0:
+        recall = sampled_recall_pruned(index, neighbours, cfg.recall_sample, cfg.top_k, cfg.seed + 2, rank)
         clock.lap("recall")
     return (greedy_chain(neighbours, cfg.seed) if rank == 0 else None), recall
 
@@ -289,15 +297,21 @@ def _write_my_shards(cfg: GroupConfig, source: dict, groups: np.ndarray, segs: d
     return [{k: v for k, v in e.items() if k != "reused"} for e in writer.close()]
 
 
-def _similarity_report(index: NeighbourIndex, groups: np.ndarray, cfg: GroupConfig) -> dict:
-    """Mean BM25 score between members of the same group: these groups vs random groups of the same size."""
+def _similarity_samples(groups: np.ndarray, n: int, cfg: GroupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(sampled groups, random groups of the same size and number) for the similarity report."""
     rng = np.random.default_rng(cfg.seed + 1)
     n_sample = min(cfg.similarity_groups, len(groups))
     sample = groups[np.sort(rng.choice(len(groups), n_sample, replace=False))]
-    random_groups, _ = cut_groups(rng.permutation(index.n_docs), cfg.group_size)
-    random_sample = random_groups[:n_sample]
-    return {"groups_sampled": int(n_sample), "mean_within_group_bm25": mean_pair_score(index, sample),
-            "mean_within_group_bm25_random": mean_pair_score(index, random_sample)}
+    random_groups, _ = cut_groups(rng.permutation(n), cfg.group_size)
+    return sample, random_groups[:n_sample]
+
+
+def _similarity_report(scorer, groups: np.ndarray, n: int, cfg: GroupConfig) -> dict:
+    """Mean BM25 score between members of the same group: these groups vs random groups of the same size.
+    scorer: a NeighbourIndex or FetchedSegments (pair_scores of segment ids)."""
+    sample, random_sample = _similarity_samples(groups, n, cfg)
+    return {"groups_sampled": int(len(sample)), "mean_within_group_bm25": mean_pair_score(scorer, sample),
+            "mean_within_group_bm25_random": mean_pair_score(scorer, random_sample)}
 
 
 def _finish(cfg: GroupConfig, source: dict, source_sha: str, groups: np.ndarray, dropped_keys: list[str],

@@ -9,12 +9,11 @@ import logging
 import os
 import time
 
-from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
 
-from data_pipeline.bm25 import NeighbourIndex, count_matrix, document_frequencies, recall_at_k
+from data_pipeline.bm25 import NeighbourIndex, count_matrix, document_frequencies
 from trime_dist.core import mpi, shards
 from trime_dist.core.io import atomic_path, atomic_write_json, read_json
 
@@ -108,11 +107,11 @@ def exchange_segments(local: LocalSegments, dest_of: np.ndarray, world: int) -> 
     return {sid: (t, m) for ids, toks, metas in received for sid, t, m in zip(ids, toks, metas)}
 
 
-def _block_path(work: str, b: int) -> str:
+def block_path(work: str, b: int) -> str:
     return os.path.join(work, f"block-{b:06d}.npz")
 
 
-def _prepare_work_dir(work: str, fingerprint: dict) -> None:
+def prepare_work_dir(work: str, fingerprint: dict) -> None:
     """Rank 0 keeps finished blocks only if they were made with the same settings."""
     params = os.path.join(work, "params.json")
     os.makedirs(work, exist_ok=True)
@@ -131,10 +130,10 @@ def search_neighbours(index: NeighbourIndex, work: str, k: int, block: int, fing
     from tqdm import tqdm
 
     if rank == 0:
-        _prepare_work_dir(work, fingerprint)
+        prepare_work_dir(work, fingerprint)
     wait_for_all_ranks()
     n_blocks = -(-index.n_docs // block)
-    mine = [b for b in range(rank, n_blocks, world) if not os.path.isfile(_block_path(work, b))]
+    mine = [b for b in range(rank, n_blocks, world) if not os.path.isfile(block_path(work, b))]
     stop_after = int(os.environ.get(STOP_ENV, "-1"))
     log.info("rank %d: %d of its %d query blocks to score", rank, len(mine), len(range(rank, n_blocks, world)))
     for done, b in enumerate(tqdm(mine, desc=f"bm25 rank {rank}", unit="block", position=rank,
@@ -143,7 +142,7 @@ def search_neighbours(index: NeighbourIndex, work: str, k: int, block: int, fing
             raise SystemExit(f"{STOP_ENV}={stop_after}: stopping after {done} blocks (test hook)")
         rows = np.arange(b * block, min((b + 1) * block, index.n_docs))
         ids, scores = index.topk(rows, k)                                             # [B, k] each
-        with atomic_path(_block_path(work, b)) as tmp:
+        with atomic_path(block_path(work, b)) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, ids=ids, scores=scores)
 
@@ -152,25 +151,9 @@ def load_neighbours(work: str, n: int, k: int, block: int) -> np.ndarray:
     """All block files as one [N, k] int64 array of neighbour ids (-1 = none)."""
     out = np.empty((n, k), dtype=np.int64)
     for b in range(-(-n // block)):
-        path = _block_path(work, b)
+        path = block_path(work, b)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"neighbour block missing: {path} (a rank did not finish)")
         with np.load(path) as z:
             out[b * block: min((b + 1) * block, n)] = z["ids"]
     return out
-
-
-def sampled_recall(index: NeighbourIndex, found: Optional[np.ndarray], n_sample: int, k: int, seed: int,
-                   rank: int, world: int) -> Optional[dict]:
-    """recall@k of the neighbours `found` ([N, k], on rank 0) against the exact search on `n_sample` random
-    segments (their exact search split over ranks); on rank 0, None elsewhere."""
-    rows = np.sort(np.random.default_rng(seed).choice(index.n_docs, min(n_sample, index.n_docs), replace=False))
-    mine = rows[rank::world]
-    exact = [index.exact_topk(mine[s:s + 256], k)[0] for s in range(0, len(mine), 256)]
-    parts = mpi.gather(np.concatenate(exact) if exact else np.zeros((0, k), np.int64))
-    if rank != 0:
-        return None
-    exact_all = np.empty((len(rows), k), dtype=np.int64)
-    for r, part in enumerate(parts):
-        exact_all[r::world] = part
-    return {"segments_sampled": int(len(rows)), f"recall_at_{k}": recall_at_k(found[rows], exact_all)}
