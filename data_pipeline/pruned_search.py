@@ -69,33 +69,45 @@ def fetch_rows(local: LocalIndex, ids: np.ndarray) -> tuple[sp.csr_matrix, np.nd
     return sp.csr_matrix((data, indices, indptr), shape=(len(ids), local.counts.shape[1])), lengths
 
 
-def search_block(local: LocalIndex, rows: np.ndarray, k: int, writer: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Pruned top-k of queries `rows` over every partition: each rank's best C candidates, merged on
-    `writer`, rescored by the ranks that hold them, summed. (ids [B, k], scores [B, k]) on writer. Collective."""
+def search_round(local: LocalIndex, blocks: list[int], block: int, k: int) -> tuple | None:
+    """Pruned top-k of up to R query blocks at once (few collectives per round; the merge is spread over the
+    ranks): every rank scores every query against its partition and keeps its best C candidates; rank j
+    merges those of blocks[j] over the partitions; the ranks holding the merged candidates rescore them;
+    rank j adds the exact scores up and keeps the top-k. (block, ids [B, k], scores [B, k]) on rank j for
+    blocks[j], None on ranks without a block. Collective."""
     candidates, rescore = pruned_kernels()
-    q, _ = fetch_rows(local, rows)                                                     # [B, V]
+    world, me = mpi.size(), mpi.rank()
+    spans = [np.arange(b * block, min((b + 1) * block, local.n_docs)) for b in blocks]
+    bounds = np.cumsum([0] + [len(s) for s in spans])
+    rows = np.concatenate(spans)                                                       # sorted: blocks ascend
+    q, _ = fetch_rows(local, rows)                                                     # [B_round, V]
     t, d = local.term_weights, local.doc_weights
     n_cand = max(k, local.params.candidates)
-    ids = np.empty((len(rows), n_cand), dtype=np.int64)                                # [B, C] global ids
+    ids = np.empty((len(rows), n_cand), dtype=np.int64)                                # [B_round, C] global ids
     partial = np.empty(ids.shape, dtype=np.float32)
     candidates(q.indptr, q.indices, q.data, rows, local.impact, local.params.query_terms, local.first,
                local.n_local, t.indptr, t.indices, t.data, ids, partial)
-    parts = mpi.gather((ids, partial), root=writer)
-    merged = None
-    if mpi.rank() == writer:
+    def of_block(a: np.ndarray, j: int):
+        return a[bounds[j]:bounds[j + 1]] if j < len(blocks) else None
+    parts = mpi.alltoall([(of_block(ids, j), of_block(partial, j)) for j in range(world)])
+    merged = np.zeros((0, n_cand), dtype=np.int64)
+    if me < len(blocks):
         merged = merge_candidates(np.concatenate([p[0] for p in parts], axis=1),
                                   np.concatenate([p[1] for p in parts], axis=1), n_cand)  # [B, C]
-    merged = mpi.bcast(merged, root=writer)
-    exact = np.zeros(merged.shape, dtype=np.float64)
-    rescore(q.indptr, q.indices, q.data, local.impact, merged, local.first, d.indptr, d.indices, d.data, exact)
-    exact = mpi.allreduce_sum(exact)  # each candidate is scored by the one rank holding it, 0 elsewhere
-    return best_rescored(merged, exact, k) if mpi.rank() == writer else None
+    all_merged = np.concatenate(mpi.allgather(merged))                                 # [B_round, C]
+    exact = np.zeros(all_merged.shape, dtype=np.float64)
+    rescore(q.indptr, q.indices, q.data, local.impact, all_merged, local.first, d.indptr, d.indices, d.data,
+            exact)  # only the candidates this rank holds; 0 elsewhere, so the sum over ranks is exact
+    scored = mpi.alltoall([of_block(exact, j) for j in range(world)])
+    if me >= len(blocks):
+        return None
+    return (blocks[me], *best_rescored(merged, np.sum(scored, axis=0), k))
 
 
 def search_neighbours_pruned(local: LocalIndex, work: str, k: int, block: int, fingerprint: dict, rank: int,
                              world: int) -> None:
-    """Block files as search_neighbours writes them; every rank takes part in every block, block b is
-    written by rank b % R; blocks already on disk are skipped (resume). Collective."""
+    """Block files as search_neighbours writes them; all ranks take part in every round of R blocks, the
+    j-th block of a round is written by rank j; blocks already on disk are skipped (resume). Collective."""
     from tqdm import tqdm
 
     if rank == 0:
@@ -106,16 +118,16 @@ def search_neighbours_pruned(local: LocalIndex, work: str, k: int, block: int, f
     stop_after = int(os.environ.get(STOP_ENV, "-1"))
     log.info("rank %d: %d of %d query blocks to score (pruned search, %d segments indexed here)", rank,
              len(todo), n_blocks, local.n_local)
-    for done, b in enumerate(tqdm(todo, desc=f"bm25 rank {rank}", unit="block", position=rank, mininterval=5.0,
-                                  dynamic_ncols=True, disable=rank != 0)):
-        if done == stop_after:
-            raise SystemExit(f"{STOP_ENV}={stop_after}: stopping after {done} blocks (test hook)")
-        rows = np.arange(b * block, min((b + 1) * block, local.n_docs))
-        found = search_block(local, rows, k, writer=b % world)
+    for start in tqdm(range(0, len(todo), world), desc=f"bm25 rank {rank}", unit="round", mininterval=5.0,
+                      dynamic_ncols=True, disable=rank != 0):
+        if 0 <= stop_after <= start:
+            raise SystemExit(f"{STOP_ENV}={stop_after}: stopping after {start} blocks (test hook)")
+        found = search_round(local, todo[start:start + world], block, k)
         if found is not None:
+            b, ids, scores = found
             with atomic_path(block_path(work, b)) as tmp:
                 with open(tmp, "wb") as f:
-                    np.savez(f, ids=found[0], scores=found[1])
+                    np.savez(f, ids=ids, scores=scores)
 
 
 def exact_topk(local: LocalIndex, rows: np.ndarray, k: int) -> np.ndarray:

@@ -137,12 +137,13 @@ def test_error_on_one_mpi_rank_stops_all_ranks(corpus, tmp_path):
     assert not os.path.exists(os.path.join(cfg.output, "manifest.json"))
 
 
-def test_resume_after_kill_gives_identical_output(corpus, tmp_path, monkeypatch):
-    clean = _cfg(corpus, str(tmp_path / "clean"))
+@pytest.mark.parametrize("kw", [{}, dict(query_terms=4, candidates=10)])  # exact / pruned search
+def test_resume_after_kill_gives_identical_output(corpus, tmp_path, monkeypatch, kw):
+    clean = _cfg(corpus, str(tmp_path / "clean"), **kw)
     group_segments(clean)
     want, _ = _shard_digests(clean.output)
 
-    killed = _cfg(corpus, str(tmp_path / "killed"))
+    killed = _cfg(corpus, str(tmp_path / "killed"), **kw)
     monkeypatch.setenv(STOP_ENV, "3")
     with pytest.raises(SystemExit):
         group_segments(killed)
