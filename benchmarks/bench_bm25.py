@@ -7,6 +7,7 @@ with CPU time per rank and phase, and a projection to a larger corpus and more r
     python benchmarks/bench_bm25.py recall --seq-lens 128 512 --query-terms 16 32 64 --candidates 50 100 200
     python benchmarks/bench_bm25.py scale --segments 50000 200000 --ranks 1 2 --query-terms 0 32
     python benchmarks/bench_bm25.py exact-cost --segments 200000
+    python benchmarks/bench_bm25.py project      # again, from the outputs `scale` left in --workdir
 """
 from __future__ import annotations
 
@@ -253,38 +254,56 @@ def bench_scale(args) -> None:
 
 
 def project(runs: dict, args) -> None:
-    """Per-rank CPU time at --project-tokens on --project-ranks, from the 1-rank phase costs measured at the
-    two largest sizes: read / write scale with the rank's share N / R; gather + index build are replicated
-    (they scale with N on every rank); the search scales with N / R queries times a per-query cost
-    fitted as a power of N (df of the query terms grows with N); the chain runs on rank 0, ~N; the
-    similarity report samples a fixed number of groups (constant). Peak memory per rank ~ N (the index
-    is replicated)."""
+    """Per-rank CPU time at --project-tokens on --project-ranks from the phase CPU measured at the two
+    largest sizes. Each phase's cost on R ranks is split as parallel / R + replicated, from the 1- and
+    2-rank runs at the largest size (parallel = 2 (c1 - c2), replicated = 2 c2 - c1, clamped at 0); the
+    parallel part scales with N (the search's with N^(1 + a), a fitted from the 1-rank search CPU at the
+    two sizes: a query's cost grows with the df of its terms), the replicated part with N. The chain runs
+    on rank 0 (~N); the similarity report samples a fixed number of groups (constant). Peak RSS per rank:
+    a + b / R from the 1- and 2-rank runs, times N / N_measured."""
     for m in sorted({m for (_, _, m, _) in runs}):
         sizes = sorted(n for (n, df, mm, r) in runs if mm == m and r == 1 and df == 1.0)
-        if len(sizes) < 2:
+        if len(sizes) < 2 or (sizes[-1], 1.0, m, 2) not in runs:
             continue
-        (n0, n1) = sizes[-2:]
-        c0, c1 = (runs[n, 1.0, m, 1]["manifest"]["cpu_seconds_per_rank"][0] for n in (n0, n1))
+        n0, n1 = sizes[-2:]
+        cpu = {key: r["manifest"]["cpu_seconds_per_rank"] for key, r in runs.items()}
+        c0, c1 = cpu[n0, 1.0, m, 1][0], cpu[n1, 1.0, m, 1][0]
+        c2 = {p: max(rank.get(p, 0.0) for rank in cpu[n1, 1.0, m, 2]) for p in PHASES}
         big_n, big_r = args.project_tokens / args.seq_len, args.project_ranks
-        per_query0, per_query1 = c0["search"] / n0, c1["search"] / n1
-        alpha = np.log(per_query1 / per_query0) / np.log(n1 / n0)
-        est = {
-            "read": c1["read"] * big_n / n1 / big_r,
-            "index (gather + build, replicated)": c1["index"] * big_n / n1,
-            "search": per_query1 * (big_n / n1) ** alpha * big_n / big_r,
-            "chain (rank 0)": c1["chain"] * big_n / n1,
-            "similarity report (rank 0)": c1["similarity"],
-            "write (exchange + tars)": c1["write"] * big_n / n1 / big_r,
-        }
+        alpha = np.log((c1["search"] / n1) / (c0["search"] / n0)) / np.log(n1 / n0)
+        growth = {p: big_n / n1 for p in PHASES}
+        growth["search"] = (big_n / n1) ** (1 + alpha)
+        est = {}
+        for p in ("read", "index", "search", "recall", "write"):
+            one = c1.get(p, 0.0)
+            par, rep = max(0.0, 2 * (one - c2[p])), max(0.0, 2 * c2[p] - one)
+            est[p] = (par * growth[p] / big_r, rep * big_n / n1)
+        est["chain (rank 0)"] = (c1.get("chain", 0.0) * big_n / n1, 0.0)
+        est["similarity (rank 0)"] = (c1.get("similarity", 0.0), 0.0)
         print(f"\nProjection, query terms {m}: {args.project_tokens:.0e} tokens = {big_n:,.0f} segments of "
-              f"{args.seq_len} on {big_r} ranks, from 1-rank runs at {n0:,} and {n1:,} segments (search cost "
-              f"per query ~ N^{alpha:.2f}):\n")
-        print("| phase | CPU s per rank (projected) |\n|---|---|")
-        for name, sec in est.items():
-            print(f"| {name} | {sec:,.0f} |")
-        print(f"| total | {sum(est.values()):,.0f} ({sum(est.values()) / 60:,.1f} min) |")
-        rss = runs[n1, 1.0, m, 1]["rss"][0]
-        print(f"| peak RSS per rank | {rss * big_n / n1:,.0f} GiB (measured {rss:.2f} GiB at {n1:,}) |")
+              f"{args.seq_len} on {big_r} ranks, from runs at {n0:,} and {n1:,} segments (1 rank) and {n1:,} "
+              f"(2 ranks); search cost per query ~ N^{alpha:.2f}:\n")
+        print("| phase | CPU s per rank, parallel part | CPU s per rank, replicated part |\n|---|---|---|")
+        for name, (par, rep) in est.items():
+            print(f"| {name} | {par:,.0f} | {rep:,.0f} |")
+        total = sum(par + rep for par, rep in est.values())
+        print(f"| total | {total:,.0f} ({total / 60:,.1f} min) | |")
+        rss1, rss2 = runs[n1, 1.0, m, 1].get("rss"), runs[n1, 1.0, m, 2].get("rss")
+        if rss1 and rss2:
+            a, b = 2 * max(rss2) - rss1[0], 2 * (rss1[0] - max(rss2))
+            print(f"| peak RSS per rank | {(a + b / big_r) * big_n / n1:,.1f} GiB ({rss1[0]:.2f} GiB on 1 rank, "
+                  f"{max(rss2):.2f} on 2, at {n1:,}) | |")
+
+
+def bench_project(args) -> None:
+    """The projection from the `scale` outputs left in --workdir (CPU only; peak RSS is not in the manifests)."""
+    runs = {}
+    for name in os.listdir(args.workdir):
+        hit = re.fullmatch(r"out-n(\d+)-r(\d+)-m(\d+)", name)
+        if hit and os.path.isfile(os.path.join(args.workdir, name, shards.MANIFEST)):
+            n, r, m = map(int, hit.groups())
+            runs[n, 1.0, m, r] = {"manifest": shards.read_manifest(os.path.join(args.workdir, name))}
+    project(runs, args)
 
 
 def bench_exact_cost(args) -> None:
@@ -351,12 +370,17 @@ def main() -> None:
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--blocks", type=int, default=8)
     e.add_argument("--workdir", default="/tmp/bench_bm25")
-    for p in (w, rc, s, e):
+    pr = sub.add_parser("project")
+    pr.add_argument("--seq-len", type=int, default=512)
+    pr.add_argument("--workdir", default="/tmp/bench_bm25")
+    pr.add_argument("--project-tokens", type=float, default=1e9)
+    pr.add_argument("--project-ranks", type=int, default=64)
+    for p in (w, rc, s, e, pr):
         p.add_argument("--k1", type=float, default=0.9)
         p.add_argument("--b", type=float, default=0.4)
     args = parser.parse_args()
     {"wikitext": bench_wikitext, "recall": bench_recall, "scale": bench_scale,
-     "exact-cost": bench_exact_cost}[args.what](args)
+     "exact-cost": bench_exact_cost, "project": bench_project}[args.what](args)
 
 
 if __name__ == "__main__":

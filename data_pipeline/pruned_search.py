@@ -89,6 +89,9 @@ def search_round(local: LocalIndex, blocks: list[int], block: int, k: int) -> tu
                local.n_local, t.indptr, t.indices, t.data, ids, partial)
     def of_block(a: np.ndarray, j: int):
         return a[bounds[j]:bounds[j + 1]] if j < len(blocks) else None
+    # the partitions' work differs: wait for the slowest sleeping, not spinning in the collective (a spinning
+    # rank steals the core of the one it waits for when ranks share cores)
+    wait_for_all_ranks(poll_s=0.001)
     parts = mpi.alltoall([(of_block(ids, j), of_block(partial, j)) for j in range(world)])
     merged = np.zeros((0, n_cand), dtype=np.int64)
     if me < len(blocks):
@@ -98,6 +101,7 @@ def search_round(local: LocalIndex, blocks: list[int], block: int, k: int) -> tu
     exact = np.zeros(all_merged.shape, dtype=np.float64)
     rescore(q.indptr, q.indices, q.data, local.impact, all_merged, local.first, d.indptr, d.indices, d.data,
             exact)  # only the candidates this rank holds; 0 elsewhere, so the sum over ranks is exact
+    wait_for_all_ranks(poll_s=0.001)
     scored = mpi.alltoall([of_block(exact, j) for j in range(world)])
     if me >= len(blocks):
         return None
