@@ -229,3 +229,22 @@ def test_bad_inputs_give_clear_errors(corpus, tmp_path, capsys):
 
     for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o8", "o9"):  # nothing looks complete after a failure
         assert not os.path.exists(tmp_path / name / "manifest.json")
+
+
+def test_pruned_search_with_a_rank_that_holds_no_segments(tmp_path):
+    """One source shard and 2 ranks: rank 1 reads and indexes nothing, yet scores every query block with
+    rank 0 and writes its share; the output equals the 1-rank output."""
+    if not os.path.exists(MPIEXEC):
+        pytest.skip("mpiexec not installed in the venv")
+    src = str(tmp_path / "src")
+    write_topic_corpus(src, per_shard=10_000)
+    assert len(shards.read_manifest(src)["shards"]) == 1
+    one = _cfg(src, str(tmp_path / "one"), query_terms=4, candidates=10)
+    two = _cfg(src, str(tmp_path / "two"), query_terms=4, candidates=10)
+    group_segments(one)
+    proc = run_trime(_flags(two), 2, launcher="mpi", check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1: 10 of 10 query blocks to score (pruned search, 0 segments indexed here)" in proc.stderr
+    d1, m1 = _shard_digests(one.output)
+    d2, m2 = _shard_digests(two.output)
+    assert d1 == d2 and m1["similarity"] == m2["similarity"] and m2["world_size"] == 2
