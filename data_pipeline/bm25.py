@@ -1,4 +1,5 @@
-"""Okapi BM25 over token ids, scored all-pairs as sparse matrix products in query blocks.
+"""Okapi BM25 over token ids, scored all-pairs as sparse matrix products in query blocks (exact), or with
+query-term pruning and exact rescoring of the best candidates (pruned, `BM25Params.query_terms` > 0).
 
 Same scoring as bm25s's default ("lucene"): idf = log(1 + (N - df + 0.5) / (df + 0.5)),
 score(q, d) = sum over q's tokens (repeats count) of idf(t) * tf(t, d) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl)).
@@ -22,6 +23,8 @@ class BM25Params:
     dense_df_ratio: float = 0.05  # terms in at least this fraction of docs are scored with a dense matmul
     max_dense_terms: int = 1024   # at most this many dense terms (memory: max_dense_terms x docs x 4 bytes)
     use_numba: bool = True        # compiled sparse loop when numba is installed (else scipy's sparse product)
+    query_terms: int = 0          # pruned mode: each query scored with its m highest-impact terms (0 = exact)
+    candidates: int = 100         # pruned mode: best candidates rescored with the full query (>= k)
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,6 +34,15 @@ def _compiled_kernel() -> Optional[Callable]:
     except ImportError:
         return None
     return add_sparse_scores
+
+
+def pruned_kernels() -> tuple[Callable, Callable]:
+    """(pruned_candidates, rescore) from bm25_numba."""
+    try:
+        from data_pipeline.bm25_numba import pruned_candidates, rescore
+    except ImportError as e:
+        raise ImportError("the pruned BM25 search (--query-terms > 0) needs numba: pip install numba") from e
+    return pruned_candidates, rescore
 
 
 def count_matrix(docs: Sequence[np.ndarray], vocab_size: int) -> sp.csr_matrix:
@@ -84,26 +96,34 @@ def weight_matrix(counts: sp.csr_matrix, doc_len: np.ndarray, idf: np.ndarray, a
 
 class NeighbourIndex:
     """All documents' BM25 weights, split into frequent terms (dense [F, N], scored by BLAS) and the
-    rest (sparse [V, N]). Built identically on every rank; queries are rows of the count matrix."""
+    rest (sparse [V, N]). Built identically on every rank; queries are rows of the count matrix.
+    Pruned mode (params.query_terms > 0) keeps every term sparse and also the document-major weights
+    [N, V] for rescoring."""
 
-    def __init__(self, counts: sp.csr_matrix, doc_len: np.ndarray, df: np.ndarray, params: BM25Params):
+    def __init__(self, counts: sp.csr_matrix, doc_len: np.ndarray, df: np.ndarray, params: BM25Params,
+                 n_total: Optional[int] = None, avgdl: Optional[float] = None):
+        """counts: [N, V]; n_total / avgdl: the corpus's, when these N documents are only part of it."""
         n_docs = counts.shape[0]
         self.n_docs = n_docs
-        self.avgdl = float(np.sum(doc_len, dtype=np.float64) / n_docs)
-        self.idf = lucene_idf(df, n_docs)
-        self.keep = scored_terms(df, n_docs, params)
+        self.avgdl = float(np.sum(doc_len, dtype=np.float64) / n_docs) if avgdl is None else avgdl
+        self.idf = lucene_idf(df, n_total or n_docs)
+        self.keep = scored_terms(df, n_total or n_docs, params)
         self.params, self.doc_len = params, np.asarray(doc_len)
         weights = weight_matrix(counts, doc_len, self.idf, self.avgdl, self.keep, params.k1, params.b)  # [N, V]
+        self.pruned = params.query_terms > 0
+        self.doc_weights = weights if self.pruned else None                           # [N, V], rescoring
+        max_dense = 0 if self.pruned else params.max_dense_terms  # pruned queries skip most frequent terms
         dense_candidates = np.flatnonzero(self.keep & (df >= params.dense_df_ratio * n_docs))
         # the most frequent ones first; ties by term id so every rank picks the same set
         order = np.lexsort((dense_candidates, -df[dense_candidates]))
-        self.dense_terms = np.sort(dense_candidates[order[: params.max_dense_terms]])
+        self.dense_terms = np.sort(dense_candidates[order[:max_dense]])
         is_dense = np.zeros(counts.shape[1], dtype=bool)
         is_dense[self.dense_terms] = True
         self.sparse_keep = self.keep & ~is_dense
         wt = weights.T.tocsr()                                                         # [V, N]
         self.dense_weights = np.ascontiguousarray(wt[self.dense_terms].toarray())      # [F, N] float32
-        self.sparse_weights = _zero_rows(wt, ~self.sparse_keep)                        # [V, N]
+        # unscored terms have empty rows already; only dense terms need removing
+        self.sparse_weights = _zero_rows(wt, ~self.sparse_keep) if len(self.dense_terms) else wt  # [V, N]
         self.counts = counts
 
     def query_matrices(self, rows: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
@@ -135,10 +155,53 @@ class NeighbourIndex:
 
     def topk(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k other documents for each query row: (ids [B, k] int64, scores [B, k] float32), ordered by
-        score desc then id asc; slots without a positive score hold id -1 and score 0."""
+        score desc then id asc; slots without a positive score hold id -1 and score 0. Exact, or pruned
+        (approximate ids, exact scores) when params.query_terms > 0."""
+        if self.pruned:
+            return self.pruned_topk(rows, k)
+        return self.exact_topk(rows, k)
+
+    def exact_topk(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.scores(rows)                                                          # [B, N]
         s[np.arange(len(rows)), rows] = -np.inf  # a segment is not its own neighbour
         return topk_rows(s, k)
+
+    def pruned_topk(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Query-term pruning (each query keeps its m terms of largest count x idf, an upper bound on a
+        term's share of any score), then the best `candidates` rescored exactly; see bm25_numba."""
+        candidates, rescore = pruned_kernels()
+        rows = np.asarray(rows, dtype=np.int64)
+        q, t, d = self.counts[rows], self.sparse_weights, self.doc_weights                 # q: [B, V]
+        impact = np.where(self.keep, self.idf, 0.0)                                    # [V]
+        ids = np.empty((len(rows), max(k, self.params.candidates)), dtype=np.int64)    # [B, C]
+        partial = np.empty(ids.shape, dtype=np.float32)
+        candidates(q.indptr, q.indices, q.data, rows, impact, self.params.query_terms, 0, self.n_docs,
+                   t.indptr, t.indices, t.data, ids, partial)
+        exact = np.zeros(ids.shape, dtype=np.float64)
+        rescore(q.indptr, q.indices, q.data, impact, ids, 0, d.indptr, d.indices, d.data, exact)
+        return best_rescored(ids, exact, k)
+
+
+def merge_candidates(ids: np.ndarray, partial: np.ndarray, n_cand: int) -> np.ndarray:
+    """The best n_cand of several partitions' candidate lists, concatenated along axis 1 (ids [B, P*C],
+    partial scores [B, P*C]; -1 = none): [B, n_cand] ids ordered by partial score desc, id asc."""
+    key = np.where(ids >= 0, -partial.astype(np.float64), np.inf)
+    order = np.lexsort((ids, key), axis=1)[:, :n_cand]
+    out = np.take_along_axis(ids, order, axis=1)
+    out[np.take_along_axis(key, order, axis=1) == np.inf] = -1
+    return out
+
+
+def best_rescored(ids: np.ndarray, exact: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of candidates ids [B, C] (-1 = none) by their exact scores [B, C]: (ids [B, k] int64, scores
+    [B, k] float32), score desc then id asc, -1 / 0 where fewer than k."""
+    key = np.where(ids >= 0, -exact, np.inf)
+    order = np.lexsort((ids, key), axis=1)[:, :k]
+    top_ids = np.take_along_axis(ids, order, axis=1)
+    top = np.take_along_axis(exact, order, axis=1)
+    none = np.take_along_axis(key, order, axis=1) == np.inf
+    top_ids[none], top[none] = -1, 0.0
+    return top_ids, top.astype(np.float32)
 
 
 def _zero_rows(m: sp.csr_matrix, drop: np.ndarray) -> sp.csr_matrix:
@@ -181,6 +244,16 @@ def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ids[:, :kk] = np.where(positive, part, -1)
     vals[:, :kk] = np.where(positive, part_scores, 0.0)
     return ids, vals
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |found ∩ exact| / |exact| for neighbour id lists [N, k] (-1 = none); queries
+    without exact neighbours count as 1."""
+    recalls = []
+    for got, ref in zip(found, exact):
+        ref = set(ref[ref >= 0].tolist())
+        recalls.append(len(ref & set(got[got >= 0].tolist())) / len(ref) if ref else 1.0)
+    return float(np.mean(recalls)) if recalls else 1.0
 
 
 def mean_pair_score(index: NeighbourIndex, groups: np.ndarray) -> float:

@@ -1,12 +1,14 @@
 """The distributed parts of `trime group`: each rank reads its share of the segment shards, the count
-matrix and document frequencies are combined over ranks, and the top-k neighbour search is split by
-query block into resumable block files.
+matrix and document frequencies are combined over ranks (raw-buffer Allgatherv of the CSR arrays), the
+top-k neighbour search is split by query block into resumable block files, and the segments travel
+from the rank that read them to the rank that writes their group (one all-to-all exchange).
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,42 +42,76 @@ def rank_shards(manifest: dict, rank: int, world: int) -> range:
     return range(lo, hi if rank < world - 1 else len(starts))
 
 
-def read_local_segments(src_dir: str, manifest: dict, rank: int, world: int, stopwords: set[int]) -> list:
-    """This rank's documents (a segment's input tokens, stop words removed), in global id order."""
-    stop = np.array(sorted(stopwords), dtype=np.int32)
+class LocalSegments:
+    """The segments one rank read: global ids [first, first + len(tokens)), their token rows (L + 1 or
+    fewer tokens) and meta dicts, kept until they are sent to the ranks that write their groups."""
+
+    def __init__(self, first: int, tokens: list, metas: list):
+        self.first, self.tokens, self.metas = first, tokens, metas
+
+    def docs(self, stopwords: set[int]) -> list:
+        """BM25 documents: each segment's input tokens (consecutive segments of a stream then cover it
+        exactly once), stop words removed."""
+        stop = np.array(sorted(stopwords), dtype=np.int32)
+        return [t[:-1][~np.isin(t[:-1], stop)] if stop.size else t[:-1] for t in self.tokens]
+
+
+def read_local_segments(src_dir: str, manifest: dict, rank: int, world: int) -> LocalSegments:
+    """This rank's contiguous share of the segments, in global id order (checked against each shard's
+    checksum, the manifest's L and vocabulary)."""
     mine = rank_shards(manifest, rank, world)
     offsets = shards.shard_offsets(manifest)
-    docs = []
-    # check: each shard against its checksum, the manifest's L and vocabulary
-    for _, tokens, _ in shards.iter_range(src_dir, manifest, offsets[mine.start], offsets[mine.stop], check=True):
-        doc = tokens[:-1]  # the inputs: consecutive segments of a stream then cover it exactly once
-        docs.append(doc[~np.isin(doc, stop)] if stop.size else doc)
-    return docs
+    tokens, metas = [], []
+    for _, t, meta in shards.iter_range(src_dir, manifest, offsets[mine.start], offsets[mine.stop], check=True):
+        tokens.append(t)
+        metas.append(meta)
+    return LocalSegments(int(offsets[mine.start]), tokens, metas)
 
 
 def gather_counts(docs: list, vocab_size: int, n_total: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-    """Global (counts [N, V] CSR, doc lengths [N], document frequencies [V]) from every rank's documents.
-    df and the totals are reduced with allreduce; the sparse counts (O(tokens)) are replicated."""
+    """Global (counts [N, V] CSR, doc lengths [N], document frequencies [V]) from every rank's documents,
+    ranks in order. df and the totals are reduced with allreduce; the CSR arrays of the counts
+    (O(tokens)) are concatenated with Allgatherv of raw buffers (no pickling of the matrix)."""
     local = count_matrix(docs, vocab_size)                                            # [n_local, V]
     local_len = np.array([len(d) for d in docs], dtype=np.int64)
     df = mpi.allreduce_sum(document_frequencies(local))                               # [V]
     n_docs = int(mpi.allreduce_sum(np.array([len(docs)], dtype=np.int64))[0])
     if n_docs != n_total:
         raise ValueError(f"ranks read {n_docs} segments but the manifest says {n_total}")
-    parts = mpi.allgather((local.indptr, local.indices, local.data, local_len))
-    counts = sp.vstack([sp.csr_matrix((d, ix, p), shape=(len(p) - 1, vocab_size)) for p, ix, d, _ in parts],
-                       format="csr")
-    doc_len = np.concatenate([part[3] for part in parts])
+    row_nnz = mpi.allgatherv(np.diff(local.indptr))                                   # [N]
+    indptr = np.zeros(n_docs + 1, dtype=np.int64)
+    np.cumsum(row_nnz, out=indptr[1:])
+    indices = mpi.allgatherv(local.indices.astype(np.int32, copy=False))              # [nnz]
+    data = mpi.allgatherv(local.data.astype(np.int32, copy=False))                    # [nnz] term counts
+    del local
+    counts = sp.csr_matrix((data, indices, indptr), shape=(n_docs, vocab_size))
+    doc_len = mpi.allgatherv(local_len)                                               # [N]
     if (doc_len == 0).all():
         raise ValueError("every segment is empty after removing --stopwords")
     return counts, doc_len, df
 
 
-def _block_path(work: str, b: int) -> str:
+def exchange_segments(local: LocalSegments, dest_of: np.ndarray, world: int) -> dict[int, tuple]:
+    """Send each segment this rank read to rank dest_of[id] (the writer of its group; -1 = nobody) and
+    return {global id: (tokens, meta)} of the segments sent to this rank. No rank reads other ranks'
+    shards; a message carries what one rank sends one other rank (~ its share / R)."""
+    outbox = [([], [], []) for _ in range(world)]
+    for i, (tokens, meta) in enumerate(zip(local.tokens, local.metas)):
+        d = int(dest_of[local.first + i])
+        if d >= 0:
+            ids, toks, metas = outbox[d]
+            ids.append(local.first + i)
+            toks.append(tokens)
+            metas.append(meta)
+    received = mpi.alltoall(outbox)
+    return {sid: (t, m) for ids, toks, metas in received for sid, t, m in zip(ids, toks, metas)}
+
+
+def block_path(work: str, b: int) -> str:
     return os.path.join(work, f"block-{b:06d}.npz")
 
 
-def _prepare_work_dir(work: str, fingerprint: dict) -> None:
+def prepare_work_dir(work: str, fingerprint: dict) -> None:
     """Rank 0 keeps finished blocks only if they were made with the same settings."""
     params = os.path.join(work, "params.json")
     os.makedirs(work, exist_ok=True)
@@ -94,10 +130,10 @@ def search_neighbours(index: NeighbourIndex, work: str, k: int, block: int, fing
     from tqdm import tqdm
 
     if rank == 0:
-        _prepare_work_dir(work, fingerprint)
+        prepare_work_dir(work, fingerprint)
     wait_for_all_ranks()
     n_blocks = -(-index.n_docs // block)
-    mine = [b for b in range(rank, n_blocks, world) if not os.path.isfile(_block_path(work, b))]
+    mine = [b for b in range(rank, n_blocks, world) if not os.path.isfile(block_path(work, b))]
     stop_after = int(os.environ.get(STOP_ENV, "-1"))
     log.info("rank %d: %d of its %d query blocks to score", rank, len(mine), len(range(rank, n_blocks, world)))
     for done, b in enumerate(tqdm(mine, desc=f"bm25 rank {rank}", unit="block", position=rank,
@@ -106,7 +142,7 @@ def search_neighbours(index: NeighbourIndex, work: str, k: int, block: int, fing
             raise SystemExit(f"{STOP_ENV}={stop_after}: stopping after {done} blocks (test hook)")
         rows = np.arange(b * block, min((b + 1) * block, index.n_docs))
         ids, scores = index.topk(rows, k)                                             # [B, k] each
-        with atomic_path(_block_path(work, b)) as tmp:
+        with atomic_path(block_path(work, b)) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, ids=ids, scores=scores)
 
@@ -115,22 +151,9 @@ def load_neighbours(work: str, n: int, k: int, block: int) -> np.ndarray:
     """All block files as one [N, k] int64 array of neighbour ids (-1 = none)."""
     out = np.empty((n, k), dtype=np.int64)
     for b in range(-(-n // block)):
-        path = _block_path(work, b)
+        path = block_path(work, b)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"neighbour block missing: {path} (a rank did not finish)")
         with np.load(path) as z:
             out[b * block: min((b + 1) * block, n)] = z["ids"]
-    return out
-
-
-def read_segments_by_id(src_dir: str, manifest: dict, ids: np.ndarray) -> dict[int, tuple[np.ndarray, dict]]:
-    """{global id: (tokens, meta)} for the segments `ids`, reading only the shards that hold them."""
-    offsets = shards.shard_offsets(manifest)
-    ids = np.unique(np.asarray(ids, dtype=np.int64))
-    out = {}
-    for i in np.unique(np.searchsorted(offsets, ids, side="right") - 1):
-        wanted = set(ids[(ids >= offsets[i]) & (ids < offsets[i + 1])].tolist())
-        for index, tokens, meta in shards.iter_range(src_dir, manifest, offsets[i], offsets[i + 1], check=True):
-            if index in wanted:
-                out[index] = (tokens, meta)
     return out

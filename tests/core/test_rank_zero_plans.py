@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from trime_dist.core import mpi
@@ -126,3 +127,32 @@ def test_init_distributed_group_of_one_exports_the_env_and_uses_the_given_init()
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["calls"] == ["gloo"] and out["world"] == 1 and out["port"] != 29500  # a free port, not the default
     assert out["exported"] == ["0", "1", "0", str(out["port"])]
+
+
+EXCHANGE_SCRIPT = """
+import json, sys
+import numpy as np
+from trime_dist.core import mpi
+r, R = mpi.rank(), mpi.size()
+mine = np.arange(r * 10, r * 10 + 3 * r + 1, dtype=np.int32)  # ranks send different lengths (rank 0: 1)
+gathered = mpi.allgatherv(mine)
+got = mpi.alltoall([f"{r}->{d}" for d in range(R)])
+open(f"{sys.argv[1]}/x{r}.json", "w").write(json.dumps({"gathered": gathered.tolist(), "dtype": str(gathered.dtype),
+                                                       "got": got}))
+"""
+
+
+def test_allgatherv_and_alltoall_on_three_mpi_ranks(tmp_path):
+    """Buffer Allgatherv of unequal lengths and the personalised exchange, vs the concatenation a single
+    process computes."""
+    script = tmp_path / "exchange.py"
+    script.write_text(EXCHANGE_SCRIPT)
+    proc = subprocess.run([os.path.join(BIN, "mpiexec"), "-n", "3", sys.executable, str(script), str(tmp_path)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = [x for r in range(3) for x in range(r * 10, r * 10 + 3 * r + 1)]
+    for r in range(3):
+        out = json.loads((tmp_path / f"x{r}.json").read_text())
+        assert out == {"gathered": want, "dtype": "int32", "got": [f"{s}->{r}" for s in range(3)]}
+    assert mpi.allgatherv(np.arange(4)).tolist() == [0, 1, 2, 3]  # the one-process path
+    assert mpi.alltoall(["only"]) == ["only"]

@@ -12,6 +12,7 @@ from data_pipeline.bm25 import (
     count_matrix,
     document_frequencies,
     mean_pair_score,
+    recall_at_k,
     topk_rows,
 )
 from data_pipeline.chain import cut_groups, greedy_chain
@@ -154,3 +155,59 @@ def test_greedy_chain_matches_reference(seed):
     assert sorted(order.tolist()) == list(range(n))
     groups, dropped = cut_groups(order, 8)
     assert groups.shape == (6, 8) and dropped.tolist() == order[48:].tolist()
+
+
+def _reference_pruned_topk(docs, k, query_terms, candidates, k1=0.9, b=0.4):
+    """Dense float64 pruned search: each query keeps its m terms of largest count x idf (ties: smaller id),
+    its best `candidates` documents under those terms only (ties: smaller id) are rescored with every
+    term, the top-k of those returned. Exact top-k of the same scores as a second result."""
+    n, vocab = len(docs), 1 + max(int(d.max()) for d in docs)
+    tf = np.zeros((n, vocab))
+    for i, d in enumerate(docs):
+        np.add.at(tf[i], d, 1.0)
+    df = (tf > 0).sum(0)
+    idf = np.log(1 + (n - df + 0.5) / (df + 0.5)) * (df >= 2)                        # df <= 1 never scored
+    lens = np.array([len(d) for d in docs], dtype=np.float64)
+    w = idf * tf / np.where(tf > 0, tf + k1 * (1 - b + b * lens[:, None] / lens.mean()), 1.0)  # [N, V]
+    exact = tf @ w.T                                                                  # [N, N] query x doc
+    pruned_ids, exact_ids = np.full((n, k), -1), np.full((n, k), -1)
+    for q in range(n):
+        terms = sorted((t for t in range(vocab) if tf[q, t] > 0 and idf[t] > 0), key=lambda t: (-tf[q, t] * idf[t], t))
+        sel = np.zeros(vocab)
+        sel[terms[:query_terms]] = 1.0
+        approx = (tf[q] * sel) @ w.T                                                  # [N]
+        cand = sorted((d for d in range(n) if d != q and approx[d] > 0), key=lambda d: (-approx[d], d))[:candidates]
+        best = sorted(cand, key=lambda d: (-exact[q, d], d))[:k]
+        pruned_ids[q, :len(best)] = best
+        ref = sorted((d for d in range(n) if d != q and exact[q, d] > 0), key=lambda d: (-exact[q, d], d))[:k]
+        exact_ids[q, :len(ref)] = ref
+    return pruned_ids, exact_ids
+
+
+@pytest.mark.parametrize("seed,query_terms,candidates", [(8, 2, 5), (9, 3, 8), (10, 1, 6), (11, 100, 100)])
+def test_pruned_search_and_its_recall_match_dense_reference(seed, query_terms, candidates):
+    docs = _corpus(seed, n_docs=60, vocab=40, max_len=30)
+    k = 5
+    index = _index(docs, vocab=40, query_terms=query_terms, candidates=candidates)
+    ids, vals = index.topk(np.arange(len(docs)), k)
+    exact_ids, _ = index.exact_topk(np.arange(len(docs)), k)
+    ref_pruned, ref_exact = _reference_pruned_topk(docs, k, query_terms, candidates)
+    np.testing.assert_array_equal(ids, ref_pruned)
+    np.testing.assert_array_equal(exact_ids, ref_exact)
+    exact_scores = index.scores(np.arange(len(docs)))  # the pruned mode reports exact scores of what it found
+    found = ids >= 0
+    np.testing.assert_allclose(vals[found], np.take_along_axis(exact_scores, np.maximum(ids, 0), 1)[found],
+                               rtol=1e-5)
+    want = np.mean([len(set(p[p >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum()) for p, e in zip(ref_pruned,
+                                                                                                   ref_exact)])
+    assert recall_at_k(ids, exact_ids) == pytest.approx(want, abs=1e-12)
+    if query_terms >= 40:
+        assert want == 1.0  # every term kept and every candidate rescored: the exact search
+    else:
+        assert want < 1.0   # a cut that matters on this corpus, so the comparison above is not trivial
+
+
+def test_recall_at_k_counts_found_exact_neighbours():
+    found = np.array([[1, 2, -1], [5, 6, 7], [-1, -1, -1]])
+    exact = np.array([[2, 3, -1], [7, 6, 5], [-1, -1, -1]])
+    assert recall_at_k(found, exact) == pytest.approx((0.5 + 1.0 + 1.0) / 3)

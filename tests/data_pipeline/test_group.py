@@ -9,7 +9,8 @@ import pytest
 from cli_runner import MPIEXEC, run_trime
 
 from data_pipeline.group import GroupConfig, group_segments
-from data_pipeline.group_search import STOP_ENV
+from data_pipeline.bm25 import recall_at_k
+from data_pipeline.group_search import STOP_ENV, load_neighbours
 from trime_dist.cli import main as trime_main
 from trime_dist.core import shards
 from trime_dist.core.io import atomic_write_json
@@ -34,7 +35,8 @@ def _cfg(src, out, **kw):
 def _flags(cfg: GroupConfig) -> list[str]:
     return ["group", "--input", cfg.input, "--output", cfg.output, "--method", cfg.method,
             "--group-size", str(cfg.group_size), "--groups-per-shard", str(cfg.groups_per_shard),
-            "--query-block", str(cfg.query_block), "--top-k", str(cfg.top_k), "--seed", str(cfg.seed)]
+            "--query-block", str(cfg.query_block), "--top-k", str(cfg.top_k), "--seed", str(cfg.seed),
+            "--query-terms", str(cfg.query_terms), "--candidates", str(cfg.candidates)]
 
 
 def _shard_digests(out):
@@ -88,19 +90,38 @@ def test_bm25_groups_are_more_similar_than_random(corpus, tmp_path, caplog):
     assert rand["mean_within_group_bm25"] < 1.5 * rand["mean_within_group_bm25_random"]
 
 
-@pytest.mark.parametrize("method", ["bm25", "random"])
-def test_two_mpi_ranks_give_identical_output(corpus, tmp_path, method):
+@pytest.mark.parametrize("method,ranks,kw", [("bm25", 2, {}), ("random", 2, {}),
+                                             ("bm25", 3, dict(query_terms=4, candidates=10))])
+def test_mpi_ranks_give_identical_output(corpus, tmp_path, method, ranks, kw):
     if not os.path.exists(MPIEXEC):
         pytest.skip("mpiexec not installed in the venv")
-    one = _cfg(corpus, str(tmp_path / "one"), method=method)
-    two = _cfg(corpus, str(tmp_path / "two"), method=method)
+    one = _cfg(corpus, str(tmp_path / "one"), method=method, **kw)
+    many = _cfg(corpus, str(tmp_path / "many"), method=method, **kw)
     group_segments(one)
-    proc = run_trime(_flags(two), 2, launcher="mpi", check=False, timeout=300)
+    proc = run_trime(_flags(many), ranks, launcher="mpi", check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d1, m1 = _shard_digests(one.output)
-    d2, m2 = _shard_digests(two.output)
-    assert m2["world_size"] == 2 and m1["world_size"] == 1
+    d2, m2 = _shard_digests(many.output)
+    assert m2["world_size"] == ranks and m1["world_size"] == 1
     assert d1 == d2 and m1["dropped_keys"] == m2["dropped_keys"] and m1["similarity"] == m2["similarity"]
+
+
+def test_pruned_search_reports_its_recall_and_keeps_groups_similar(corpus, tmp_path):
+    """The pruned search: exact when nothing is cut; with a cut, the sampled recall@k in the manifest equals
+    the recall of its neighbour blocks against those of the exact run on the same segments."""
+    exact = _cfg(corpus, str(tmp_path / "exact"))
+    uncut = _cfg(corpus, str(tmp_path / "uncut"), query_terms=10_000, candidates=150)
+    cut = _cfg(corpus, str(tmp_path / "cut"), query_terms=2, candidates=8, recall_sample=150)
+    for cfg in (exact, uncut, cut):
+        group_segments(cfg)
+    assert _shard_digests(uncut.output)[0] == _shard_digests(exact.output)[0]
+    m = shards.read_manifest(cut.output)
+    assert m["grouping"]["query_terms"] == 2 and "query_terms" not in shards.read_manifest(exact.output)["grouping"]
+    nb = {c.output: load_neighbours(os.path.join(c.output, "neighbours"), 150, 8, 16) for c in (exact, cut)}
+    want = recall_at_k(nb[cut.output], nb[exact.output])
+    assert m["similarity"]["pruned_search"] == {"segments_sampled": 150, "recall_at_8": pytest.approx(want)}
+    assert 0.3 < want < 1.0
+    assert m["similarity"]["mean_within_group_bm25"] > 2 * m["similarity"]["mean_within_group_bm25_random"]
 
 
 def test_error_on_one_mpi_rank_stops_all_ranks(corpus, tmp_path):
@@ -116,12 +137,13 @@ def test_error_on_one_mpi_rank_stops_all_ranks(corpus, tmp_path):
     assert not os.path.exists(os.path.join(cfg.output, "manifest.json"))
 
 
-def test_resume_after_kill_gives_identical_output(corpus, tmp_path, monkeypatch):
-    clean = _cfg(corpus, str(tmp_path / "clean"))
+@pytest.mark.parametrize("kw", [{}, dict(query_terms=4, candidates=10)])  # exact / pruned search
+def test_resume_after_kill_gives_identical_output(corpus, tmp_path, monkeypatch, kw):
+    clean = _cfg(corpus, str(tmp_path / "clean"), **kw)
     group_segments(clean)
     want, _ = _shard_digests(clean.output)
 
-    killed = _cfg(corpus, str(tmp_path / "killed"))
+    killed = _cfg(corpus, str(tmp_path / "killed"), **kw)
     monkeypatch.setenv(STOP_ENV, "3")
     with pytest.raises(SystemExit):
         group_segments(killed)
@@ -200,5 +222,29 @@ def test_bad_inputs_give_clear_errors(corpus, tmp_path, capsys):
     group_segments(_cfg(corpus, str(tmp_path / "o7"), method="random"))
     assert "another grouping" in _cli_error(capsys, _cfg(corpus, str(tmp_path / "o7")))
 
-    for name in ("o1", "o2", "o3", "o4", "o5", "o6"):  # nothing looks complete after a failure
+    err = _cli_error(capsys, _cfg(corpus, str(tmp_path / "o8"), query_terms=8, candidates=3))
+    assert err.count("\n") == 1 and "--candidates: must be >= --top-k (8) for the pruned search, got 3" in err
+    err = _cli_error(capsys, _cfg(corpus, str(tmp_path / "o9"), query_terms=-1))
+    assert err.count("\n") == 1 and "--query-terms: must be >= 0 (0 = exact search), got -1" in err
+
+    for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o8", "o9"):  # nothing looks complete after a failure
         assert not os.path.exists(tmp_path / name / "manifest.json")
+
+
+def test_pruned_search_with_a_rank_that_holds_no_segments(tmp_path):
+    """One source shard and 2 ranks: rank 1 reads and indexes nothing, yet scores every query block with
+    rank 0 and writes its share; the output equals the 1-rank output."""
+    if not os.path.exists(MPIEXEC):
+        pytest.skip("mpiexec not installed in the venv")
+    src = str(tmp_path / "src")
+    write_topic_corpus(src, per_shard=10_000)
+    assert len(shards.read_manifest(src)["shards"]) == 1
+    one = _cfg(src, str(tmp_path / "one"), query_terms=4, candidates=10)
+    two = _cfg(src, str(tmp_path / "two"), query_terms=4, candidates=10)
+    group_segments(one)
+    proc = run_trime(_flags(two), 2, launcher="mpi", check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1: 10 of 10 query blocks to score (pruned search, 0 segments indexed here)" in proc.stderr
+    d1, m1 = _shard_digests(one.output)
+    d2, m2 = _shard_digests(two.output)
+    assert d1 == d2 and m1["similarity"] == m2["similarity"] and m2["world_size"] == 2
