@@ -46,14 +46,28 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    in_process = argv is not None  # called by Python code (tests), not as the `trime` command
     argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     # The stage is the first word (the top level has no options but --help).
     stage = argv[0] if argv and argv[0] in STAGES else None
-    if stage == "train":  # before the slow imports: a time-limit signal during start-up must not kill a rank
-        from trime_dist.train.signals import catch_early
-        catch_early()
+    if stage != "train":
+        return _run(stage, argv)
+    # before the slow imports: a time-limit signal during start-up must not kill a rank
+    from trime_dist.train.signals import catch_early, release_early
+
+    catch_early()
+    try:
+        return _run(stage, argv)
+    finally:
+        # Called in-process, leave the handlers as they were; the `trime` command keeps recording until it
+        # exits, so a time-limit signal just after training ended cannot turn a finished job into a failed one.
+        if in_process:
+            release_early()
+
+
+def _run(stage: Optional[str], argv: list[str]) -> int:
     args = build_parser(stage).parse_args(argv)
     module = importlib.import_module(STAGES[args.stage].module)
     from trime_dist.core.constants import EXIT_RANK_LOST

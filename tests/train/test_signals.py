@@ -102,17 +102,27 @@ def test_signal_to_one_of_two_deepspeed_ranks_stops_both_at_one_step(data, tmp_p
 def test_signal_recorded_before_the_loop_is_taken_over():
     from trime_dist.train import signals
 
-    before = signal.getsignal(signal.SIGUSR1)
+    before, before_term = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
     signals.catch_early()
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # during "start-up": recorded, not fatal
         flag = StopFlag().install()
         assert flag.requested and flag.signal_name == "SIGTERM"
         flag.restore()
-        assert not StopFlag().install().requested  # taken over once: a later flag starts clean
+        later = StopFlag().install()
+        assert not later.requested  # taken over once: a later flag starts clean
+        later.restore()
     finally:
-        signals._EARLY.restore()
-    assert signal.getsignal(signal.SIGUSR1) is before
+        signals.release_early()
+    assert signal.getsignal(signal.SIGUSR1) is before and signal.getsignal(signal.SIGTERM) is before_term
+
+
+def test_in_process_train_leaves_the_signal_handlers_as_it_found_them(tmp_path):
+    from trime_dist.cli import main
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    assert main(["train", "--config", os.path.join(REPO, "configs", "tiny.yaml"), "--print-config"]) == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
 
 
 def _has_torch_loaded(pid: int) -> bool:

@@ -65,3 +65,9 @@ def catch_early() -> None:
     next StopFlag.install() takes a recorded signal over, and its restore() comes back to this recorder."""
     if not _EARLY._previous:
         _EARLY.install()
+
+
+def release_early() -> None:
+    """Put back the handlers catch_early replaced, and forget a signal nobody took over."""
+    _EARLY.restore()
+    _EARLY.signal_name = None
