@@ -123,7 +123,7 @@ class Heartbeat:
     def __init__(self, env: DistEnv, stage: str, during: str):
         self.env, self.stage, self.during = env, stage, during
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="trime-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="trime-heartbeat", daemon=True)
 
     def start(self) -> "Heartbeat":
         if self.env.world_size > 1:
@@ -133,7 +133,7 @@ class Heartbeat:
     def stop(self) -> None:
         self._done.set()
 
-    def _beat(self) -> None:
+    def _run(self) -> None:
         from torch.distributed import TCPStore
 
         try:

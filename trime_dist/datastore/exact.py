@@ -62,17 +62,23 @@ def squared_norms(keys: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
         if keys.shape[0] else keys.new_zeros(0, dtype=torch.float32)
 
 
+def similarity(queries: torch.Tensor, keys: torch.Tensor, metric: str = "ip") -> torch.Tensor:
+    """[*, k] scores of queries [*, D] against their neighbours' keys [*, k, D], as the search scores them: q·k
+    (ip) or -||q - k||^2 (l2), in fp32 (or wider)."""
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    q, k = queries.to(dtype), keys.to(dtype)
+    if metric == "l2":
+        return -((k - q[..., None, :]) ** 2).sum(-1)
+    return torch.einsum("...d,...kd->...k", q, k)
+
+
 def rescore(queries: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, k: int,
             query_chunk: int = 256, metric: str = "ip") -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates rows [Q, c] rescored in fp32 from keys [M, D]; the k best, sorted: ([Q, k] fp32, rows)."""
     out_s, out_i = [], []
     for q0 in range(0, queries.shape[0], query_chunk):
-        q = queries[q0:q0 + query_chunk].float()                                              # [q, D]
         r = rows[q0:q0 + query_chunk]                                                         # [q, c]
-        if metric == "l2":
-            s = -((keys[r].float() - q[:, None, :]) ** 2).sum(2)                              # [q, c]
-        else:
-            s = torch.bmm(keys[r].float(), q[:, :, None])[:, :, 0]                           # [q, c]
+        s = similarity(queries[q0:q0 + query_chunk], keys[r], metric)                        # [q, c]
         s, pick = s.topk(min(k, s.shape[1]), dim=1)
         out_s.append(s)
         out_i.append(r.gather(1, pick))

@@ -56,15 +56,6 @@ class Datastore:
         metric = self.meta.get("metric", "ip")
         return "ip" if metric == "inner_product" else metric
 
-    def similarity(self, queries, keys):
-        """Scores [*, k] of queries [*, D] against their neighbours' keys [*, k, D] (tensors), as search() scores:
-        q·k (ip) or -||q - k||^2 (l2), in fp32 or wider."""
-        import torch
-
-        dtype = torch.promote_types(queries.dtype, torch.float32)
-        q, k = queries.to(dtype)[..., None, :], keys.to(dtype)                                  # [*, 1, D], [*, k, D]
-        return -((q - k) ** 2).sum(-1) if self.metric == "l2" else (q * k).sum(-1)
-
     def check_compatible(self, model_info: dict, tokenizer_sha256: str, data_dir: str = "") -> None:
         """Refuse a store built by other weights, or whose tokens are not those of the data evaluated."""
         m = self.meta

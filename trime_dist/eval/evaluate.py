@@ -307,9 +307,11 @@ def rescore_neighbours(store, queries: torch.Tensor, ids: torch.Tensor) -> torch
     """[Q, k] scores recomputed from the stored (fp16) keys of the retrieved ids in the store's metric (q·k, or
     -||q - k||^2 for l2), as kNN-LM recomputes its distances from the stored keys: IVF-PQ's scores are those of
     compressed keys. -inf where id is -1."""
+    from trime_dist.datastore.exact import similarity
+
     found = ids >= 0
     stored = torch.from_numpy(store.keys(ids.clamp(min=0).cpu().numpy())).to(queries.device)    # [Q, k, D]
-    scores = store.similarity(queries.float(), stored)                                          # [Q, k]
+    scores = similarity(queries, stored, store.metric)                                          # [Q, k]
     return torch.where(found, scores, torch.full_like(scores, float("-inf")))
 
 

@@ -71,14 +71,14 @@ def read_run(path: str, name: str) -> Run:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}/metrics.jsonl:{i}: not JSON ({e.msg})") from None
-    summary = _read_json(os.path.join(path, "summary.json")) or {}
+    summary = read_json_or_none(os.path.join(path, "summary.json")) or {}
     objective = summary.get("objective") or next((r["objective"] for r in records if "objective" in r), "?")
     return Run(name=name, path=path, objective=objective, records=records, summary=summary)
 
 
 def read_eval_rows(path: str) -> list[dict] | None:
     """The rows of a `trime eval --out` file, each with "source"; None for any other JSON file."""
-    data = _read_json(path)
+    data = read_json_or_none(path)
     rows = data.get("rows") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and {"name", "memory", "ppl"} <= set(r)
                                                           for r in rows):
@@ -86,7 +86,8 @@ def read_eval_rows(path: str) -> list[dict] | None:
     return [{**r, "source": path} for r in rows]
 
 
-def _read_json(path: str):
+def read_json_or_none(path: str):
+    """A JSON file's content; None when it is missing or not JSON."""
     try:
         with open(path) as f:
             return json.load(f)

@@ -3,10 +3,11 @@ the report beside a row whose model has the architecture of one of the paper's c
 docs/PAPER_RECIPES.md gives each config's evaluation settings). Plain Python: no torch."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
+
+from trime_dist.report.collect import read_json_or_none
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,5 @@ def _model_json(row: dict) -> Optional[dict]:
         path = next((p for p in (os.path.join(base, model, "model", "model.json"),  # a run directory
                                  os.path.join(base, model, "model.json")) if os.path.isfile(p)), None)
         if path:
-            try:
-                with open(path) as f:
-                    return json.load(f)
-            except (OSError, json.JSONDecodeError):
-                return None
+            return read_json_or_none(path)
     return None
