@@ -31,7 +31,7 @@ from data_pipeline.group_search import (
 )
 from data_pipeline.pruned_search import FetchedSegments, LocalIndex, sampled_recall_pruned, search_neighbours_pruned
 from data_pipeline.tokenizer import SIDE_FILES
-from trime_dist.core import mpi, shards
+from trime_dist.core import locations, mpi, shards
 from trime_dist.core.config import ConfigError, opt
 from trime_dist.core.flags import add_dataclass_flags, dataclass_from_flags
 from trime_dist.core.io import atomic_path, read_json, sha256_file
@@ -137,7 +137,7 @@ def _check_source(cfg: GroupConfig) -> dict:
         raise ValueError(f"{where}: format {manifest['format']!r}, expected {shards.SEGMENTS_FORMAT!r} "
                          f"(--input must be a `trime prepare` output)")
     tok = manifest["tokenizer"]
-    tok_path = os.path.join(cfg.input, tok["file"])
+    tok_path = locations.resolve(cfg.input, tok["file"])
     if not os.path.isfile(tok_path):
         raise FileNotFoundError(f"tokenizer file listed in {where} not found: {tok_path}")
     if sha256_file(tok_path) != tok["sha256"]:

@@ -7,6 +7,7 @@ a data location: a folder, or an http(s) / pipe: URL (trime_dist/core/locations.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -192,12 +193,12 @@ def _iter_tar_samples(path: str, sha256: Optional[str]) -> Iterator[dict[str, by
     from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
     data = None
-    if locations.is_url(path) or sha256:  # remote shards are fetched whole (a few MB each)
+    if sha256:  # read whole (a few MB) and checked before a byte is parsed
+        data = locations.read_checked(path, sha256, "shard")
+    elif locations.is_url(path):
         data = locations.read_bytes(path, "shard")
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"shard not found: {path}")
-    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"{path}: shard checksum mismatch (corrupt or modified file)")
     _check_end_of_archive(path, data)
     current: dict[str, Any] = {}
     try:
@@ -272,7 +273,8 @@ def iter_range(data_dir: str, manifest: dict[str, Any], start: int = 0, end: Opt
 
     Segment shards give tokens int32 [n + 1]; grouped shards tokens int32 [G, L + 1] (see iter_segments,
     iter_groups). check=True also verifies each shard read against the manifest: its checksum and sample
-    count, every row's length <= seq_len and every token id inside the vocabulary.
+    count, every row's length <= seq_len and every token id inside the vocabulary. Each shard's bytes are
+    checked against the manifest's sha256 before they are parsed, check or not.
     """
     entries = manifest["shards"] if entries is None else entries
     grouped = manifest["format"] == GROUPS_FORMAT
@@ -284,10 +286,10 @@ def iter_range(data_dir: str, manifest: dict[str, Any], start: int = 0, end: Opt
         if end is not None and first >= end:
             return
         path = locations.resolve(data_dir, entry["path"])
-        if check and not locations.is_url(path) and not os.path.isfile(path):
-            raise FileNotFoundError(f"shard listed in {os.path.join(data_dir, MANIFEST)} not found: {path}")
+        if not locations.is_url(path) and not os.path.isfile(path):
+            raise FileNotFoundError(f"shard listed in {locations.manifest_location(data_dir)} not found: {path}")
         index = first
-        for key, tokens, meta in read(path, entry["sha256"] if check else None):
+        for key, tokens, meta in read(path, entry["sha256"]):
             if check and index >= last:
                 raise ValueError(f"{path}: holds more {what} than the {last - first} the manifest says")
             if check:
@@ -357,6 +359,7 @@ def read_manifest(directory: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: {directory} is not a complete shard directory "
                                 f"(run `trime prepare` / `trime group`, or it was interrupted)")
     else:
+        locations.check_inside(path, directory, path)
         manifest = read_json(path, "shard manifest")
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: manifest should be a JSON object")
@@ -370,6 +373,12 @@ def read_manifest(directory: str) -> dict[str, Any]:
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: shards[{i}] should be an object")
         _check_fields(entry, shard_fields, f"{path} shards[{i}]")
+    # every name is checked before any file it names is read (SECURITY.md); in a local folder, symlinks too
+    check = locations.check_manifest_name if locations.is_url(directory) else \
+        functools.partial(locations.member_path, directory)
+    check(manifest["tokenizer"]["file"], path, "tokenizer.file")
+    for i, entry in enumerate(manifest["shards"]):
+        check(entry["path"], path, f"shards[{i}].path")
     total = sum(e["segments"] for e in manifest["shards"])
     if total != manifest["segments"]:
         raise ValueError(f"{path}: shards hold {total} segments but the manifest says {manifest['segments']}")
@@ -402,8 +411,14 @@ def verify_shard(entry: dict[str, Any], directory: str) -> None:
     """Check one manifest shard entry against its file; ValueError/FileNotFoundError name the shard."""
     path = locations.resolve(directory, entry["path"])
     if not locations.is_url(path) and not os.path.isfile(path):
-        raise FileNotFoundError(f"shard listed in {os.path.join(directory, MANIFEST)} not found: {path}")
+        raise FileNotFoundError(f"shard listed in {locations.manifest_location(directory)} not found: {path}")
     digest = locations.sha256_of(path)
     if digest != entry["sha256"]:
-        raise ValueError(f"{path}: shard checksum mismatch (sha256 {digest[:12]}..., manifest says "
+        raise ValueError(f"{path}: shard checksum mismatch (sha256 {digest[:12]}..., the manifest says "
                          f"{entry['sha256'][:12]}...): the file is corrupt or was modified")
+
+
+def read_tokenizer(directory: str, manifest: dict[str, Any]) -> bytes:
+    """The bytes of the data's tokenizer file (local, URL or pipe:), checked against the manifest's sha256."""
+    tok = manifest["tokenizer"]
+    return locations.read_checked(locations.resolve(directory, tok["file"]), tok["sha256"], "tokenizer")

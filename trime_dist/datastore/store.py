@@ -7,6 +7,7 @@ import numpy as np
 
 from trime_dist.core.constants import IGNORE_INDEX, METRICS
 from trime_dist.core.io import read_json
+from trime_dist.core.locations import member_path
 from trime_dist.datastore import index as dsi
 
 FORMAT = "trime-datastore/v1"
@@ -28,22 +29,26 @@ class Datastore:
             raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
         if self.metric not in METRICS:
             raise ValueError(f"{meta_path}: metric {self.meta.get('metric')!r}, expected one of {', '.join(METRICS)}")
+        # names in the metadata stay inside the datastore's folder (SECURITY.md: a downloaded store is data)
+        self._files = {(i, name): member_path(path, p[name], meta_path, f"parts[{i}].{name}")
+                       for i, p in enumerate(self.meta["parts"]) for name in ("keys", "values")}
+        self._index_file = member_path(path, self.meta["index"], meta_path, "index")
         self.first_ids = np.array([p["first_id"] for p in self.meta["parts"]], dtype=np.int64)
         self.check_parts()
-        self.values = np.concatenate([load_part_array(os.path.join(path, p["values"]))
-                                      for p in self.meta["parts"]]) if load_values else None
+        self.values = np.concatenate([load_part_array(self._files[i, "values"])
+                                      for i in range(len(self.meta["parts"]))]) if load_values else None
         self._index = None
         self._exact = None   # an ExactIndex after use_exact_search()
 
     def check_parts(self) -> None:
         """Every part's keys [n_p, D] and values [n_p] open and have the sizes the metadata implies."""
         ends = list(self.first_ids[1:]) + [self.meta["count"]]
-        for p, first, end in zip(self.meta["parts"], self.first_ids, ends):
+        for i, (first, end) in enumerate(zip(self.first_ids, ends)):
             n = int(end - first)
             for name, shape in (("keys", (n, self.meta["dim"])), ("values", (n,))):
-                arr = load_part_array(os.path.join(self.path, p[name]))
+                arr = load_part_array(self._files[i, name])
                 if arr.shape != shape:
-                    raise ValueError(f"{os.path.join(self.path, p[name])}: shape {arr.shape}, expected {shape} "
+                    raise ValueError(f"{self._files[i, name]}: shape {arr.shape}, expected {shape} "
                                      f"from {META_FILE}; the datastore is damaged, rebuild it")
 
     @property
@@ -73,7 +78,7 @@ class Datastore:
         part = np.searchsorted(self.first_ids, flat, side="right") - 1
         out = np.empty((len(flat), self.meta["dim"]), dtype=np.float32)
         for p in np.unique(part):
-            keys = load_part_array(os.path.join(self.path, self.meta["parts"][p]["keys"]))
+            keys = load_part_array(self._files[int(p), "keys"])
             sel = part == p
             out[sel] = keys[flat[sel] - self.first_ids[p]]
         return out.reshape(ids.shape + (self.meta["dim"],))
@@ -86,8 +91,7 @@ class Datastore:
         """The faiss index (loaded once, memory-mapped), with nprobe set."""
         if self._index is None:
             # on-disk lists are memory-mapped by faiss itself; IO_FLAG_MMAP on top of them crashes faiss 1.15
-            self._index = dsi.load_search_index(os.path.join(self.path, self.meta["index"]), nprobe,
-                                                      mmap=not self.meta["ondisk"])
+            self._index = dsi.load_search_index(self._index_file, nprobe, mmap=not self.meta["ondisk"])
         dsi.set_nprobe(self._index, nprobe)
         return self._index
 

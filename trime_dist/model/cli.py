@@ -132,11 +132,17 @@ def find_tokenizer(model_dir: str, info: dict) -> Optional[tuple[str, dict]]:
     data = info.get("train_data")
     if not data or not os.path.isfile(os.path.join(data, "manifest.json")):
         return None
-    from trime_dist.core.shards import read_manifest
+    from trime_dist.core import locations, shards
 
-    meta = read_manifest(data).get("tokenizer") or {}
-    path = os.path.join(data, meta.get("file", TOKENIZER_FILE))
-    if meta.get("sha256") != info.get("tokenizer_sha256") or not os.path.isfile(path):
+    manifest = shards.read_manifest(data)
+    meta = manifest["tokenizer"]
+    path = locations.resolve(data, meta["file"])
+    try:
+        shards.read_tokenizer(data, manifest)  # the file is the one the manifest hashed
+    except (FileNotFoundError, ValueError) as e:
+        log.warning("%s: not used as the model's tokenizer: %s", path, e)
+        return None
+    if meta["sha256"] != info.get("tokenizer_sha256"):
         log.warning("%s: its tokenizer does not match the model's (%s): not used", data, model_dir)
         return None
     return path, meta

@@ -9,6 +9,7 @@ and the position is one number per epoch: the index of the next group.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -39,7 +40,7 @@ class ShardDataset:
 
     def __init__(self, data_dir: str, group_size: int, *, shuffle_shards: bool = False, seed: int = 0,
                  drop_last: bool = True, verify: bool = False):
-        from trime_dist.core import shards
+        from trime_dist.core import locations, shards
 
         self.data_dir = data_dir
         self.manifest = shards.read_manifest(data_dir)
@@ -53,9 +54,11 @@ class ShardDataset:
                 f"{data_dir}/manifest.json: shards hold groups of {self.manifest['group_size']} segments, but "
                 f"training needs groups of ranks x data.micro_batch_size = {group_size}; regroup with "
                 f"`trime group --group-size {group_size}` or change data.micro_batch_size / the number of ranks")
-        if verify:
+        if verify and not locations.is_url(data_dir):  # remote shards are checked as they are fetched, once
             for entry in self.manifest["shards"]:
                 shards.verify_shard(entry, data_dir)
+            if os.path.isfile(locations.resolve(data_dir, self.manifest["tokenizer"]["file"])):
+                shards.read_tokenizer(data_dir, self.manifest)  # the model is exported with it
 
     @property
     def shard_entries(self) -> list[dict]:

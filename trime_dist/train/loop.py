@@ -67,16 +67,18 @@ def setup_run(cfg: TrainConfig, world_size: int, rank: int, resume: bool):
     return train_data
 
 
-def fetch_beside(url: str, out_dir: str) -> str:
-    """A local copy of the file at `url` in out_dir (a missing one: a path that does not exist)."""
+def copy_data_tokenizer(data: str, manifest: dict, out_dir: str) -> Optional[str]:
+    """A local copy in out_dir of the data's tokenizer file (a folder, URL or pipe: location), checked against
+    the manifest's sha256; None (with a warning: the model is exported without it) when it cannot be had."""
     from trime_dist.core.io import atomic_write_bytes
-    from trime_dist.core.locations import read_bytes
+    from trime_dist.core.shards import read_tokenizer
 
-    local = os.path.join(out_dir, ".data-" + os.path.basename(url.rstrip("/")))
+    local = os.path.join(out_dir, ".data-tokenizer.json")
     try:
-        atomic_write_bytes(local, read_bytes(url, "tokenizer"))
-    except FileNotFoundError as e:
+        atomic_write_bytes(local, read_tokenizer(data, manifest))
+    except (FileNotFoundError, ValueError) as e:
         log.warning("the model's tokenizer is not copied beside it: %s", e)
+        return None
     return local
 
 
@@ -400,11 +402,9 @@ def _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, me
                 "seq_len": train_data.seq_len}
         # a run from model.pretrained records its HF config; the data's tokenizer goes beside the weights
         hf_config = engine.module.hf_config_dict() if hasattr(engine.module, "hf_config_dict") else None
-        tok_file = locations.resolve(cfg.data.train, tok.get("file", ""))
-        if locations.is_url(tok_file):  # data read from a URL: its tokenizer goes beside the weights too
-            tok_file = fetch_beside(tok_file, cfg.run.out_dir)
+        tok_file = copy_data_tokenizer(cfg.data.train, train_data.manifest, cfg.run.out_dir)
         export_model(weights, cfg.model, cfg.run.out_dir, info, run_config=cfg, hf_config=hf_config,
-                     tokenizer_file=tok_file if os.path.isfile(tok_file) else None)
+                     tokenizer_file=tok_file)
         atomic_write_json(os.path.join(cfg.run.out_dir, "summary.json"), summary)
         plot_loss_curve(os.path.join(cfg.run.out_dir, "metrics.jsonl"), os.path.join(cfg.run.out_dir, "loss.png"))
         log.info("done: %s", summary)
