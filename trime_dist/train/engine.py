@@ -188,6 +188,15 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
     return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
 
 
+def check_latest_checkpoint(ckpt_dir: str) -> None:
+    """Refuse (ValueError, one line) a latest checkpoint with a file that holds a pickled object."""
+    from trime_dist.train.safe_load import check_checkpoint_files
+
+    tag = latest_tag(ckpt_dir)
+    if tag is not None:
+        check_checkpoint_files(os.path.join(ckpt_dir, tag))
+
+
 def load_checkpoint(engine, ckpt_dir: str) -> Optional[dict]:
     """Load the latest complete checkpoint (weights, optimizer, LR schedule, this rank's RNG streams);
     returns its client state (None when there is none). Call it last before training: the RNG streams
@@ -195,12 +204,12 @@ def load_checkpoint(engine, ckpt_dir: str) -> Optional[dict]:
     (safe_load.py): a file holding anything else is refused with one line, on every rank."""
     from trime_dist.core.distributed import get_rank
     from trime_dist.train.rng_state import load_rng_state
-    from trime_dist.train.safe_load import check_checkpoint_files, weights_only_loads
+    from trime_dist.train.safe_load import weights_only_loads
 
+    check_latest_checkpoint(ckpt_dir)
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    check_checkpoint_files(os.path.join(ckpt_dir, tag))
     with weights_only_loads(engine, where=os.path.join(ckpt_dir, tag)):
         path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
