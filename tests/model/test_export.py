@@ -15,6 +15,7 @@ from trime_dist.model.gpt2_map import check_maps_onto_gpt2
 from trime_dist.model.transformer import build_model
 
 from cli_runner import REPO, run_trime
+from pickle_payload import Payload
 from shard_fixtures import write_segment_dir
 
 INFO = {"step": 3, "tokenizer_sha256": "0" * 64}
@@ -89,6 +90,29 @@ def test_old_weights_pt_runs_still_load(tmp_path):
     assert info["model_id"] == digest[:16]
     x = _ids()
     assert torch.equal(loaded(x)[0], model(x)[0])
+
+
+def test_old_weights_pt_holding_an_object_is_refused_in_one_line(tmp_path, capsys):
+    """A weights.pt with a pickled object (not only tensors) is never unpickled: one line naming the file,
+    from load_model and from the command line (trime export)."""
+    from trime_dist.core.io import atomic_write_json, sha256_file
+
+    cfg, marker = _cfg(), tmp_path / "payload-ran"
+    out = tmp_path / "old" / "model"
+    out.mkdir(parents=True)
+    torch.save({**_perturbed(cfg).state_dict(), "x": Payload(marker)}, out / "weights.pt")
+    atomic_write_json(str(out / "model.json"), {"weights_sha256": sha256_file(str(out / "weights.pt")), **INFO,
+                                                "model": dataclasses.asdict(cfg)})
+    with pytest.raises(ValueError, match=r"weights.pt: holds a non-allowed object \(io.open\), not loaded"):
+        load_model(str(tmp_path / "old"))
+    assert trime_main(["export", str(tmp_path / "old"), "--format", "safetensors", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert lines == [f"trime export: error: {out / 'weights.pt'}: holds a non-allowed object (io.open), not loaded "
+                     "(unpickling it could run code); use a model exported as model.safetensors, or one from a "
+                     "trusted run"], err
+    assert "Traceback" not in err
+    assert not marker.exists()
 
 
 def test_weights_that_do_not_match_the_config_are_refused(tmp_path):

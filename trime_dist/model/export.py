@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import re
 import shutil
 from typing import Any, Optional
 
@@ -24,7 +25,7 @@ from trime_dist.model.config import ModelConfig
 MODEL_DIR = "model"
 INFO_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
-LEGACY_WEIGHTS = "weights.pt"    # torch pickle of runs before safetensors: still read
+LEGACY_WEIGHTS = "weights.pt"    # torch pickle of runs before safetensors: still read, tensors only
 TOKENIZER_FILE = "tokenizer.json"
 BUILTIN, HF = "builtin", "hf"
 
@@ -149,9 +150,25 @@ def load_state(model_dir: str, info: dict) -> tuple[dict, str]:
         return load_file(path), info["tensors_sha256"][:16]
     legacy = os.path.join(model_dir, LEGACY_WEIGHTS)
     if os.path.isfile(legacy) and "weights_sha256" in info:
-        return torch.load(legacy, map_location="cpu", weights_only=True), info["weights_sha256"][:16]
+        return load_legacy_weights(legacy), info["weights_sha256"][:16]
     raise FileNotFoundError(f"{model_dir}: no weights matching {INFO_FILE} (expected {WEIGHTS_FILE}, or "
                             f"{LEGACY_WEIGHTS} from older runs)")
+
+
+def load_legacy_weights(path: str) -> dict:
+    """An old run's weights.pt: tensors only (weights_only); a file holding any other object is refused
+    with one line, never unpickled."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(f"{path}: holds a non-allowed object{what}, not loaded (unpickling it could run code); "
+                         "use a model exported as model.safetensors, or one from a trusted run") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable weights file, truncated or corrupt ({e})") from None
 
 
 def load_model(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

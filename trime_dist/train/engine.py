@@ -188,17 +188,30 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
     return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
 
 
+def check_latest_checkpoint(ckpt_dir: str) -> None:
+    """Refuse (ValueError, one line) a latest checkpoint with a file that holds a pickled object."""
+    from trime_dist.train.safe_load import check_checkpoint_files
+
+    tag = latest_tag(ckpt_dir)
+    if tag is not None:
+        check_checkpoint_files(os.path.join(ckpt_dir, tag))
+
+
 def load_checkpoint(engine, ckpt_dir: str) -> Optional[dict]:
     """Load the latest complete checkpoint (weights, optimizer, LR schedule, this rank's RNG streams);
     returns its client state (None when there is none). Call it last before training: the RNG streams
-    continue from here."""
+    continue from here. Nothing in the checkpoint is unpickled but tensors, containers and numbers
+    (safe_load.py): a file holding anything else is refused with one line, on every rank."""
     from trime_dist.core.distributed import get_rank
     from trime_dist.train.rng_state import load_rng_state
+    from trime_dist.train.safe_load import weights_only_loads
 
+    check_latest_checkpoint(ckpt_dir)
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    with weights_only_loads(engine, where=os.path.join(ckpt_dir, tag)):
+        path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise ValueError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
     load_rng_state(ckpt_dir, tag, get_rank())
@@ -217,5 +230,9 @@ def full_state_dict(engine, ckpt_dir: str, tag: str, zero_stage: int) -> Optiona
             get_fp32_state_dict_from_zero_checkpoint,
         )
 
-        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+        from trime_dist.train.safe_load import weights_only_loads
+
+        # the tag may be the resumed one (a run resumed at its last step saves no other)
+        with weights_only_loads(where=os.path.join(ckpt_dir, tag)):
+            return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}

@@ -265,6 +265,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag, watchdog) -> dict:
     from trime_dist.train.engine import (
         build_engine,
         build_train_model,
+        check_latest_checkpoint,
         init_deepspeed_distributed,
         load_checkpoint,
     )
@@ -273,6 +274,8 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag, watchdog) -> dict:
 
     env = discover_env()  # config and data are checked before any process group or engine exists
     train_data = setup_run(cfg, env.world_size, env.rank, resume)
+    if resume:  # so is the checkpoint: a file holding a pickled object is refused before the engine is built
+        check_latest_checkpoint(os.path.join(cfg.run.out_dir, "checkpoints"))
     spec = build_loss_spec(cfg)  # what every micro-batch's loss is, decided once
     init_deepspeed_distributed(cfg.run.dist_timeout_s)
     rank, world_size = get_rank(), get_world_size()
