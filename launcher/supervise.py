@@ -29,7 +29,7 @@ from typing import Optional
 from trime_dist.core.constants import EXIT_STOPPED_BY_SIGNAL, STOPPED_MARKER_ENV
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-POLL_S = 0.2
+POLL_S = 0.5  # each poll walks /proc (psutil children): cheap at this rate on a busy node
 # A rank gets the signal once it catches it (`trime train` does from its first lines), or after this long
 # (a stage that never catches it: the signal ends it).
 RANK_START_GRACE_S = 5.0
