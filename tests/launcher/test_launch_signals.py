@@ -1,6 +1,8 @@
-"""A stop signal to any launcher ends in a checkpoint and no rank left: SIGTERM to `trime launch local` alone, to
-its process group, or to every process at once (exit 3 each time, then --auto-resume finishes the run), and
-SIGTERM to a bare `deepspeed` runner (it dies of it, 143; its ranks notice and stop with a checkpoint).
+"""A stop signal to any launcher ends in a checkpoint and no rank left: SIGTERM to `trime launch local` alone (then
+--auto-resume finishes the run), to its process group (and a second signal), to every process at once, Ctrl-C
+while the ranks start, SIGUSR1 to `trime launch deepspeed` on one host: exit 3 each time. SIGKILL to `trime
+launch local`, or SIGTERM to a bare `deepspeed` runner (it dies of it, 143): the ranks notice and stop with a
+checkpoint. An MPI command gets the signal passed on.
 
 Real processes: 2 DeepSpeed ranks on CPU, the tiny config of tests/train/test_signals.py."""
 from __future__ import annotations
@@ -42,6 +44,11 @@ def train_args(data, out):
 def launch_local(data, out):
     return [f"{BIN}/trime", "launch", "local", "--nproc", "2", "--master-port", str(free_port()), "--",
             *train_args(data, out)]
+
+
+def launch_deepspeed_localhost(data, out):
+    return [f"{BIN}/trime", "launch", "deepspeed", "--hosts", "localhost:2", "--run-dir", str(out) + "-launch",
+            "--master-port", str(free_port()), "--", *train_args(data, out)]
 
 
 def step_rows(out):
@@ -125,11 +132,11 @@ def check_stopped(out, proc):
     assert rank_processes(out) == [], "a rank outlived its launcher"
 
 
-def stop_launch_local(data, tmp_path, cleanup, send) -> tuple:
+def stop_launch_local(data, tmp_path, cleanup, send, command=launch_local) -> tuple:
     started, runs = cleanup
     out = tmp_path / "run"
     runs.append(out)
-    proc = start(launch_local(data, out), LOG_DIR=str(tmp_path))
+    proc = start(command(data, out), LOG_DIR=str(tmp_path))
     started.append(proc)
     wait_for_training(proc, out)
     send(proc)
@@ -138,6 +145,7 @@ def stop_launch_local(data, tmp_path, cleanup, send) -> tuple:
     return out, proc, rc, time.time() - t0
 
 
+@pytest.mark.slow  # a stop and a resume to the end: about a minute
 def test_sigterm_to_launch_local_alone_checkpoints_exits_3_and_resumes(data, tmp_path, cleanup):
     out, proc, rc, _ = stop_launch_local(data, tmp_path, cleanup, lambda proc: os.kill(proc.pid, signal.SIGTERM))
     assert rc == EXIT_STOPPED_BY_SIGNAL, output(proc)[-3000:]
@@ -160,6 +168,15 @@ def test_sigterm_to_the_process_group_and_a_second_signal(data, tmp_path, cleanu
     out, proc, rc, _ = stop_launch_local(data, tmp_path, cleanup, send)
     assert rc == EXIT_STOPPED_BY_SIGNAL, output(proc)[-3000:]
     assert "already stopping" in output(proc)
+    check_stopped(out, proc)
+
+
+def test_sigusr1_to_launch_deepspeed_on_one_host(data, tmp_path, cleanup):
+    """`trime launch deepspeed` with one local host takes the same path; SIGUSR1 reaches the ranks as SIGUSR1."""
+    out, proc, rc, _ = stop_launch_local(data, tmp_path, cleanup, lambda proc: os.kill(proc.pid, signal.SIGUSR1),
+                                         command=launch_deepspeed_localhost)
+    assert rc == EXIT_STOPPED_BY_SIGNAL, output(proc)[-3000:]
+    assert "stopped by SIGUSR1 after step" in output(proc)
     check_stopped(out, proc)
 
 
@@ -231,6 +248,26 @@ def test_sigkill_to_launch_local_leaves_no_rank_training(data, tmp_path, cleanup
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert wait_gone(ranks, timeout=120) == [], "ranks kept training after their launcher was killed"
     check_stopped(out, proc)
+
+
+def test_a_signal_for_an_mpi_command_is_passed_on_to_mpiexec(tmp_path, cleanup):
+    """MPI stages: the launcher passes the signal to mpiexec (hydra passes it to its ranks) and waits."""
+    started, _ = cleanup
+    code = ("import os, sys; from launcher.supervise import run_supervised; "
+            f"sys.exit(run_supervised([{os.path.join(BIN, 'mpiexec')!r}, '-n', '2', 'sleep', '120'], "
+            "dict(os.environ), None, signal_ranks=False))")
+    proc = start([sys.executable, "-c", code], LOG_DIR=str(tmp_path))
+    started.append(proc)
+    deadline = time.time() + 30
+    sleepers = []
+    while len(sleepers) < 2 and time.time() < deadline:
+        sleepers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "sleep"]
+        time.sleep(0.1)
+    assert len(sleepers) == 2, output(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    assert "SIGTERM: passing it on to" in output(proc)
+    assert wait_gone(sleepers, timeout=5) == []
 
 
 def test_is_stage_process_tells_ranks_from_runners():
