@@ -183,12 +183,14 @@ class Supervisor:
 
     def _tell_ranks(self) -> None:
         """Signal each rank once, as soon as it catches the signal (ranks still starting get it later)."""
+        import psutil
+
         for rank in ranks_among(self.tree):
             if rank.pid in self.told:
                 continue
             try:
                 ready = catches(rank.pid, self.stop_sig) or time.time() - rank.create_time() > RANK_START_GRACE_S
-            except Exception:  # gone meanwhile
+            except psutil.Error:  # gone meanwhile
                 continue
             if ready:
                 _kill(rank.pid, self.stop_sig)
