@@ -270,6 +270,22 @@ def test_a_signal_for_an_mpi_command_is_passed_on_to_mpiexec(tmp_path, cleanup):
     assert wait_gone(sleepers, timeout=5) == []
 
 
+def test_launcher_watch_sees_a_dead_runner_or_a_new_parent():
+    from trime_dist.train.signals import LauncherWatch
+
+    runner = subprocess.Popen(["sleep", "60"])
+    watch = LauncherWatch(os.getppid(), psutil.Process(runner.pid))
+    assert watch.gone() is None
+    runner.kill()
+    time.sleep(0.2)  # a zombie until waited for: dead all the same
+    assert watch.gone() is None  # checked at most once a second
+    watch._next_check = 0.0
+    assert f"the deepspeed runner, pid {runner.pid}" in watch.gone()
+    runner.wait()
+    assert "launch.py" in LauncherWatch(os.getppid() + 1).gone()  # re-parented: launch.py is gone
+    assert LauncherWatch.of_this_rank() is None  # pytest was not started by DeepSpeed's launcher
+
+
 def test_is_stage_process_tells_ranks_from_runners():
     py = sys.executable
     assert is_stage_process([py, "-u", f"{BIN}/trime", "--local_rank=0", "train", "--config", "c.yaml"])

@@ -64,15 +64,16 @@ class LauncherWatch:
             return None
         import psutil
 
+        ppid = os.getppid()
         try:
-            launch = psutil.Process(os.getppid())
+            launch = psutil.Process(ppid)
             if not _is_deepspeed_launch(launch.cmdline()):
                 return None
             runner = launch.parent()
             if runner is not None and not _is_deepspeed_runner(runner.cmdline()):
                 runner = None
-        except psutil.Error:  # the parent is gone already: the first check says so
-            return cls(os.getppid())
+        except psutil.NoSuchProcess:  # launch.py exited just now: this rank is re-parented, the first check says so
+            return cls(ppid)
         return cls(launch.pid, runner)
 
     def gone(self) -> Optional[str]:
