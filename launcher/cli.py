@@ -109,8 +109,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_local(cfg: LocalLaunch, command: list[str]) -> int:
     from launcher.local import local_command, run_command
+    from trime_dist.core.stages import TORCH, runner_for, split_stage
 
-    return run_command(local_command(command, cfg.nproc, cfg.master_port), dry_run=cfg.dry_run)
+    cmd = local_command(command, cfg.nproc, cfg.master_port)
+    return run_command(cmd, dry_run=cfg.dry_run, signal_ranks=runner_for(split_stage(command)[0]) == TORCH)
 
 
 def run_deepspeed(cfg: DeepSpeedLaunch, command: list[str]) -> int:
@@ -124,7 +126,8 @@ def run_deepspeed(cfg: DeepSpeedLaunch, command: list[str]) -> int:
                                     master_port=cfg.master_port, include=cfg.include, exclude=cfg.exclude,
                                     num_nodes=cfg.num_nodes, launcher=cfg.launcher, env_names=cfg.env)
     print(f"# hostfile: {plan.hostfile}\n# environment for every node: {plan.env_file}")
-    return run_command(plan.command, env=plan.env, dry_run=cfg.dry_run)
+    # several nodes: a stop signal goes to the runner, whose pdsh handler signals every node's launch.py
+    return run_command(plan.command, env=plan.env, dry_run=cfg.dry_run, signal_ranks=plan.ranks_here)
 
 
 def run_slurm(cfg: SlurmLaunch, command: list[str]) -> int:

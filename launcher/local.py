@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,8 +45,13 @@ def local_command(argv: list[str], nproc: int, master_port: Optional[int] = None
     return trime
 
 
-def run_command(cmd: list[str], env: Optional[dict] = None, dry_run: bool = False, cwd: Optional[str] = None) -> int:
-    """Print `$ cmd` and run it (or only print it); returns its exit status."""
+def run_command(cmd: list[str], env: Optional[dict] = None, dry_run: bool = False, cwd: Optional[str] = None,
+                signal_ranks: bool = False) -> int:
+    """Print `$ cmd` and run it (or only print it); returns its exit status. A stop signal to this process is
+    passed on (launcher/supervise.py): with `signal_ranks` (DeepSpeed ranks on this machine) to every rank,
+    and the status is EXIT_STOPPED_BY_SIGNAL once they saved a checkpoint and stopped; else to the command."""
+    from launcher.supervise import run_supervised
+
     print(f"$ {shlex.join(cmd)}", flush=True)
     if dry_run:
         return 0
@@ -55,7 +59,7 @@ def run_command(cmd: list[str], env: Optional[dict] = None, dry_run: bool = Fals
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
     try:
-        return subprocess.run(cmd, env=full_env, cwd=cwd).returncode
+        return run_supervised(cmd, full_env, cwd, signal_ranks)
     except FileNotFoundError:
         raise FileNotFoundError(f"{cmd[0]}: not found (is it installed in this environment?)") from None
 
@@ -68,6 +72,7 @@ class MultiNodePlan:
     env_file: str                   # .deepspeed_env: variables exported on every node
     command: list[str]              # the deepspeed command line
     env: dict[str, str] = field(default_factory=dict)  # extra variables for the local deepspeed process
+    ranks_here: bool = False        # one local host: the ranks are this machine's processes (signalled directly)
 
 
 def collect_env(names: list[str]) -> dict[str, str]:
@@ -129,13 +134,14 @@ def deepspeed_multinode_plan(argv: list[str], hosts: dict[str, int], run_dir: st
         cmd += ["--exclude", exclude]
     else:
         cmd += ["--num_nodes", str(num_nodes if num_nodes is not None else len(hosts))]
-    if len(hosts) == 1 and is_local(first):
+    ranks_here = len(hosts) == 1 and is_local(first)
+    if ranks_here:
         # One local host: deepspeed starts the ranks itself, so its ssh reachability check is moot.
         cmd.append("--no_ssh_check")
     cmd += [env_bin("trime"), stage, *stage_args]
     # DS_ENV_FILE points deepspeed at our .deepspeed_env (it exports it on every node of a multi-node run);
     # a one-host run starts ranks locally, so the same variables also go into its own environment.
-    return MultiNodePlan(hostfile, env_file, cmd, env={"DS_ENV_FILE": env_file, **node_env})
+    return MultiNodePlan(hostfile, env_file, cmd, env={"DS_ENV_FILE": env_file, **node_env}, ranks_here=ranks_here)
 
 
 def stage_kind_help() -> str:

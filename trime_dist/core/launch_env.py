@@ -129,6 +129,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def started_by_deepspeed_launcher() -> bool:
+    """DeepSpeed's launch.py (the per-node process the `deepspeed` runner starts) sets CROSS_RANK, CROSS_SIZE and
+    LOCAL_SIZE in every rank it spawns; torchrun, srun and mpiexec do not."""
+    return _first_env("RANK") is not None and all(_first_env(n) is not None
+                                                   for n in ("CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE"))
+
+
 def launched_by_mpi() -> bool:
     if os.environ.get("TRIME_USE_MPI") == "1" or any(v in os.environ for v in _LAUNCHER_VARS):
         return True
