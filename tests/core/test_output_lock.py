@@ -113,11 +113,21 @@ def test_a_file_output_is_locked_beside_it(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_only_rank_0_takes_the_lock(tmp_path):
+def test_only_rank_0_takes_the_lock_the_others_check_it(tmp_path):
+    from trime_dist.core.launch_env import discover_env, job_key
+
     with ol.output_lock(str(tmp_path), rank=1):
         assert not os.path.exists(ol.lock_path(str(tmp_path)))
-    write_lock(tmp_path)
+    write_lock(tmp_path, job=job_key(discover_env()))
     with ol.output_lock(str(tmp_path), rank=1):  # another rank of the holding job: not refused
+        pass
+    write_lock(tmp_path, job="another job")
+    with pytest.raises(ol.OutputLocked, match="is in use by another job") as e:
+        with ol.output_lock(str(tmp_path), rank=1):
+            pass
+    assert e.value.all_ranks  # every rank of the job has it: only rank 0 prints it (trime_dist.cli)
+    write_lock(tmp_path, job="another job", pid=dead_pid())
+    with ol.output_lock(str(tmp_path), rank=1):  # a dead job's: rank 0 takes it over
         pass
 
 

@@ -123,6 +123,14 @@ def export_env(env: DistEnv) -> None:
     })
 
 
+def job_key(env: DistEnv) -> str:
+    """The same string on every rank of one job, another for any job running at the same time: the SLURM
+    job and step, and the rendezvous address (a loopback one named by this host: a one-node job)."""
+    host = socket.gethostname() if env.master_addr in ("127.0.0.1", "localhost") else env.master_addr
+    slurm = ".".join(filter(None, (os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID"))))
+    return f"{slurm + '/' if slurm else ''}{host}:{env.master_port}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,8 +11,10 @@ started at another time (the pid was reused), or the host rebooted since. A lock
 taken over: nothing here can tell whether that job is alive, so the message says how to remove it.
 
 Multi-rank jobs: the lock belongs to the job. Only rank 0 takes it; MPI stages share the outcome with
-every rank (core.mpi.plan_on_root), torch stages take it before their process group exists, so the
-other ranks, which write nothing before the group, cannot start without rank 0 holding it.
+every rank (core.mpi.plan_on_root). Torch stages take it before their process group exists (so a refusal
+comes at once), and the other ranks, which write nothing before the group and cannot make one without
+rank 0, only read it: a lock of another job (its job key differs, core.launch_env.job_key) that is alive
+stops them too, instead of leaving them waiting for a rank 0 that is gone.
 """
 from __future__ import annotations
 
@@ -68,9 +70,9 @@ def _boot_id() -> Optional[str]:
         return None
 
 
-def _record(output: str, command: Optional[str]) -> dict:
+def _record(output: str, command: Optional[str], job: str) -> dict:
     pid = os.getpid()
-    return {"output": os.path.abspath(output), "host": socket.gethostname(), "pid": pid,
+    return {"output": os.path.abspath(output), "job": job, "host": socket.gethostname(), "pid": pid,
             "pid_start_ticks": _proc_start_ticks(pid), "boot_id": _boot_id(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "command": command or _command_line(), "token": secrets.token_hex(8)}
@@ -186,12 +188,12 @@ def _remove_if_same(path: str, identity: tuple[int, int], token: str) -> None:
     os.remove(aside)
 
 
-def acquire(output: str, *, inside: bool = True, command: Optional[str] = None) -> dict:
+def acquire(output: str, *, inside: bool = True, command: Optional[str] = None, job: str = "") -> dict:
     """Take the lock of `output` for this process (the output folder is made when missing); returns our
     record. OutputLocked naming the holder when another job has it; ValueError for a corrupt lock file."""
     path = lock_path(output, inside)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    record = _record(output, command)
+    record = _record(output, command, job)
     for _ in range(_TAKEOVER_TRIES):
         if _create(path, record):
             return record
@@ -205,6 +207,16 @@ def acquire(output: str, *, inside: bool = True, command: Optional[str] = None) 
         log.warning("taking over the lock of %s left by a job that is gone (%s): %s", output, describe(holder), reason)
         _remove_if_same(path, identity, record["token"])
     raise OutputLocked(f"output {os.path.abspath(output)}: other jobs keep taking its lock {path}; try again")
+
+
+def check_not_held(output: str, job: str, *, inside: bool = True) -> None:
+    """A rank other than 0: OutputLocked when a live job other than `job` holds `output` (nothing is
+    written; rank 0 of this job takes the lock, or takes over a stale one)."""
+    path = lock_path(output, inside)
+    found = _read(path)
+    if found is None or found[0].get("job") == job or dead_reason(found[0]) is not None:
+        return
+    raise OutputLocked(_refusal(output, path, found[0]))
 
 
 def _refusal(output: str, path: str, holder: dict) -> str:
@@ -235,21 +247,31 @@ def output_lock(output: str, *, rank: int = 0, bcast: Optional[Callable[[Any], A
                 inside: bool = True) -> Iterator[None]:
     """Hold the lock of `output` for the block: rank 0 takes it and removes it on the way out (errors and
     the stop-by-signal exit included). With `bcast` (an MPI stage's mpi.bcast) every rank raises rank 0's
-    refusal, so none waits for it; without, only rank 0 checks (torch stages, before their group exists).
-    Rank 0 leaves the block after the other ranks have written everything (each stage ends in a collective)."""
-    from trime_dist.core.mpi import plan_on_root
+    refusal; without (torch stages, before their group exists) the other ranks check the lock file
+    themselves (check_not_held). Either way the refusal is marked as every rank's (core.mpi.agreed), so
+    only rank 0 prints it. Rank 0 leaves the block after the other ranks have written everything (each
+    stage ends in a collective)."""
+    from trime_dist.core.launch_env import discover_env, job_key
+    from trime_dist.core.mpi import agreed, plan_on_root
 
     record = None
     made_folder = inside and not os.path.isdir(output)
+    job = job_key(discover_env())
 
     def take() -> None:
         nonlocal record
-        record = acquire(output, inside=inside)
+        record = acquire(output, inside=inside, job=job)
 
-    if bcast is not None:
-        plan_on_root(take, rank=rank, bcast=bcast)
-    elif rank == 0:
-        take()
+    try:
+        if bcast is not None:
+            plan_on_root(take, rank=rank, bcast=bcast)
+        elif rank == 0:
+            take()
+        else:
+            check_not_held(output, job, inside=inside)
+    except ValueError as e:
+        agreed(e)
+        raise
     try:
         yield
     finally:
