@@ -67,10 +67,14 @@ def discover_env() -> DistEnv:
         return env or DistEnv(0, 1, 0, "127.0.0.1", _PORT_DEFAULT, "single")
     if env is not None and (env.rank, env.world_size) == (mpi.rank, mpi.world_size):
         return env  # srun --mpi=pmi2, or DeepSpeed's MPI runners: one world, the first launcher's master
-    if env is not None:
+    if env is not None and (env, mpi) not in _WARNED:  # said once: every stage asks more than once
+        _WARNED.add((env, mpi))
         log.warning("ignoring %s rank %d of %d inherited from an enclosing job: mpiexec started this process "
                     "as rank %d of %d", env.launcher, env.rank, env.world_size, mpi.rank, mpi.world_size)
     return mpi
+
+
+_WARNED: set = set()  # the (inherited, MPI) worlds discover_env has warned about
 
 
 def _torch_launcher_env() -> DistEnv | None:
