@@ -96,6 +96,23 @@ def test_another_host_is_never_taken_over(tmp_path):
     assert os.path.isfile(path)
 
 
+def test_an_earlier_run_of_this_slurm_job_is_taken_over_from_any_host(tmp_path, monkeypatch, caplog):
+    """A requeued job may land on another node: the run SLURM ended before requeueing it is gone."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    write_lock(tmp_path, host="node-elsewhere", slurm_job="77", slurm_restart=1)  # this very run: alive
+    with pytest.raises(ol.OutputLocked, match="on another host"):
+        ol.acquire(str(tmp_path))
+    write_lock(tmp_path, host="node-elsewhere", slurm_job="76", slurm_restart=0)  # another job
+    with pytest.raises(ol.OutputLocked, match="on another host"):
+        ol.acquire(str(tmp_path))
+    write_lock(tmp_path, host="node-elsewhere", slurm_job="77", slurm_restart=0)
+    with caplog.at_level("WARNING"):
+        mine = ol.acquire(str(tmp_path))
+    assert "it was run 0 of SLURM job 77, now requeued as run 1" in caplog.text
+    assert mine["slurm_job"] == "77" and mine["slurm_restart"] == 1
+
+
 def test_a_corrupt_lock_file_is_named(tmp_path):
     path = ol.lock_path(str(tmp_path))
     open(path, "w").write("not json{")

@@ -7,8 +7,10 @@ empty file for a moment). fcntl.flock was not chosen: it does not reach across h
 nothing about who holds it. Filesystems without hard links fall back to O_CREAT|O_EXCL.
 
 A lock whose holder is gone is taken over: on this host when its pid is not running, or is running but
-started at another time (the pid was reused), or the host rebooted since. A lock of another host is never
-taken over: nothing here can tell whether that job is alive, so the message says how to remove it.
+started at another time (the pid was reused), or the host rebooted since; on any host when it was an
+earlier run of this same SLURM job (SLURM ends a run before it requeues the job). Any other lock of
+another host is never taken over: nothing here can tell whether that job is alive, so the message says
+how to remove it.
 
 Multi-rank jobs: the lock belongs to the job. Only rank 0 takes it; MPI stages share the outcome with
 every rank (core.mpi.plan_on_root). Torch stages take it before their process group exists (so a refusal
@@ -74,7 +76,7 @@ def _record(output: str, command: Optional[str], job: str) -> dict:
     pid = os.getpid()
     return {"output": os.path.abspath(output), "job": job, "host": socket.gethostname(), "pid": pid,
             "pid_start_ticks": _proc_start_ticks(pid), "boot_id": _boot_id(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **_slurm_run(),
             "command": command or _command_line(), "token": secrets.token_hex(8)}
 
 
@@ -86,6 +88,12 @@ def _command_line() -> str:
     return shlex.join(argv)[:300]
 
 
+def _slurm_run() -> dict:
+    """{slurm_job, slurm_restart}: which run of which SLURM job this is ({} outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)} if job else {}
+
+
 def describe(holder: dict) -> str:
     """`host h, pid 12, started 2026-01-01 10:00:00 UTC: trime train ...`"""
     return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
@@ -93,8 +101,13 @@ def describe(holder: dict) -> str:
 
 
 def dead_reason(holder: dict) -> Optional[str]:
-    """Why the holder of this host is gone (its lock may be taken over); None while it may be alive, or
-    when it is on another host."""
+    """Why the holder is gone (its lock may be taken over); None while it may be alive, and for a job of
+    another host unless it was an earlier run of our own SLURM job."""
+    ours = _slurm_run()
+    if ours and holder.get("slurm_job") == ours["slurm_job"] and \
+            isinstance(holder.get("slurm_restart"), int) and holder["slurm_restart"] < ours["slurm_restart"]:
+        return f"it was run {holder['slurm_restart']} of SLURM job {ours['slurm_job']}, now requeued as run " \
+               f"{ours['slurm_restart']}"
     if holder.get("host") != socket.gethostname():
         return None
     pid = holder.get("pid")
