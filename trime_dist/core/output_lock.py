@@ -143,11 +143,12 @@ def _read(path: str) -> Optional[tuple[dict, tuple[int, int]]]:
         time.sleep(0.1)  # made by the O_EXCL fallback and not written yet
     try:
         holder = json.loads(text)
-        if not isinstance(holder, dict):
-            raise ValueError("not a JSON object")
+        problem = None if isinstance(holder, dict) else "not a JSON object"
     except ValueError as e:
-        raise ValueError(f"lock file {path} is not a trime lock ({e}); if no job is writing "
-                         f"{os.path.dirname(path)}, delete it and rerun") from None
+        problem = f"not JSON: {e}"
+    if problem:
+        raise ValueError(f"lock file {path} is not a trime lock ({problem}): if no job is writing that output, "
+                         "delete it and rerun")
     return holder, (st.st_dev, st.st_ino)
 
 
