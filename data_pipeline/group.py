@@ -35,6 +35,7 @@ from trime_dist.core import locations, mpi, shards
 from trime_dist.core.config import ConfigError, opt
 from trime_dist.core.flags import add_dataclass_flags, dataclass_from_flags
 from trime_dist.core.io import atomic_path, read_json, sha256_file
+from trime_dist.core.output_lock import output_lock
 
 log = logging.getLogger(__name__)
 METHODS = ("random", "consecutive", "bm25")
@@ -118,6 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_flags(GroupConfig, args)
     validate_config(cfg)
+    # rank 0 holds --output for the job; every rank stops with its refusal (one line each, no abort)
+    with output_lock(cfg.output, rank=mpi.rank(), bcast=mpi.bcast):
+        return _run(cfg)
+
+
+def _run(cfg: GroupConfig) -> int:
     if mpi.size() == 1:
         return group_segments(cfg)
     try:

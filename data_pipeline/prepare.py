@@ -35,6 +35,7 @@ from trime_dist.core.io import (
     read_json,
     sha256_file,
 )
+from trime_dist.core.output_lock import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +401,14 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.seq_len < 1 or cfg.shard_segments < 1:
         raise ValueError(f"--seq-len and --shard-segments must be >= 1 (got {cfg.seq_len}, {cfg.shard_segments})")
     rank, world = mpi.rank(), mpi.size()
+    # rank 0 holds --output for the job; every rank stops with its refusal
+    with output_lock(cfg.output, rank=rank, bcast=mpi.bcast):
+        return _prepare(cfg, rank, world)
+
+
+def _prepare(cfg: PrepareConfig, rank: int, world: int) -> dict:
+    from trime_dist.core import mpi
+
     plan = mpi.plan_on_root(lambda: _plan(cfg, world), rank=rank, bcast=mpi.bcast)
     if plan["done"]:
         log.info("%s is already complete with these settings; nothing to do", cfg.output)

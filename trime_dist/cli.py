@@ -84,8 +84,15 @@ def _run(stage: Optional[str], argv: list[str]) -> int:
         # User-facing errors (bad config, missing file, corrupt shard) end with one clear line.
         if getattr(args, "debug", False):
             raise
-        print(f"trime {args.stage}: error: {e}", file=sys.stderr)
+        if not (getattr(e, "all_ranks", False) and _rank() != 0):  # an error of every rank: rank 0 says it
+            print(f"trime {args.stage}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _rank() -> int:
+    from trime_dist.core.launch_env import discover_env
+
+    return discover_env().rank
 
 
 if __name__ == "__main__":

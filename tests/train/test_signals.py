@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from trime_dist.core.output_lock import LOCK_NAME
 from trime_dist.train.signals import EXIT_STOPPED_BY_SIGNAL, StopFlag
 
 from cli_runner import REPO, run_trime, trime_command
@@ -72,6 +73,7 @@ def check_stopped_then_resume(data, out, rc, stderr, ranks, *extra):
     # the checkpoint is of the last step in metrics.jsonl: the step in flight was finished, then saved
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{steps[-1]:08d}"
     assert not os.path.isfile(out / "summary.json")  # the run is not done
+    assert not os.path.exists(out / LOCK_NAME)  # the stopped job let go of run.out_dir: the rerun may take it
     run_trime(train_args(data, out, *extra), ranks=ranks)
     assert step_rows(out) == list(range(1, 61))
     assert json.load(open(out / "summary.json"))["steps"] == 60

@@ -67,10 +67,14 @@ def discover_env() -> DistEnv:
         return env or DistEnv(0, 1, 0, "127.0.0.1", _PORT_DEFAULT, "single")
     if env is not None and (env.rank, env.world_size) == (mpi.rank, mpi.world_size):
         return env  # srun --mpi=pmi2, or DeepSpeed's MPI runners: one world, the first launcher's master
-    if env is not None:
+    if env is not None and (env, mpi) not in _WARNED:  # said once: every stage asks more than once
+        _WARNED.add((env, mpi))
         log.warning("ignoring %s rank %d of %d inherited from an enclosing job: mpiexec started this process "
                     "as rank %d of %d", env.launcher, env.rank, env.world_size, mpi.rank, mpi.world_size)
     return mpi
+
+
+_WARNED: set = set()  # the (inherited, MPI) worlds discover_env has warned about
 
 
 def _torch_launcher_env() -> DistEnv | None:
@@ -121,6 +125,14 @@ def export_env(env: DistEnv) -> None:
         "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
         "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port),
     })
+
+
+def job_key(env: DistEnv) -> str:
+    """The same string on every rank of one job, another for any job running at the same time: the SLURM
+    job and step, and the rendezvous address (a loopback one named by this host: a one-node job)."""
+    host = socket.gethostname() if env.master_addr in ("127.0.0.1", "localhost") else env.master_addr
+    slurm = ".".join(filter(None, (os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID"))))
+    return f"{slurm + '/' if slurm else ''}{host}:{env.master_port}"
 
 
 def free_port() -> int:

@@ -38,6 +38,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"trime datastore build: --{name} is required")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out}: is a file, expected a datastore directory")
+    from trime_dist.core.launch_env import discover_env
+    from trime_dist.core.output_lock import output_lock
+
+    # rank 0 holds --out for the job, taken before torch loads: a second build on it is refused at once
+    with output_lock(cfg.out, rank=discover_env().rank):
+        _build(cfg)
+    return 0
+
+
+def _build(cfg: DatastoreConfig) -> None:
     from trime_dist.core.distributed import shutdown_distributed
     from trime_dist.datastore.build import build_datastore
 
@@ -53,4 +63,3 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         shutdown_distributed()
-    return 0

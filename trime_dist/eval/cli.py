@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 
 from trime_dist.eval.config import EvalConfig
@@ -79,14 +80,22 @@ def parse_setting(text: str, base):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from trime_dist.core.flags import dataclass_from_flags
-    from trime_dist.eval.evaluate import evaluate_settings
+    from trime_dist.core.output_lock import output_lock
 
     cfg = dataclass_from_flags(EvalConfig, args)
     if not cfg.data:
         raise ValueError("--data is required (prepared segment shards to evaluate)")
+    # --out is written at the end, but held from the start: a second eval on it is refused before its passes
+    with output_lock(cfg.out, inside=False) if cfg.out else contextlib.nullcontext():
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvalConfig) -> int:
+    import torch
+
+    from trime_dist.eval.evaluate import evaluate_settings
+
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
         from trime_dist.datastore.index import set_threads

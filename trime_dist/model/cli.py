@@ -32,6 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ValueError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}")
+    from trime_dist.core.output_lock import output_lock
+
+    # beside --out: the folder itself appears only at the end, renamed from a temporary one
+    with output_lock(args.out, inside=False):
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     from trime_dist.model.export import read_model_info
 

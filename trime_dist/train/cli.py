@@ -33,6 +33,15 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
+    from trime_dist.core.launch_env import discover_env
+    from trime_dist.core.output_lock import output_lock
+
+    # before the slow imports, so a second job on run.out_dir is refused at once; rank 0 holds it for the job
+    with output_lock(cfg.run.out_dir, rank=discover_env().rank):
+        return _train(cfg, args)
+
+
+def _train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from trime_dist.core.distributed import shutdown_distributed
     from trime_dist.train.loop import train
     from trime_dist.train.signals import EXIT_STOPPED_BY_SIGNAL, StoppedBySignal
