@@ -105,7 +105,13 @@ class Datastore:
         from trime_dist.datastore.exact import ExactIndex
 
         self._exact = ExactIndex(self, device, rank, world_size, metric=self.metric)
-        self._values_on_device = torch.from_numpy(self.values.astype(np.int64)).to(device)   # [count]
+        self._values_on_device = torch.from_numpy(self.values.astype(np.int32)).to(device)   # [count]
+
+    @property
+    def collective(self) -> bool:
+        """True when a search is a collective (the exact search sharded over ranks): every rank must call
+        search_tensor the same number of times, with its own queries (possibly none)."""
+        return self._exact is not None and self._exact.world_size > 1
 
     def search_tensor(self, queries, k: int, nprobe: int):
         """search() for a tensor of queries [N, D]: (scores, ids, labels) tensors on the queries' device,
@@ -116,7 +122,7 @@ class Datastore:
             scores, ids, labels = self.search(queries.float().cpu().numpy(), k, nprobe)
             return tuple(torch.from_numpy(a).to(queries.device) for a in (scores, ids, labels))
         scores, ids = self._exact.search(queries, k)
-        labels = torch.where(ids >= 0, self._values_on_device[ids.clamp(min=0)], IGNORE_INDEX)
+        labels = torch.where(ids >= 0, self._values_on_device[ids.clamp(min=0)].long(), IGNORE_INDEX)
         return scores.to(queries.device), ids.to(queries.device), labels.to(queries.device)
 
 
