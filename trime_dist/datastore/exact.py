@@ -160,8 +160,8 @@ class ExactIndex:
         s = all_to_all_rows(s, sizes, [Q] * self.world_size)                                 # [R*Q, k]
         ids = all_to_all_rows(ids, sizes, [Q] * self.world_size)
         # [R*Q, k] -> [Q, R*k]: every shard's candidates for each query side by side
-        s = s.view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, -1)
-        ids = ids.view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, -1)
+        s = s.view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, self.world_size * k)
+        ids = ids.view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, self.world_size * k)
         return merge_topk(s, ids, k)
 
     def search_shard(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
