@@ -138,6 +138,7 @@ def test_two_ranks_through_the_cli_equal_one_process(splits, tmp_path):
     assert proc.stdout.count("Perplexity on") == 1 and "(2 ranks)" in proc.stdout   # rank 0's table only
     log = proc.stderr + proc.stdout                                       # the deal of test_deal_whole_streams...
     assert "rank 0 of 2 scores 2 of 5 streams" in log and "rank 1 of 2 scores 3 of 5 streams" in log
+    assert "faiss search (Flat) with CPU faiss (1 threads), rank 1's own replica" in log
 
 
 def test_exact_store_sharded_over_two_ranks_with_more_ranks_than_streams(splits, tmp_path):
@@ -198,3 +199,21 @@ def test_a_shard_that_does_not_fit_stops_every_rank_with_one_line(splits):
     assert "run on more ranks" in err1 and "\n" not in err1
     assert err0 == "rank 1: " + err1
     assert halves0[0] == 0 and halves0[1] == halves1[0] and halves1[1] > halves1[0]
+
+
+def test_faiss_search_device_is_the_cpu_without_gpu_faiss(splits):
+    """The GPU-faiss switch checked on CPU faiss: a CUDA device keeps the index on the CPU, saying why; the store
+    opened for eval reports where its index searches."""
+    from trime_dist.datastore import index as dsi
+    from trime_dist.datastore.store import open_datastore
+
+    if dsi.gpu_faiss_available():
+        pytest.skip("this faiss has GPU support (tests/gpu covers it)")
+    ds = open_datastore(str(splits / "ds"))
+    index = ds.index(1)
+    same, where = dsi.to_search_device(index, torch.device("cuda", 0))
+    assert same is index and where.startswith("CPU faiss (") and "no GPU support" in where
+    assert dsi.to_search_device(index, torch.device("cpu"))[1].startswith("CPU faiss (")
+    assert ds.use_faiss_on(torch.device("cuda", 0)) == where and ds.search_where == where
+    scores, ids, _ = ds.search(ds.all_keys()[:3], 4, 1)
+    assert (ids[:, 0] >= 0).all()

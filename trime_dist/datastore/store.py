@@ -34,6 +34,8 @@ class Datastore:
                                       for p in self.meta["parts"]]) if load_values else None
         self._index = None
         self._exact = None   # an ExactIndex after use_exact_search()
+        self._faiss_device = None   # where the faiss index searches: None = the CPU (see use_faiss_on)
+        self.search_where = "CPU faiss"
 
     def check_parts(self) -> None:
         """Every part's keys [n_p, D] and values [n_p] open and have the sizes the metadata implies."""
@@ -86,10 +88,20 @@ class Datastore:
         """The faiss index (loaded once, memory-mapped), with nprobe set."""
         if self._index is None:
             # on-disk lists are memory-mapped by faiss itself; IO_FLAG_MMAP on top of them crashes faiss 1.15
-            self._index = dsi.load_search_index(os.path.join(self.path, self.meta["index"]), nprobe,
-                                                      mmap=not self.meta["ondisk"])
+            index = dsi.load_search_index(os.path.join(self.path, self.meta["index"]), nprobe,
+                                          mmap=not self.meta["ondisk"])
+            self._index, self.search_where = dsi.to_search_device(index, self._faiss_device or "cpu")
         dsi.set_nprobe(self._index, nprobe)
         return self._index
+
+    def use_faiss_on(self, device, nprobe: int = 1) -> str:
+        """Load the faiss index for searching on `device`: a CUDA device moves it to that GPU when faiss has GPU
+        support (datastore/index.py to_search_device), anything else keeps it on the CPU. Returns where it
+        searches (one line for the log)."""
+        self._faiss_device = device
+        self._index = None
+        self.index(nprobe)
+        return self.search_where
 
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores [N, k] similarities (q·k, or -||q - k||^2 for an l2 store), best first, ids [N, k], labels [N, k];

@@ -182,8 +182,9 @@ def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_di
                 log.info("datastore %s: exact search, keys [%d, %d) of %d (rank %d of %d) on %s (%.1f s)", s.datastore,
                          lo, hi, count, rank, world_size, device, time.perf_counter() - t0)
             else:
-                log.info("datastore %s: faiss search (%s) on the CPU%s", s.datastore, ds.meta.get("factory", "?"),
-                         f", rank {rank}'s own replica" if world_size > 1 else "")
+                where = ds.use_faiss_on(device, s.nprobe)
+                log.info("datastore %s: faiss search (%s) with %s%s", s.datastore, ds.meta.get("factory", "?"),
+                         where, f", rank {rank}'s own replica" if world_size > 1 else "")
             stores[s.datastore] = ds
     return stores
 
