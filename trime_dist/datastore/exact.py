@@ -4,9 +4,9 @@ For stores that fit in the GPU memory of a job (WikiText-103: 103M fp16 keys of 
 26 GB per GPU on 8 GPUs), exact search has none of IVF-PQ's recall loss and runs at matmul speed.
 Each rank holds a contiguous slice of the key ids (1/R of the store); in each search round every rank's
 queries are gathered, each rank searches its slice for all of them, and the per-slice top-k go back to the
-rank that asked (one all-gather of the queries, one all-to-all of the results), where they are merged. On a GPU the scan is an fp16 matmul;
-its candidates are rescored in fp32 from the same fp16 keys, so scores equal faiss Flat's on the
-stored keys. Scores are similarities, larger = closer: q·k, or -||q - k||^2 for an l2 store.
+rank that asked (one all-gather of the queries, one all-to-all of the results), where they are merged.
+On a GPU the scan is an fp16 matmul; its candidates are rescored in fp32 from the same fp16 keys, so
+scores equal faiss Flat's on the stored keys. Scores are similarities, larger = closer: q·k, or -||q - k||^2 for an l2 store.
 """
 from __future__ import annotations
 

@@ -306,6 +306,9 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
             score(*pending)
     elapsed = time.perf_counter() - start_time
     if world_size > 1:
+        log.info("rank %d of %d: %d tokens of %s in %.2f s (forward %.2f s, search %.2f s, memory %.2f s)", rank,
+                 world_size, int(n_scored), data_dir, elapsed, seconds["forward"], seconds["search"],
+                 seconds["memory"])
         sums, n_scored, elapsed = reduce_pass(sums, n_scored, elapsed)
     n_scored = int(n_scored)  # every setting scores the same tokens
     return {"settings": [{"nll": sums[i].cpu().numpy(), "tokens": n_scored} for i in range(len(settings))],
