@@ -12,6 +12,8 @@ exact: the keys sharded over the ranks) on each R and prints one table: tokens/s
 over the slowest rank's pass, model loading excluded), the command's wall time, the speed-up over 1 rank and the
 perplexity (the same on every R). Without --model/--data/--datastore it makes a random tiny model (configs/tiny.yaml
 shape), synthetic streams of varied length and an IVF-PQ datastore over 100k synthetic training tokens first.
+One rank already searches in a thread beside its forward pass, so it can use a second core: on a 2-core machine
+that bounds what a second rank adds; --repeats alternates the rank counts (a shared machine's load moves).
 """
 from __future__ import annotations
 
