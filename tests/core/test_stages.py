@@ -26,7 +26,8 @@ def test_every_stage_has_a_module_and_help():
 
 
 def test_runner_and_split_stage():
-    assert (runner_for("train"), runner_for("prepare"), runner_for("eval")) == (TORCH, MPI, SINGLE)
+    assert (runner_for("train"), runner_for("prepare"), runner_for("eval"), runner_for("report")) == \
+        (TORCH, MPI, TORCH, SINGLE)
     assert split_stage(["--", "trime", "train", "--config", "c.yaml"]) == ("train", ["--config", "c.yaml"])
     with pytest.raises(ValueError, match="unknown stage 'trian'; expected one of: corpus"):
         split_stage(["trian"])

@@ -60,22 +60,23 @@ def test_shards_padding_and_merge():
 class _Store:
     """The two fields ExactIndex reads, over one in-memory part written to disk."""
 
-    def __init__(self, path, keys):
+    def __init__(self, path, keys, write=True):
         import os
 
-        os.makedirs(path, exist_ok=True)
-        np.save(os.path.join(path, "keys-a.npy"), keys[:1100])
-        np.save(os.path.join(path, "keys-b.npy"), keys[1100:])
+        if write:   # write=False: the files are there already (ranks writing them at once would race)
+            os.makedirs(path, exist_ok=True)
+            np.save(os.path.join(path, "keys-a.npy"), keys[:1100])
+            np.save(os.path.join(path, "keys-b.npy"), keys[1100:])
         self.path = str(path)
         self.meta = {"count": len(keys), "dim": keys.shape[1],
                      "parts": [{"keys": "keys-a.npy"}, {"keys": "keys-b.npy"}]}
         self.first_ids = np.array([0, 1100])
 
 
-def _sharded_search(rank, world_size, path, keys, queries, k):
+def _sharded_search(rank, world_size, path, keys, queries, k, write=True):
     from trime_dist.datastore.exact import ExactIndex
 
-    index = ExactIndex(_Store(path, keys), torch.device("cpu"), rank, world_size)
+    index = ExactIndex(_Store(path, keys, write), torch.device("cpu"), rank, world_size)
     return index.lo, index.hi, index.search(torch.from_numpy(queries), k)
 
 
@@ -83,7 +84,8 @@ def test_two_rank_sharded_search_equals_one_process(tmp_path):
     keys, queries = _case(5, M=2501)
     keys, queries = keys.numpy(), queries.numpy()
     k = 9
-    results = run_distributed(_sharded_search, 2, args=(str(tmp_path / "store"), keys, queries, k))
+    _Store(tmp_path / "store", keys)   # written once, before the ranks read it
+    results = run_distributed(_sharded_search, 2, args=(str(tmp_path / "store"), keys, queries, k, False))
     (lo0, hi0, (s0, i0)), (lo1, hi1, (s1, i1)) = results
     assert (lo0, hi0, lo1, hi1) == (0, 1251, 1251, 2501)   # each rank holds half the keys, across the part boundary
     ref_s, ref_i = _brute(torch.from_numpy(keys), torch.from_numpy(queries), k)
@@ -94,6 +96,39 @@ def test_two_rank_sharded_search_equals_one_process(tmp_path):
     _, _, (s, i) = _sharded_search(0, 1, str(tmp_path / "one"), keys[:5], queries, 8)
     assert (i[:, 5:] == -1).all() and torch.isinf(s[:, 5:]).all() and (i[:, :5] >= 0).all()
 
+
+
+_ASKED = {0: [slice(0, 5), slice(5, 20), slice(0, 0)], 1: [slice(20, None), slice(0, 0), slice(3, 4)]}
+
+
+def _rounds_of_own_queries(rank, world_size, path, keys, queries):
+    """Three search rounds in which the ranks ask different queries (rank 1 none in round 2, rank 0 none in 3),
+    with k = 4 over an ip store, then k = 7 over an l2 one."""
+    from trime_dist.datastore.exact import ExactIndex
+
+    out = []
+    for k, metric in ((4, "ip"), (7, "l2")):
+        index = ExactIndex(_Store(path, keys, write=False), torch.device("cpu"), rank, world_size, metric=metric)
+        out.append([index.search(torch.from_numpy(queries[a]), k) for a in _ASKED[rank]])
+    return out
+
+
+def test_two_rank_sharded_search_of_each_ranks_own_queries(tmp_path):
+    """Each rank's own queries (any number, none included) are searched over both shards: the brute force over
+    all keys, for ip and l2."""
+    keys, queries = _case(6, M=1801, Q=30)
+    keys, queries = keys.numpy(), queries.numpy()
+    _Store(tmp_path / "s", keys)
+    got = run_distributed(_rounds_of_own_queries, 2, args=(str(tmp_path / "s"), keys, queries))
+    kk = torch.from_numpy(keys).double()
+    for rank in (0, 1):
+        for (k, metric), rounds in zip(((4, "ip"), (7, "l2")), got[rank]):
+            for (s, i), a in zip(rounds, _ASKED[rank]):
+                q = torch.from_numpy(queries[a]).double()
+                ref = (q @ kk.T) if metric == "ip" else -((q[:, None, :] - kk[None]) ** 2).sum(2)
+                top = ref.topk(k, dim=1)
+                assert i.shape == (len(q), k) and torch.equal(i, top.indices)
+                torch.testing.assert_close(s.double(), top.values, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float16])

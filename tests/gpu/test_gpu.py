@@ -201,3 +201,30 @@ def test_bf16_autocast_inside_deepspeed_on_gpu():
 
     seen, param_dtype, device = run_autocast_engine()
     assert seen == [torch.bfloat16] and param_dtype == torch.float32 and device.startswith("cuda")
+
+
+def test_eval_faiss_on_the_gpu_with_float16_lookup_tables(data, tmp_path, caplog):
+    """GPU faiss present: eval's IVF-PQ index searches on the rank's GPU (float16 lookup tables), says so in the
+    log, and gives the CPU faiss rows within float16 tolerance."""
+    import logging
+
+    from trime_dist.cli import main
+    from trime_dist.datastore import index as dsi
+
+    if not dsi.gpu_faiss_available():
+        pytest.skip("the installed faiss has no GPU support")
+    run = _export_tiny(data, tmp_path / "model")
+    ds = str(tmp_path / "ds")
+    assert main(["datastore", "build", "--model", run, "--data", str(data / "train"), "--out", ds,
+                 "--factory", "IVF16,PQ16", "--train-sample", "4000"]) == 0
+    rows = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.json"
+        with caplog.at_level(logging.INFO, logger="trime_dist.eval.evaluate"):
+            assert main(["eval", "--model", run, "--data", str(data / "valid"), "--memory", "external",
+                         "--datastore", ds, "--k", "64", "--nprobe", "8", "--device", device, "--out", str(out)]) == 0
+        rows[device] = json.load(open(out))[0]
+    assert "with GPU faiss on cuda:0 (float16 lookup tables)" in caplog.text
+    assert "with CPU faiss (" in caplog.text
+    assert rows["cuda"]["tokens"] == rows["cpu"]["tokens"]
+    assert rows["cuda"]["loss"] == pytest.approx(rows["cpu"]["loss"], rel=2e-2)

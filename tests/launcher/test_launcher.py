@@ -83,8 +83,10 @@ def test_stage_table_picks_the_runner():
     assert os.path.basename(store[0]) == "deepspeed" and store[-4:] == ["datastore", "build", "--model", "m"]
     single = local_command(["corpus", "--out", "c"], nproc=1)
     assert os.path.basename(single[0]) == "trime" and single[1:] == ["corpus", "--out", "c"]
+    evaluate = local_command(["eval", "--data", "d"], nproc=2, master_port=1)   # eval runs on R ranks too
+    assert os.path.basename(evaluate[0]) == "deepspeed" and evaluate[-3:] == ["eval", "--data", "d"]
     with pytest.raises(ValueError, match="runs as one process"):
-        local_command(["eval", "--data", "d"], nproc=2)
+        local_command(["report", "runs"], nproc=2)
     with pytest.raises(ValueError, match="unknown stage 'trian'"):
         split_stage(["trian"])
     with pytest.raises(ValueError, match="no stage given"):
@@ -201,7 +203,10 @@ def test_slurm_scripts_for_a_two_node_gpu_cluster(tmp_path):
     assert "--gpus-per-node" not in by_stage["group"] and "#SBATCH --ntasks-per-node=16" in by_stage["group"]
     assert "srun --mpi=pmi2 --kill-on-bad-exit=1 --cpus-per-task=2 " in by_stage["group"]
     assert "srun --kill-on-bad-exit=1 --cpus-per-task=6 " in train
-    assert "#SBATCH --ntasks-per-node=1" in by_stage["eval"] and "#SBATCH --gpus-per-node=1" in by_stage["eval"]
+    # eval: one task per GPU of one node (the streams dealt to the 8 ranks)
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"):
+        assert line in by_stage["eval"].splitlines(), line
+    assert f"srun --kill-on-bad-exit=1 --cpus-per-task=6 {BIN}/trime eval " in by_stage["eval"]
     assert "--requeue" not in by_stage["datastore"]
     # SIGUSR1 to every rank 120 s before the time limit; exit status 3 (stopped, checkpoint saved) -> requeue
     assert "#SBATCH --signal=USR1@120" in train.splitlines() and "--signal" not in by_stage["datastore"]

@@ -21,14 +21,15 @@ def backend_for_device() -> str:
 
 
 def init_distributed(timeout_s: int = 1800, *, group_of_one: bool = False,
-                     init_group: Optional[Callable[[str], None]] = None) -> DistEnv:
+                     init_group: Optional[Callable[[str], None]] = None, backend: Optional[str] = None) -> DistEnv:
     """Bring up the default process group from the launcher's environment (any launcher: DeepSpeed,
     torchrun, srun, mpiexec); returns that environment.
 
     One process gets no group unless group_of_one (DeepSpeed wants one; it then rendezvous on a free
     port). The environment is exported as RANK/WORLD_SIZE/... and the GPU picked by local rank, then
     init_group(backend) makes the group: torch's init_process_group unless the caller brings its own
-    (DeepSpeed's). Nothing is done when a group exists already.
+    (DeepSpeed's). backend: gloo for a stage that keeps its tensors on the CPU on a GPU machine (default:
+    nccl when CUDA is available, else gloo). Nothing is done when a group exists already.
     """
     env = discover_env()
     if dist.is_initialized() or (env.world_size == 1 and not group_of_one):
@@ -37,10 +38,11 @@ def init_distributed(timeout_s: int = 1800, *, group_of_one: bool = False,
         env = replace(env, master_port=free_port())
     export_env(env)
     pick_device("auto", env.local_rank)  # binds this rank's GPU before the group (NCCL) is made
+    backend = backend or backend_for_device()
     if init_group is None:
-        dist.init_process_group(backend=backend_for_device(), timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     else:
-        init_group(backend_for_device())
+        init_group(backend)
     return env
 
 
@@ -95,10 +97,42 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def raise_first_error(error: Optional[BaseException]) -> None:
+    """Collective: when any rank passes an error, every rank raises ValueError with the first one's message (in
+    rank order, "rank R: " before it), so no rank goes on to wait at a collective the failed one never reaches;
+    otherwise returns on every rank. With one process: raises `error` itself."""
+    if not is_dist():
+        if error is not None:
+            raise error
+        return
+    messages = [None] * get_world_size()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    first = next(((r, m) for r, m in enumerate(messages) if m is not None), None)
+    if first is not None:
+        raise ValueError(first[1] if first[0] == get_rank() else f"rank {first[0]}: {first[1]}") from error
+
+
+def all_to_all_rows(t: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
+    """Rows send_sizes[0] of `t` go to rank 0, the next send_sizes[1] to rank 1, ...; returns the rows every rank
+    sent here, in rank order ([sum(recv_sizes), ...]; recv_sizes[r] = what rank r sends here). Identity with one
+    process."""
+    if not is_dist():
+        return t
+    out = t.new_empty((sum(recv_sizes),) + tuple(t.shape[1:]))
+    dist.all_to_all_single(out, t.contiguous(), output_split_sizes=list(recv_sizes),
+                           input_split_sizes=list(send_sizes))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # All-gather along dim 0 (sizes may differ per rank), with and without autograd.
 # Used by trime_dist.train.loss to make every rank's keys the memory of every rank's queries.
 # --------------------------------------------------------------------------------------------
+
+def gather_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's `n`, in rank order ([n] with one process)."""
+    return _gather_sizes(n, device) if is_dist() else [n]
+
 
 def _gather_sizes(n: int, device: torch.device) -> list[int]:
     """Every rank's dim-0 size, in rank order."""

@@ -33,8 +33,8 @@ STAGES: dict[str, Stage] = {
                    "train a model with DeepSpeed (run under `deepspeed` or `trime launch`)"),
     "datastore": Stage("trime_dist.datastore.cli", TORCH,
                        "build the kNN datastore and faiss index from a trained model"),
-    # one process (batched searches); give it a GPU
-    "eval": Stage("trime_dist.eval.cli", SINGLE, "perplexity under none / local / long / external memory"),
+    # R ranks (one per GPU): whole streams dealt to the ranks, an exact store sharded over them
+    "eval": Stage("trime_dist.eval.cli", TORCH, "perplexity under none / local / long / external memory (R ranks)"),
     "report": Stage("trime_dist.report.cli", SINGLE,
                     "a Markdown page with tables and PNG figures from run directories and eval results"),
     "export": Stage("trime_dist.model.cli", SINGLE, "write a run's model for other tools: --format hf | safetensors"),

@@ -2,10 +2,11 @@
 
 For stores that fit in the GPU memory of a job (WikiText-103: 103M fp16 keys of d=1024 are about
 26 GB per GPU on 8 GPUs), exact search has none of IVF-PQ's recall loss and runs at matmul speed.
-Each rank holds a contiguous slice of the key ids; every rank searches its slice for the same
-queries and the per-rank top-k are merged (one all-gather). On a GPU the scan is an fp16 matmul;
-its candidates are rescored in fp32 from the same fp16 keys, so scores equal faiss Flat's on the
-stored keys. Scores are similarities, larger = closer: q·k, or -||q - k||^2 for an l2 store.
+Each rank holds a contiguous slice of the key ids (1/R of the store); in each search round every rank's
+queries are gathered, each rank searches its slice for all of them, and the per-slice top-k go back to the
+rank that asked (one all-gather of the queries, one all-to-all of the results), where they are merged.
+On a GPU the scan is an fp16 matmul; its candidates are rescored in fp32 from the same fp16 keys, so
+scores equal faiss Flat's on the stored keys. Scores are similarities, larger = closer: q·k, or -||q - k||^2 for an l2 store.
 """
 from __future__ import annotations
 
@@ -91,6 +92,40 @@ def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.T
     return s, ids.gather(1, pick)
 
 
+def free_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on `device`: the GPU's free memory, or the machine's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def shard_bytes(count: int, dim: int, rank: int, world_size: int, metric: str = "ip") -> int:
+    """Bytes rank `rank` of `world_size` holds for exact search: its fp16 keys (+ fp32 norms for l2) and every
+    key's label (int32)."""
+    lo, hi = shard_range(count, rank, world_size)
+    return (hi - lo) * (2 * dim + (4 if metric == "l2" else 0)) + 4 * count
+
+
+def check_shard_fits(path: str, count: int, dim: int, device: torch.device, rank: int, world_size: int,
+                     metric: str = "ip", ranks_here: int = 1, available: int | None = None) -> None:
+    """ValueError (one line) when this rank's shard of the store does not fit in what `device` has free
+    (`ranks_here` ranks of this machine share its CPU memory; `available`: the free bytes, measured when None)."""
+    need = shard_bytes(count, dim, rank, world_size, metric)
+    free = free_bytes(device) if available is None else available
+    if device.type != "cuda":
+        free //= max(ranks_here, 1)
+    if need > 0.9 * free:
+        raise ValueError(f"datastore {path}: --search exact on {world_size} rank(s) holds {need / 2**30:.2f} GiB "
+                         f"per rank ({count:,} keys x {dim} in fp16 / {world_size}, plus labels), more than the "
+                         f"{free / 2**30:.2f} GiB free per rank on {device}; run on more ranks (each holds 1/R of "
+                         "the keys) or search the faiss index (--search faiss)")
+
+
 class ExactIndex:
     """A store's keys [lo, hi) on `device` (fp16) and their exact top-k search, merged over the ranks."""
 
@@ -106,10 +141,33 @@ class ExactIndex:
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores [Q, k] fp32 similarities, ids [Q, k] int64 global; -1 / -inf where the store has < k keys)."""
+        """(scores [Q, k] fp32 similarities, ids [Q, k] int64 global; -1 / -inf where the store has < k keys) of
+        this rank's queries [Q, D] over the whole store. Sharded (world_size > 1) it is a collective: every rank
+        calls it once per round, with its own queries (Q may differ, 0 included) and the same k; each shard is
+        searched for every rank's queries, and each rank gets its queries' top-k merged over the shards."""
         queries = queries.to(self.device)
+        if self.world_size == 1:
+            return self.search_shard(queries, k)
+        from trime_dist.core.distributed import all_gather_no_grad, all_to_all_rows, gather_sizes
+
+        sizes = gather_sizes(queries.shape[0], self.device)                                  # [R] queries per rank
         Q = queries.shape[0]
-        if self.keys.shape[0]:
+        if sum(sizes) == 0:
+            return self.search_shard(queries, k)
+        every = all_gather_no_grad(queries.float())                                          # [sum Q_r, D]
+        s, ids = self.search_shard(every, k)                                                 # this shard's top-k
+        # rank r gets this shard's rows for its queries; this rank gets every shard's rows for its own
+        s = all_to_all_rows(s, sizes, [Q] * self.world_size)                                 # [R*Q, k]
+        ids = all_to_all_rows(ids, sizes, [Q] * self.world_size)
+        # [R*Q, k] -> [Q, R*k]: every shard's candidates for each query side by side
+        s = s.view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, self.world_size * k)
+        ids = ids.view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, self.world_size * k)
+        return merge_topk(s, ids, k)
+
+    def search_shard(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """search() over this rank's keys only: ([Q, k] fp32, [Q, k] global ids), padded with (-inf, -1)."""
+        Q = queries.shape[0]
+        if self.keys.shape[0] and Q:
             if self.compute_dtype == torch.float32:
                 s, rows = topk_chunked(queries, self.keys, k, metric=self.metric, key_sq=self.key_sq)
             else:  # a margin of candidates, so fp16 rounding does not drop a true k-th neighbour
@@ -120,15 +178,7 @@ class ExactIndex:
         else:
             s = torch.zeros((Q, 0), dtype=torch.float32, device=self.device)
             ids = torch.zeros((Q, 0), dtype=torch.long, device=self.device)
-        s, ids = _pad_to_k(s, ids, k)
-        if self.world_size > 1:
-            from trime_dist.core.distributed import all_gather_no_grad
-
-            # [R*Q, k] -> [Q, R*k]: every rank's candidates for each query side by side
-            s = all_gather_no_grad(s).view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, -1)
-            ids = all_gather_no_grad(ids).view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, -1)
-            s, ids = merge_topk(s, ids, k)
-        return s, ids
+        return _pad_to_k(s, ids, k)
 
 
 def _pad_to_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

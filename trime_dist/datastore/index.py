@@ -185,7 +185,38 @@ def set_nprobe(index, nprobe: int) -> None:
     try:
         _faiss().extract_index_ivf(index).nprobe = nprobe
     except RuntimeError:
-        pass  # Flat: no lists to probe
+        if hasattr(index, "nprobe"):   # a GPU IVF index (not an IndexIVF)
+            index.nprobe = nprobe
+        # else Flat: no lists to probe
+
+
+def gpu_faiss_available() -> bool:
+    """True when the installed faiss has GPU support and sees a GPU."""
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def to_search_device(index, device) -> tuple[object, str]:
+    """(the index to search, where it searches, for the log): on a CUDA `device`, with GPU faiss, a copy on that
+    GPU with float16 lookup tables (the paper's setting; IVF-PQ) and float16 coarse / Flat storage; otherwise the
+    CPU index itself, with the reason."""
+    faiss = _faiss()
+    threads = faiss.omp_get_max_threads()
+    if getattr(device, "type", str(device)) != "cuda":
+        return index, f"CPU faiss ({threads} threads)"
+    if not gpu_faiss_available():
+        return index, f"CPU faiss ({threads} threads; this faiss has no GPU support)"
+    gpu_id = 0 if device.index is None else int(device.index)
+    resources = faiss.StandardGpuResources()
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = True                 # IVF-PQ: float16 lookup tables; Flat / IVF-Flat: float16 storage
+    try:
+        gpu = faiss.index_cpu_to_gpu(resources, gpu_id, index, options)
+    except RuntimeError as e:                 # e.g. a code size GPU faiss has no kernel for
+        log.warning("GPU faiss cannot take this index (%s); searching it with CPU faiss", " ".join(str(e).split()))
+        return index, f"CPU faiss ({threads} threads; GPU faiss refused the index)"
+    gpu.referenced_resources = resources      # the resources live as long as the index
+    return gpu, f"GPU faiss on cuda:{gpu_id} (float16 lookup tables)"
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

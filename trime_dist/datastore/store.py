@@ -39,6 +39,8 @@ class Datastore:
                                       for i in range(len(self.meta["parts"]))]) if load_values else None
         self._index = None
         self._exact = None   # an ExactIndex after use_exact_search()
+        self._faiss_device = None   # where the faiss index searches: None = the CPU (see use_faiss_on)
+        self.search_where = "CPU faiss"
 
     def check_parts(self) -> None:
         """Every part's keys [n_p, D] and values [n_p] open and have the sizes the metadata implies."""
@@ -91,9 +93,19 @@ class Datastore:
         """The faiss index (loaded once, memory-mapped), with nprobe set."""
         if self._index is None:
             # on-disk lists are memory-mapped by faiss itself; IO_FLAG_MMAP on top of them crashes faiss 1.15
-            self._index = dsi.load_search_index(self._index_file, nprobe, mmap=not self.meta["ondisk"])
+            index = dsi.load_search_index(self._index_file, nprobe, mmap=not self.meta["ondisk"])
+            self._index, self.search_where = dsi.to_search_device(index, self._faiss_device or "cpu")
         dsi.set_nprobe(self._index, nprobe)
         return self._index
+
+    def use_faiss_on(self, device, nprobe: int = 1) -> str:
+        """Load the faiss index for searching on `device`: a CUDA device moves it to that GPU when faiss has GPU
+        support (datastore/index.py to_search_device), anything else keeps it on the CPU. Returns where it
+        searches (one line for the log)."""
+        self._faiss_device = device
+        self._index = None
+        self.index(nprobe)
+        return self.search_where
 
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores [N, k] similarities (q·k, or -||q - k||^2 for an l2 store), best first, ids [N, k], labels [N, k];
@@ -109,7 +121,13 @@ class Datastore:
         from trime_dist.datastore.exact import ExactIndex
 
         self._exact = ExactIndex(self, device, rank, world_size, metric=self.metric)
-        self._values_on_device = torch.from_numpy(self.values.astype(np.int64)).to(device)   # [count]
+        self._values_on_device = torch.from_numpy(self.values.astype(np.int32)).to(device)   # [count]
+
+    @property
+    def collective(self) -> bool:
+        """True when a search is a collective (the exact search sharded over ranks): every rank must call
+        search_tensor the same number of times, with its own queries (possibly none)."""
+        return self._exact is not None and self._exact.world_size > 1
 
     def search_tensor(self, queries, k: int, nprobe: int):
         """search() for a tensor of queries [N, D]: (scores, ids, labels) tensors on the queries' device,
@@ -120,7 +138,7 @@ class Datastore:
             scores, ids, labels = self.search(queries.float().cpu().numpy(), k, nprobe)
             return tuple(torch.from_numpy(a).to(queries.device) for a in (scores, ids, labels))
         scores, ids = self._exact.search(queries, k)
-        labels = torch.where(ids >= 0, self._values_on_device[ids.clamp(min=0)], IGNORE_INDEX)
+        labels = torch.where(ids >= 0, self._values_on_device[ids.clamp(min=0)].long(), IGNORE_INDEX)
         return scores.to(queries.device), ids.to(queries.device), labels.to(queries.device)
 
 

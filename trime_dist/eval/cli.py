@@ -107,15 +107,19 @@ def _evaluate(cfg: EvalConfig) -> int:
     if searches and not cfg.valid:
         raise ValueError(f"{' / '.join(searches)} needs --valid DIR (a validation split to choose the values on)")
     from trime_dist.core.device import pick_device
-    from trime_dist.core.distributed import shutdown_distributed
+    from trime_dist.core.distributed import init_distributed, shutdown_distributed
 
-    try:
+    try:  # R ranks under any torch launcher: the streams are dealt to them (eval/evaluate.py)
+        env = init_distributed(backend="gloo" if cfg.device == "cpu" else None)
         rows = evaluate_settings(settings, cfg.data, valid_dir=cfg.valid, taus=cfg.taus(), lambdas=cfg.lambdas(),
                                  knn_temperatures=cfg.knn_temperatures(),
                                  context_window=cfg.context_window, batch_size=cfg.batch_size,
-                                 max_segments=cfg.max_segments, device=pick_device(cfg.device), search=cfg.search)
+                                 max_segments=cfg.max_segments, device=pick_device(cfg.device, env.local_rank),
+                                 search=cfg.search)
     finally:  # like every torch stage: no process group or DeepSpeed buffer outlives it
         shutdown_distributed()
+    if env.rank != 0:  # every rank has the rows; rank 0 prints and writes them
+        return 0
     print_table(rows, cfg.data)
     if cfg.out:
         from trime_dist.core.io import atomic_write_json
@@ -126,8 +130,11 @@ def _evaluate(cfg: EvalConfig) -> int:
 
 
 def print_table(rows: list[dict], data_dir: str) -> None:
-    print(f"\nPerplexity on {data_dir}")
-    print(f"{'setting':<22}{'memory':<10}{'tau':>6}{'lambda':>8}{'tau_knn':>8}{'k':>6}{'nprobe':>8}{'tokens':>9}"
+    """The rows as a table; the setting column is as wide as the longest name (+ 2), at least 22."""
+    ranks = max((int(r.get("ranks") or 1) for r in rows), default=1)
+    print(f"\nPerplexity on {data_dir}" + (f" ({ranks} ranks)" if ranks > 1 else ""))
+    w = max([22] + [len(r["name"]) + 2 for r in rows])
+    print(f"{'setting':<{w}}{'memory':<10}{'tau':>6}{'lambda':>8}{'tau_knn':>8}{'k':>6}{'nprobe':>8}{'tokens':>9}"
           f"{'loss':>8}{'ppl':>9}{'word ppl':>10}{'bits/byte':>10}")
     for r in rows:
         k = "-" if r["k"] is None else str(r["k"])
@@ -135,7 +142,7 @@ def print_table(rows: list[dict], data_dir: str) -> None:
         word = "-" if r.get("word_ppl") is None else f"{r['word_ppl']:.3f}"
         bpb = "-" if r.get("bits_per_byte") is None else f"{r['bits_per_byte']:.4f}"
         knn_tau = "-" if r.get("knn_temperature") is None else f"{r['knn_temperature']:.3g}"
-        print(f"{r['name']:<22}{r['memory']:<10}{r['temperature']:>6.3g}{r['knn_lambda']:>8.3g}{knn_tau:>8}{k:>6}"
+        print(f"{r['name']:<{w}}{r['memory']:<10}{r['temperature']:>6.3g}{r['knn_lambda']:>8.3g}{knn_tau:>8}{k:>6}"
               f"{nprobe:>8}{r['tokens']:>9}{r['loss']:>8.4f}{r['ppl']:>9.3f}{word:>10}{bpb:>10}")
     print("(ppl per token; word ppl = exp(NLL / (words + line ends)) and bits per byte of the text `trime prepare` "
           "read, when every target was scored)")

@@ -2,7 +2,11 @@
 
 Settings that share a model share one pass over the data: each batch of windows is encoded once,
 each datastore searched once (batched), then every setting's loss is computed from the same
-logits and keys. Runs in one process; prints a table and writes a JSON file.
+logits and keys. On R ranks (any torch launcher) the streams are dealt to the ranks whole (a stream's
+long-memory chain never crosses ranks), each rank scores its share and the summed losses (every grid point's:
+the τ / λ / τ_knn searches see the same sums as one process) and token counts are reduced; an exact store
+is sharded over the ranks (each holds 1/R of the keys, every search round is a collective), a faiss index
+is searched by each rank on its own replica. Rank 0 prints the table and writes the JSON.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from trime_dist.core.constants import IGNORE_INDEX, LAYOUTS
 from trime_dist.core.io import batched
 from trime_dist.core.shards import pad_rows
 from trime_dist.eval.memory import KeyCache, window_nll
-from trime_dist.eval.windows import Window, iter_windows
+from trime_dist.eval.windows import Window, deal_streams, iter_windows, stream_sizes
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,7 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
     `device` (bf16 autocast on a GPU); search = faiss (the stores' indexes) or exact (keys on `device`).
     taus / lambdas / knn_temperatures: the SearchGrid searched on valid_dir first."""
     from trime_dist.core import shards
+    from trime_dist.core.distributed import get_rank, get_world_size
     from trime_dist.model.export import check_tokenizer, load_model
 
     grid = SearchGrid(tuple(taus), tuple(lambdas), tuple(knn_temperatures))
@@ -97,7 +102,8 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
         model, info = load_model(model_path, device)
         log.info("model %s (%s): %s in one pass over %s", model_path, info["model_id"],
                  ", ".join(settings[i].name for i in group), data_dir)
-        stores = open_stores([settings[i] for i in group], info, manifest, data_dir, search, device, context_window)
+        stores = open_stores([settings[i] for i in group], info, manifest, data_dir, search, device, context_window,
+                             rank=get_rank(), world_size=get_world_size())
         chosen = {i: settings[i] for i in group}
         searched = {}
         tuned = [i for i in group if grid.searches(settings[i])]
@@ -119,7 +125,7 @@ def evaluate_settings(settings: list[EvalSetting], data_dir: str, valid_dir: str
                            [[chosen[i].temperature] for i in group], context_window, batch_size, max_segments)
         for i, r in zip(group, result["settings"]):
             rows[i] = make_row(chosen[i], info, stores, r, searched.get(i, {}), context_window, data_dir,
-                               result["tokens_per_s"])
+                               result["tokens_per_s"], result["ranks"])
             rows[i].update(text_metrics(rows[i]["loss"], rows[i]["tokens"], manifest))
     return [rows[i] for i in range(len(settings))]
 
@@ -141,7 +147,13 @@ def pick_from_grid(s: EvalSetting, grid: tuple[list, list, list], losses: np.nda
 
 
 def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_dir: str, search: str = "faiss",
-                device: torch.device = torch.device("cpu"), context_window: int = 0) -> dict:
+                device: torch.device = torch.device("cpu"), context_window: int = 0, rank: int = 0,
+                world_size: int = 1) -> dict:
+    """{datastore path: Datastore} of the settings that retrieve. search=exact: this rank's 1/world_size of
+    the keys on `device` (a collective: every rank calls it, and every rank raises when one rank's shard does
+    not fit); faiss: each rank searches its own (memory-mapped) replica of the index."""
+    from trime_dist.core.distributed import raise_first_error
+    from trime_dist.datastore.exact import check_shard_fits, shard_range
     from trime_dist.datastore.store import open_datastore
 
     stores = {}
@@ -157,9 +169,22 @@ def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_di
                             s.datastore, *stored, context_window, int(manifest["seq_len"]), context_window)
             if search == "exact":
                 t0 = time.perf_counter()
-                ds.use_exact_search(device)
-                log.info("datastore %s: %d keys on %s for exact search (%.1f s)", s.datastore, ds.meta["count"],
-                         device, time.perf_counter() - t0)
+                count, dim = int(ds.meta["count"]), int(ds.meta["dim"])
+                error = None
+                try:
+                    check_shard_fits(s.datastore, count, dim, device, rank, world_size, ds.metric,
+                                     ranks_here=world_size if device.type != "cuda" else 1)
+                except ValueError as e:
+                    error = e
+                raise_first_error(error)  # every rank stops, not only the one whose shard does not fit
+                ds.use_exact_search(device, rank, world_size)
+                lo, hi = shard_range(count, rank, world_size)
+                log.info("datastore %s: exact search, keys [%d, %d) of %d (rank %d of %d) on %s (%.1f s)", s.datastore,
+                         lo, hi, count, rank, world_size, device, time.perf_counter() - t0)
+            else:
+                where = ds.use_faiss_on(device, s.nprobe)
+                log.info("datastore %s: faiss search (%s) with %s%s", s.datastore, ds.meta.get("factory", "?"),
+                         where, f", rank {rank}'s own replica" if world_size > 1 else "")
             stores[s.datastore] = ds
     return stores
 
@@ -179,7 +204,7 @@ def text_metrics(loss: float, tokens: int, manifest: dict) -> dict:
 
 
 def make_row(s: EvalSetting, info: dict, stores: dict, r: dict, searched: dict, context_window: int,
-             data_dir: str, tokens_per_s: float) -> dict:
+             data_dir: str, tokens_per_s: float, ranks: int = 1) -> dict:
     loss = float(r["nll"][0] / max(r["tokens"], 1))
     ds = stores.get(s.datastore)
     return {"name": s.name, "model": s.model, "model_id": info["model_id"], "memory": s.memory,
@@ -192,7 +217,7 @@ def make_row(s: EvalSetting, info: dict, stores: dict, r: dict, searched: dict, 
             "metric": ds.metric if ds and s.retrieves else None,
             "tau_search": searched.get("tau_search"), "lambda_search": searched.get("lambda_search"),
             "knn_temperature_search": searched.get("knn_temperature_search"), "context_window": context_window,
-            "data": data_dir, "pass_tokens_per_s": tokens_per_s}
+            "data": data_dir, "pass_tokens_per_s": tokens_per_s, "ranks": ranks}
 
 
 def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting], stores: dict,
@@ -202,8 +227,14 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
     """{"settings": [{"nll": [n_tau * n_lambda * n_knn_tau] summed nats (τ slowest), "tokens"}], "tokens_per_s",
     "seconds": {forward, search, memory}} for one model; per setting, the grid of its τ values (`taus`), λ values
     (`lambdas`, default: its knn_lambda) and τ_knn values (default: its knn_temperature), all from the same
-    forward pass and search (tokens_per_s: scored tokens over the whole pass, data reading included)."""
+    forward pass and search (tokens_per_s: scored tokens over the whole pass, data reading included).
+
+    On R ranks (a process group) each rank scores the windows of its streams (rank_share) and the sums and
+    token counts returned are those of all ranks (every rank returns the same); tokens_per_s is the total over
+    the slowest rank's time; "ranks": R."""
     from tqdm import tqdm
+
+    from trime_dist.core.distributed import get_rank, get_world_size
 
     lambdas = lambdas or [[s.knn_lambda] for s in settings]
     knn_temperatures = knn_temperatures or [[s.knn_temperature] for s in settings]
@@ -217,7 +248,12 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
             for t, lam, kt in zip(taus, lambdas, knn_temperatures)]
     n_scored = torch.zeros((), dtype=torch.long, device=device)                     # no sync per window
     stream, start_time = None, time.perf_counter()
-    windows = iter_windows(data_dir, manifest, L, context_window, max_segments)
+    rank, world_size = get_rank(), get_world_size()
+    streams, rounds = rank_share(data_dir, manifest, L, context_window, max_segments, batch_size, rank, world_size)
+    windows = iter_windows(data_dir, manifest, L, context_window, max_segments, streams)
+    batches = batched(windows, batch_size)
+    if rounds is not None:  # every rank runs the same number of rounds: a sharded search is a collective
+        batches = _padded(batches, rounds)
     seconds = {"forward": 0.0, "search": 0.0, "memory": 0.0}   # search runs beside forward and memory
 
     def timed_search(batch, keys):
@@ -228,6 +264,8 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
 
     def start(batch, pool):
         """Queue the batch's forward pass; its datastore search starts in the background thread."""
+        if not batch:  # this rank has no windows left: it only serves its shard in the round's search
+            return batch, None, None, None, pool.submit(timed_search, batch, None)
         t0 = time.perf_counter()
         logits, keys, targets = forward_windows(model, batch, pad_id)       # [B, T, V], [B, T, D], [B, T]
         seconds["forward"] += time.perf_counter() - t0
@@ -236,6 +274,8 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
     def score(batch, logits, keys, targets, search):
         nonlocal stream, n_scored
         found = search.result()
+        if not batch:
+            return
         t0 = time.perf_counter()
         positions = torch.arange(targets.shape[1], device=device)           # [T]
         for b, w in enumerate(batch):
@@ -257,17 +297,71 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
     # the exact search) runs in a thread while batch i-1 is scored, so neither side waits for the other.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for batch in tqdm(batched(windows, batch_size), desc="eval", unit="batch", leave=False):
+        for batch in tqdm(batches, desc="eval", unit="batch", leave=False, disable=rank != 0 or None):
             current = start(batch, pool)
             if pending is not None:
                 score(*pending)
             pending = current
         if pending is not None:
             score(*pending)
-    n_scored = int(n_scored)  # every setting scores the same tokens
     elapsed = time.perf_counter() - start_time
+    if world_size > 1:
+        log.info("rank %d of %d: %d tokens of %s in %.2f s (forward %.2f s, search %.2f s, memory %.2f s)", rank,
+                 world_size, int(n_scored), data_dir, elapsed, seconds["forward"], seconds["search"],
+                 seconds["memory"])
+        sums, n_scored, elapsed = reduce_pass(sums, n_scored, elapsed)
+    n_scored = int(n_scored)  # every setting scores the same tokens
     return {"settings": [{"nll": sums[i].cpu().numpy(), "tokens": n_scored} for i in range(len(settings))],
-            "tokens_per_s": n_scored / max(elapsed, 1e-9), "seconds": seconds}
+            "tokens_per_s": n_scored / max(elapsed, 1e-9), "seconds": seconds, "ranks": world_size}
+
+
+def rank_share(data_dir: str, manifest: dict, seq_len: int, context_window: int, max_segments: int,
+               batch_size: int, rank: int, world_size: int) -> tuple[set | None, int | None]:
+    """(the stream ids this rank scores, the number of batch rounds every rank runs): rank 0 reads the streams'
+    sizes and deals them (windows.deal_streams), every rank gets the same deal (or rank 0's error). One process:
+    (None, None), every stream, no rounds."""
+    if world_size == 1:
+        return None, None
+    from trime_dist.core.distributed import broadcast_object
+    from trime_dist.core.mpi import plan_on_root
+
+    def plan():
+        sizes = stream_sizes(data_dir, manifest, seq_len, context_window, max_segments)
+        dealt = deal_streams(sizes, world_size)
+        windows = {s.stream: s.windows for s in sizes}
+        tokens = {s.stream: s.tokens for s in sizes}
+        return {"streams": dealt, "windows": [sum(windows[x] for x in d) for d in dealt],
+                "tokens": [sum(tokens[x] for x in d) for d in dealt]}
+
+    deal = plan_on_root(plan, rank=rank, bcast=broadcast_object)
+    rounds = max(-(-n // batch_size) for n in deal["windows"])
+    log.info("rank %d of %d scores %d of %d streams of %s: %d windows, %d tokens (%d rounds of %d windows)",
+             rank, world_size, len(deal["streams"][rank]), sum(map(len, deal["streams"])), data_dir,
+             deal["windows"][rank], deal["tokens"][rank], rounds, batch_size)
+    return set(deal["streams"][rank]), rounds
+
+
+def _padded(batches, rounds: int):
+    """The batches, then empty ones up to `rounds` in all."""
+    n = 0
+    for b in batches:
+        n += 1
+        yield b
+    for _ in range(rounds - n):
+        yield []
+
+
+def reduce_pass(sums: list[torch.Tensor], n_scored: torch.Tensor, elapsed: float):
+    """(every rank's sums added (float64), the token count added (int64), the slowest rank's seconds), the same
+    on every rank (rank 0's result is sent to all, so every rank picks the same grid point)."""
+    from trime_dist.core.distributed import all_reduce_max, all_reduce_sum, broadcast_object
+
+    sizes = [len(x) for x in sums]
+    total = all_reduce_sum(torch.cat(sums)) if sums else torch.zeros(0, dtype=torch.float64)
+    tokens = all_reduce_sum(n_scored.reshape(1))
+    slowest = all_reduce_max(torch.tensor([elapsed], dtype=torch.float64, device=tokens.device))
+    total, tokens, slowest = broadcast_object((total.cpu().numpy(), int(tokens), float(slowest)))
+    return [torch.from_numpy(x) for x in np.split(total, np.cumsum(sizes)[:-1])], tokens, slowest
 
 
 @torch.inference_mode()
@@ -293,6 +387,12 @@ def search_batch(batch: list[Window], keys: torch.Tensor, settings: list[EvalSet
     for s in settings:
         spec = (s.datastore, s.k, s.nprobe, s.rescore)
         if not s.retrieves or spec in out:
+            continue
+        store = stores[s.datastore]
+        if not batch:  # an empty round: only a sharded search needs this rank (it serves its shard)
+            if store.collective:
+                store.search_tensor(torch.zeros(0, int(store.meta["dim"])), s.k, s.nprobe)
+            out[spec] = None
             continue
         queries = torch.cat([keys[b, w.score_from:w.length] for b, w in enumerate(batch)])   # [Q, D]
         scores, ids, labels = stores[s.datastore].search_tensor(queries, s.k, s.nprobe)     # [Q, k]
