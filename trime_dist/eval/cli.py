@@ -81,13 +81,14 @@ def parse_setting(text: str, base):
 
 def run(args: argparse.Namespace) -> int:
     from trime_dist.core.flags import dataclass_from_flags
+    from trime_dist.core.launch_env import discover_env
     from trime_dist.core.output_lock import output_lock
 
     cfg = dataclass_from_flags(EvalConfig, args)
     if not cfg.data:
         raise ValueError("--data is required (prepared segment shards to evaluate)")
     # --out is written at the end, but held from the start: a second eval on it is refused before its passes
-    with output_lock(cfg.out, inside=False) if cfg.out else contextlib.nullcontext():
+    with output_lock(cfg.out, rank=discover_env().rank, inside=False) if cfg.out else contextlib.nullcontext():
         return _evaluate(cfg)
 
 
