@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
@@ -16,6 +15,7 @@ from trime_dist.core import shards
 from trime_dist.core.output_lock import LOCK_NAME
 
 from cli_runner import REPO, run_trime, trime_command
+from lock_helpers import in_use_line, wait_for_lock
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +28,6 @@ def small_corpus(tmp_path_factory):
 def prepare_args(src, out):
     return ["prepare", "--input", src / "train", "--output", out, "--seq-len", "32", "--vocab-size", "400",
             "--shard-segments", "40"]
-
-
-def wait_for_lock(proc, path, timeout=120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            return json.load(open(path))
-        except (FileNotFoundError, ValueError):
-            time.sleep(0.005)
-    raise AssertionError(f"no lock {path}; job exited {proc.poll()}: {proc.communicate()[1][-3000:]}")
 
 
 def check_complete(out):
@@ -63,9 +53,7 @@ def test_a_second_job_on_the_same_output_is_refused_while_the_first_finishes(sma
     assert first.returncode == 0, stderr[-3000:]
     assert second.returncode != 0
     lines = [line for line in second.stderr.splitlines() if "error:" in line]
-    assert lines == [f"trime prepare: error: output {out} is in use by another job (host {socket.gethostname()}, "
-                     f"pid {holder['pid']}, started {holder['started']}: {holder['command']}); lock file "
-                     f"{out / LOCK_NAME}"], second.stderr[-3000:]
+    assert lines == [in_use_line("prepare", out, holder, out / LOCK_NAME)], second.stderr[-3000:]
     assert LOCK_NAME in listing
     assert check_complete(out)["world_size"] == 2 and not os.path.exists(out / LOCK_NAME)
 
