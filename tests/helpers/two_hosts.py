@@ -113,8 +113,13 @@ class TwoHosts:
     def node_command(self, node: str, argv: list[str]) -> list[str]:
         """argv that runs `argv` on `node`: its network namespace, its hostname, its /etc/hosts and ssh config."""
         d = os.path.join(self.root, node)
+        # /sys stays the machine's (slurmd needs its cgroup tree; `ip netns exec` would remount all of it), but
+        # its network folders come from a sysfs mounted in the node's namespace: UCX and gloo check an
+        # interface there and would find only the machine's own (not tr0) otherwise.
         setup = (f"hostname {node} && mount --bind {d}/hosts /etc/hosts && "
-                 f"mount --bind {self.root}/ssh_config /etc/ssh/ssh_config && exec \"$@\"")
+                 f"mount --bind {self.root}/ssh_config /etc/ssh/ssh_config && "
+                 f"mount -t sysfs sysfs {d}/sys && mount --bind {d}/sys/class/net /sys/class/net && "
+                 f"mount --bind {d}/sys/devices/virtual/net /sys/devices/virtual/net && exec \"$@\"")
         return [_which("nsenter"), f"--net=/run/netns/{self.netns[node]}", "--",
                 _which("unshare"), "--uts", "--mount", "--propagation", "private", "--",
                 "/bin/sh", "-c", setup, "on-" + node, *[str(a) for a in argv]]
@@ -180,7 +185,7 @@ class TwoHosts:
         hosts = "127.0.0.1 localhost\n" + "".join(f"{ADDRS[n]} {n}\n" for n in NODES)
         for node in NODES:
             d = os.path.join(self.root, node)
-            os.makedirs(d, exist_ok=True)
+            os.makedirs(os.path.join(d, "sys"), exist_ok=True)
             with open(os.path.join(d, "hosts"), "w") as f:
                 f.write(hosts)
             with open(os.path.join(d, "sshd_config"), "w") as f:
