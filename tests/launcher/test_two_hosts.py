@@ -176,3 +176,89 @@ def test_mpiexec_prepare_and_group_two_hosts_equal_one_host(cluster, work):
             json.dumps(m2, sort_keys=True).replace("mpi/two", "mpi/X"), stage
     shards = manifest_of(work / "mpi" / "two" / "train")["shards"]
     assert [s["path"].split("-")[1] for s in shards] == ["r000", "r001"]  # both nodes wrote a share
+
+
+# ----------------------------------------------------------------------------- trime launch slurm-chain
+
+def chain_steps(run: str) -> list[str]:
+    return [
+        "prepare --input corpus/train --output data/train --seq-len 32 --vocab-size 300",
+        "prepare --input corpus/valid --output data/valid --seq-len 32 --tokenizer data/train/tokenizer.json",
+        "group --input data/train --output data/grouped --method bm25 --group-size 16",
+        " ".join(train_args(f"{run}/out", 3, "objective.name=trime_ext")).replace("data.train=data/train",
+                                                                                  "data.train=data/grouped"),
+        f"datastore build --model {run}/out --data data/train --out {run}/ds",
+        f"eval --model {run}/out --data data/valid --memory local external --datastore {run}/ds --k 16 "
+        f"--out {run}/eval.json",
+    ]
+
+
+def slurm_chain(cluster, folder, nodes: int, tasks_per_node: int):
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(folder / "corpus"):
+        os.symlink(folder.parent / "corpus", folder / "corpus")
+    steps = [x for s in chain_steps("runs/chain") for x in ("--step", s)]
+    return on_node_a(cluster, folder, [TRIME, "launch", "slurm-chain", "--wait", "--set", f"nodes={nodes}",
+                                       "--set", f"tasks_per_node={tasks_per_node}", "--set", "run_dir=runs/chain",
+                                       *steps], timeout=900)
+
+
+def file_digests(folder) -> dict:
+    """Every file under `folder`: json without its timings, anything else by sha256 (logs and figures left out)."""
+    import hashlib
+
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, folder)
+            if name.startswith(".") or name.endswith((".log", ".png", ".jsonl")) or "tensorboard" in rel:
+                continue
+            if name.endswith(".json"):
+                out[rel] = _strip_json(path)
+            else:
+                out[rel] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+# A manifest names its inputs by absolute path (chain1/ vs chain2/ here) and holds its timings, so the hashes
+# of manifests (and the datastore id made from one) differ between two folders even for identical data; every
+# file they describe is compared by its bytes instead.
+_PATH_HASHES = ("source_manifest_sha256", "data_manifest_sha256", "datastore_id")
+
+
+def _strip_json(path):
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items()
+                    if k not in _PATH_HASHES and not any(t in k for t in ("seconds", "tok_s", "per_s", "time"))}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    return strip(json.load(open(path)))
+
+
+def same_outputs(one, two, sub) -> None:
+    """file_digests of one/sub and two/sub, the folders' own names (chain1, chain2) made one."""
+    a = json.dumps(file_digests(one / sub), sort_keys=True).replace(one.name, "CHAIN")
+    b = json.dumps(file_digests(two / sub), sort_keys=True).replace(two.name, "CHAIN")
+    assert a == b, f"{sub}: {a[:1500]}\n!=\n{b[:1500]}"
+
+
+def test_slurm_chain_on_two_nodes_equals_one_node(cluster, work):
+    """The whole pipeline as a `trime launch slurm-chain` on 2 nodes x 1 task (prepare and group: srun --mpi=pmi2
+    across the nodes; train: one rank per node, rendezvous at the first node of SLURM_JOB_NODELIST; datastore
+    build; eval) gives the same shards, groups, weights, datastore and eval table as 1 node x 2 tasks."""
+    one, two = work / "chain1", work / "chain2"
+    timed("slurm-chain (6 steps)", "one", lambda: slurm_chain(cluster, one, nodes=1, tasks_per_node=2))
+    proc = timed("slurm-chain (6 steps)", "two", lambda: slurm_chain(cluster, two, nodes=2, tasks_per_node=1))
+    assert "(eval) completed" in proc.stdout, proc.stdout[-3000:]
+    jobs = [json.loads(line) for line in open(two / "runs" / "chain" / "jobs.jsonl")]
+    train_log = open(two / "runs" / "chain" / "logs" / f"trime-train-{jobs[3]['job_id']}.out").read()
+    assert "on nodeA,nodeB" in train_log or "on node[A-B]" in train_log, train_log[-2000:]
+    summary = json.load(open(two / "runs" / "chain" / "out" / "summary.json"))
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    for sub in ("data/train", "data/valid", "data/grouped", "runs/chain/ds"):
+        same_outputs(one, two, sub)
+    assert_same_weights(one / "runs" / "chain" / "out", two / "runs" / "chain" / "out")
+    rows = _strip_json(two / "runs" / "chain" / "eval.json")
+    assert len(rows) == 2 and rows == _strip_json(one / "runs" / "chain" / "eval.json")
