@@ -40,7 +40,7 @@ test: venv
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -ra -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra -m "not slow and not slurm and not two_hosts" $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

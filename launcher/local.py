@@ -125,7 +125,10 @@ def deepspeed_multinode_plan(argv: list[str], hosts: dict[str, int], run_dir: st
     node_env = collect_env(list(env_names))
     write_env_file(env_file, node_env)
     first = next(iter(hosts))
-    master_addr = master_addr or ("127.0.0.1" if is_local(first) else first)
+    # 127.0.0.1 only when every rank is on this machine: with other hosts in the hostfile their ranks
+    # would dial their own loopback (a two-node run started on node A hung in the rendezvous).
+    all_local = all(is_local(h) for h in hosts)
+    master_addr = master_addr or ("127.0.0.1" if all_local else first)
     cmd = [env_bin("deepspeed"), "--hostfile", hostfile, "--master_addr", master_addr,
            "--master_port", str(master_port), "--launcher", launcher]
     if include:

@@ -115,6 +115,15 @@ def test_multinode_plan_hostfile_env_and_flags(tmp_path, monkeypatch):
                                         master_addr="10.0.0.1").command
     assert filtered[filtered.index("--include") + 1] == "node1:0,1@node2" and "--num_nodes" not in filtered
     assert filtered[filtered.index("--master_addr") + 1] == "10.0.0.1"
+    # launched from the first host of several: its own name is local, but the others must reach it by that
+    # name, not 127.0.0.1 (which the other nodes' ranks would dial on their own loopback)
+    import socket
+
+    here = socket.gethostname()
+    from_first = deepspeed_multinode_plan(["train"], {here: 1, "node2": 1}, str(tmp_path)).command
+    assert from_first[from_first.index("--master_addr") + 1] == here
+    alone = deepspeed_multinode_plan(["train"], {here: 2}, str(tmp_path)).command
+    assert alone[alone.index("--master_addr") + 1] == "127.0.0.1"
     with pytest.raises(ValueError, match="cannot be combined"):
         deepspeed_multinode_plan(["train"], hosts, str(tmp_path), include="node1", exclude="node2")
     with pytest.raises(ValueError, match="does not run under DeepSpeed"):
