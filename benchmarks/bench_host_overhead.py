@@ -56,14 +56,18 @@ def parse_args():
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per variant per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant before the rounds")
     p.add_argument("--out", default=os.path.join(REPO, "runs/benchmarks/host_overhead.json"))
+    p.add_argument("--ds-extra", default="{}", help="JSON merged into every engine's DeepSpeed config "
+                   "(deepspeed.extra), e.g. to try ZeRO settings")
     p.add_argument("overrides", nargs="*", help="more a.b=c config overrides (for every variant)")
     return p.parse_args()
 
 
 def make_cfg(args, stage: int, precision: str, accum: int) -> TrainConfig:
-    return load_config(TrainConfig, args.config, [*SHAPE, f"data.global_batch_size={accum}",
-                                                  f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
-                                                  *args.overrides])
+    cfg = load_config(TrainConfig, args.config, [*SHAPE, f"data.global_batch_size={accum}",
+                                                 f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
+                                                 *args.overrides])
+    cfg.deepspeed.extra.update(json.loads(args.ds_extra))
+    return cfg
 
 
 def make_batches(cfg: TrainConfig) -> list[Batch]:
