@@ -11,7 +11,9 @@ each reports the median over its timed steps; ratio = trime ÷ bare on process C
     python benchmarks/bench_host_overhead.py [--stages 0,1,2,3] [--precisions fp32,bf16_autocast] \
         [--accums 1,6] [--rounds 5] [--steps 10] [--out runs/benchmarks/host_overhead.json]
 
-Batches are pre-built tensors (the same for both), so the loader is not in either number.
+Batches are pre-built tensors (the same for both), so the loader is not in either number. On a GPU
+machine both run on the GPU (benchmarks/gpu/check.sh runs it there), each step ends with a synchronize
+(so wall time is the step's) and the host's share is the CPU time.
 """
 from __future__ import annotations
 
@@ -86,6 +88,14 @@ def cycle(batches):
             yield b, 0
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 class Timed:
     """One variant: `run(n)` does n optimizer steps and keeps each one's (cpu_s, wall_s)."""
 
@@ -96,6 +106,7 @@ class Timed:
         for _ in range(steps):
             c0, w0 = time.process_time(), time.perf_counter()
             self.step()
+            synchronize()
             if keep:
                 self.cpu.append(time.process_time() - c0)
                 self.wall.append(time.perf_counter() - w0)
@@ -117,7 +128,7 @@ class BareStep(Timed):
 
     def __init__(self, cfg: TrainConfig, batches):
         super().__init__()
-        self.model = build_model(cfg.model, seed=0).train()
+        self.model = build_model(cfg.model, seed=0).to(DEVICE).train()
         self.opt = build_optimizer(param_groups(self.model, cfg.optim.weight_decay), cfg.optim)
         self.accum, self.clip = cfg.data.global_batch_size, cfg.optim.grad_clip
         self.autocast = cfg.deepspeed.precision == "bf16_autocast"
@@ -126,7 +137,8 @@ class BareStep(Timed):
     def step(self):
         for _ in range(self.accum):
             batch, _ = next(self.batches)
-            with bf16_autocast(torch.device("cpu"), self.autocast):
+            batch = batch.to(DEVICE, non_blocking=True)
+            with bf16_autocast(DEVICE, self.autocast):
                 logits, _ = self.model(batch.input_ids)
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
             (loss / self.accum).backward()
@@ -185,7 +197,8 @@ def report(args, variants, stages, precisions, accums, n_tensors):
     with open(args.out, "w") as f:
         json.dump({"rows": rows, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                    "tensors": n_tensors, "torch": torch.__version__, "python": platform.python_version(),
-                   "machine": platform.machine(), "cpus": os.cpu_count(), "load": os.getloadavg()}, f, indent=2)
+                   "machine": platform.machine(), "cpus": os.cpu_count(), "load": os.getloadavg(),
+                   "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"}, f, indent=2)
     print(f"\n{args.out}")
 
 
