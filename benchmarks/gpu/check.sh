@@ -2,7 +2,9 @@
 # The GPU check of issue 9, in one go on one GPU machine (no network needed), at most ~8 minutes:
 #   1. `pytest -m gpu` (every stage's GPU path against the CPU run),
 #   2. benchmarks/gpu/bench_gpu.py (training step / MFU at 247M, most memory keys per step, encode keys/s,
-#      exact and faiss search rates, eval tokens/s external vs local).
+#      exact and faiss search rates, eval tokens/s external vs local),
+#   3. benchmarks/bench_host_overhead.py (issue 21: host time per optimizer step of `trime train` vs a bare
+#      torch loop, each ZeRO stage, precision and accumulation 1 / 6, on the GPU; ~2 minutes).
 # Usage, from the repository root:  bash benchmarks/gpu/check.sh [OUT_DIR]
 # Python packages the machine lacks (deepspeed, faiss-cpu, webdataset, omegaconf, ...) are installed from
 # wheels in .whl/ when that folder exists (see benchmarks/gpu/README.md for how to fill it).
@@ -26,3 +28,7 @@ timeout "${PYTEST_TIMEOUT:-240}" python3 -m pytest -m gpu -q -rs -p no:cacheprov
 echo "== benchmarks/gpu/bench_gpu.py"
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu/bench_gpu.py --out "$OUT_DIR" "$@" > "$OUT_DIR/bench.log" 2>&1
 grep -v -e "it/s]" -e "batch/s]" "$OUT_DIR/bench.log" | tail -n 80
+echo "== benchmarks/bench_host_overhead.py"
+timeout "${HOST_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_host_overhead.py --rounds 6 --steps 3 \
+  --out "$OUT_DIR/host_overhead.json" > "$OUT_DIR/host_overhead.log" 2>&1
+grep -e "^|" -e "^Host time" "$OUT_DIR/host_overhead.log"

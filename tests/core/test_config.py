@@ -76,6 +76,44 @@ def test_deepspeed_json_follows_config():
     assert "scheduler" not in ds  # the LR schedule is ours (lr_factor), see build_engine
 
 
+def test_who_clips_and_the_zero_settings_per_stage():
+    """ZeRO-0 in fp32 weights is clipped by the loop (DeepSpeed's clipping off), every other case by DeepSpeed;
+    ZeRO-1/2 reduce without the contiguous gradient copies (issue 21), and deepspeed.extra still wins."""
+    from trime_dist.train.engine import clips_in_loop
+
+    for stage, precision, in_loop in ((0, "fp32", True), (0, "bf16_autocast", True), (0, "bf16", False),
+                                      (2, "fp32", False), (3, "bf16_autocast", False)):
+        cfg = _valid(**{"deepspeed.zero_stage": stage, "deepspeed.precision": precision, "optim.grad_clip": 0.5})
+        ds = build_ds_config(cfg, world_size=1)
+        assert clips_in_loop(cfg) == in_loop and ds["gradient_clipping"] == (0.0 if in_loop else 0.5)
+        assert ds["zero_optimization"].get("contiguous_gradients", True) == (stage not in (1, 2))
+    cfg = _valid(**{"deepspeed.zero_stage": 2})
+    cfg.deepspeed.extra = {"zero_optimization": {"contiguous_gradients": True}}
+    assert build_ds_config(cfg, world_size=1)["zero_optimization"] == {"stage": 2, "contiguous_gradients": True}
+    cfg = _valid()
+    cfg.deepspeed.extra = {"gradient_clipping": 2.0}
+    assert not clips_in_loop(cfg) and build_ds_config(cfg, world_size=1)["gradient_clipping"] == 2.0
+
+
+def test_loop_clipping_is_deepspeeds_rule():
+    """clip_gradients scales by max_norm / (norm + 1e-6) when the norm is above max_norm, as DeepSpeed's ZeRO-0
+    clip_grad_norm_ (deepspeed/runtime/utils.py), and returns the norm before clipping."""
+    import torch
+
+    from trime_dist.train.engine import clip_gradients
+
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3), torch.randn(7)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    engine = type("Engine", (), {"module": torch.nn.ParameterList(params)})()
+    total = sum(float(g.norm()) ** 2 for g in grads) ** 0.5
+    assert float(clip_gradients(engine, 0.5)) == pytest.approx(total, rel=1e-6)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, g * (0.5 / (total + 1e-6)), rtol=1e-6, atol=1e-7)
+
+
 def test_lr_schedules():
     inv = OptimConfig(schedule="inverse_sqrt", warmup_steps=10)
     assert lr_factor(0, inv, 100) == pytest.approx(0.1)  # the first step already learns

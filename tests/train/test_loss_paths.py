@@ -164,6 +164,7 @@ class _OneProcessEngine:
 
     def __init__(self, model):
         self.model, self.opt = model, torch.optim.SGD(model.parameters(), lr=0.1)
+        self.module = model  # (clip_gradients: ZeRO-0 gradients are clipped by the loop)
 
     def __call__(self, input_ids):
         return self.model(input_ids)

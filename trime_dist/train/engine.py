@@ -26,8 +26,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "train_batch_size": cfg.data.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
-        "gradient_clipping": op.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
+        # ZeRO-0 without DeepSpeed's bf16: the loop clips (clip_gradients, torch's one-pass norm) where DeepSpeed
+        # would take one norm per parameter and an all-reduce of the result every step.
+        "gradient_clipping": 0.0 if clips_in_loop(cfg) else op.grad_clip,
+        "zero_optimization": zero_settings(ds.zero_stage),
         "bf16": {"enabled": ds.precision == "bf16"},
         # The optimizer is torch's (build_optimizer), handed to deepspeed.initialize: DeepSpeed's own AdamW
         # on CPU JIT-compiles C++ ops at the first start of every environment (minutes, and a lock file
@@ -43,6 +45,31 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     # The LR schedule is a torch LambdaLR passed to deepspeed.initialize (see lr_factor), not a
     # DeepSpeed "scheduler" entry: DeepSpeed's warmup schedulers run the first two steps at lr 0.
     return _deep_merge(config, ds.extra)
+
+
+def zero_settings(stage: int) -> dict[str, Any]:
+    """The cheapest ZeRO settings per stage for the host (benchmarks/bench_host_overhead.py measures them):
+    per-parameter Python work in DeepSpeed's step is what a GPU waits on for a model of ~200 tensors."""
+    settings: dict[str, Any] = {"stage": stage}
+    if stage in (1, 2):
+        # Not copying every gradient into a contiguous buffer in its backward hook and again into the
+        # partition: the bucket is flattened once when it is reduced (ZeRO-1 fp32 on CPU: 1.5x -> 1.2x the bare loop).
+        settings["contiguous_gradients"] = False
+    return settings
+
+
+def clips_in_loop(cfg: TrainConfig) -> bool:
+    """Whether train_step clips the gradients itself (clip_gradients) instead of DeepSpeed: ZeRO-0, where
+    every rank holds all of them, in fp32 weights (not DeepSpeed's bf16 optimizer, which clips its master copy)."""
+    return cfg.optim.grad_clip > 0 and cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision != "bf16" \
+        and "gradient_clipping" not in cfg.deepspeed.extra
+
+
+def clip_gradients(engine, max_norm: float) -> torch.Tensor:
+    """Clip the module's (already all-reduced) gradients to max_norm in one pass; returns the norm before
+    clipping (a device tensor: reading it is a host sync). Same rule as DeepSpeed's: x max_norm / (norm + 1e-6)."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=all(p.is_cuda for p in params) or None)
 
 
 def lr_factor(step: int, op: OptimConfig, total_steps: int) -> float:
@@ -118,10 +145,28 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     def lr_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim_cfg, total))
 
+    if cfg.deepspeed.zero_stage == 3:
+        maybe_gather_per_block(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         optimizer=lambda groups: build_optimizer(groups, optim_cfg), config=ds_config, lr_scheduler=lr_scheduler)
+    if cfg.deepspeed.zero_stage == 0 and world_size == 1 and cfg.deepspeed.precision != "bf16":
+        # One rank has nothing to average: DeepSpeed would still flatten, all-reduce and copy back every
+        # gradient after each optimizer step's backward.
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def maybe_gather_per_block(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers and frees the parameters of each transformer block at once (as FSDP wraps per block),
+    not of each of its ~10 submodules: an order of magnitude fewer hooks per step. The blocks are the items
+    of the model's largest ModuleList; a model without one keeps DeepSpeed's per-module gathering."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if lists:
+        blocks = max(lists, key=len)
+        set_z3_leaf_modules(model, sorted({type(b) for b in blocks}, key=lambda c: c.__name__))
 
 
 def init_deepspeed_distributed(timeout_s: int = 1800) -> None:

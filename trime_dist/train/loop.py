@@ -147,15 +147,21 @@ def add_log_file(path: str) -> None:
 def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainState, world_size: int,
                device: torch.device, rank: int = 0, stop: Optional[StopFlag] = None) -> dict:
     """One optimizer step over grad-accumulation micro-batches; returns the step's metrics. Sets
-    state.stop_ranks to the number of ranks that had a stop signal, agreed in the step's one all-reduce."""
-    from trime_dist.core.device import bf16_autocast, synchronize
+    state.stop_ranks to the number of ranks that had a stop signal, agreed in the step's one all-reduce.
+
+    One host wait per step, and it does not drain the device's queue: the step's totals (after their
+    all-reduce) are copied to the host without blocking, the update is queued behind them, and only then
+    does the host read them (NaN check, stop signal, metrics). A non-finite loss raises before anything is
+    saved, so the update it made never reaches a checkpoint. grad_norm (a device read) only at log steps."""
+    from trime_dist.core.device import bf16_autocast
     from trime_dist.core.distributed import all_reduce_sum
+    from trime_dist.train.engine import clip_gradients, clips_in_loop, current_lr
 
     start = time.perf_counter()
     # nll_sum, ce_sum, tokens, stop signal (this rank)
     totals = torch.zeros(4, dtype=torch.float64, device=device)
-    memory_sizes, epoch, layout = [], 0, "none"
-    accum = grad_accum_steps(cfg, world_size)
+    memory_sizes, epoch, layout, grad_norm = [], 0, "none", None
+    accum, clip_here = grad_accum_steps(cfg, world_size), clips_in_loop(cfg)
     for micro_step in range(accum):
         batch, epoch = next(batches)
         batch = batch.to(device, non_blocking=True)
@@ -167,23 +173,27 @@ def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainSt
         memory_sizes.append(out.memory_size)
         engine.backward(out.loss)
         if micro_step == accum - 1:
-            # One collective per optimizer step, before the update: every rank sees a NaN anywhere, and a
-            # stop signal on any rank (so all ranks stop after the same step).
+            # One collective per optimizer step: every rank sees a NaN anywhere, and a stop signal on any
+            # rank (so all ranks stop after the same step).
             totals[3] = 1.0 if stop is not None and stop.requested else 0.0
             totals = all_reduce_sum(totals)
-            if not math.isfinite(float(totals[0])):
-                raise FloatingPointError(nan_message(cfg, state.step + 1, epoch))
+            host_totals, copied = _to_host_async(totals)
+            if clip_here:  # (the gradients are all-reduced by now: DeepSpeed does it in the last backward)
+                grad_norm = clip_gradients(engine, cfg.optim.grad_clip)
         engine.step()
-    synchronize(device)
+    copied()  # waits for the totals only; the update stays queued on the device
+    if not math.isfinite(float(host_totals[0])):
+        raise FloatingPointError(nan_message(cfg, state.step + 1, epoch))
     elapsed = time.perf_counter() - start
     state.step += 1
-    state.stop_ranks = int(totals[3])
-    tokens = int(totals[2])
+    nll, ce, n_tokens, stop_ranks = host_totals.tolist()
+    state.stop_ranks, tokens = int(stop_ranks), int(n_tokens)
     state.tokens_seen += tokens
-    loss, ce_loss = float(totals[0] / max(tokens, 1)), float(totals[1] / max(tokens, 1))
-    from trime_dist.train.engine import current_lr
-
-    grad_norm = engine.get_global_grad_norm()
+    loss, ce_loss = nll / max(tokens, 1), ce / max(tokens, 1)
+    if not is_log_step(cfg, state.step):
+        grad_norm = None
+    elif not clip_here:
+        grad_norm = engine.get_global_grad_norm()
     # "objective": the one in effect (ce during the warm-up); "memory": its layout this step.
     return {"step": state.step, "epoch": epoch, "objective": "ce" if layout == "none" else cfg.objective.name,
             "memory": layout, "loss": loss, "ce_loss": ce_loss,
@@ -191,6 +201,23 @@ def train_step(engine, batches, cfg: TrainConfig, spec: LossSpec, state: TrainSt
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "lr": current_lr(engine),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "memory_size": sum(memory_sizes) / len(memory_sizes)}
+
+
+def is_log_step(cfg: TrainConfig, step: int) -> bool:
+    """Steps whose log line (and grad_norm, a device read) are written: every run.log_every and the first."""
+    return step % cfg.run.log_every == 0 or step == 1
+
+
+def _to_host_async(t: torch.Tensor):
+    """(host copy of t, wait()): on a GPU a non-blocking copy into pinned memory and an event to wait on,
+    so the host can queue more work before it reads the copy; on the CPU t itself and a no-op."""
+    if t.device.type != "cuda":
+        return t, lambda: None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done.synchronize
 
 
 def nan_message(cfg: TrainConfig, step: int, epoch: int) -> str:
