@@ -244,6 +244,9 @@ def same_outputs(one, two, sub) -> None:
     assert a == b, f"{sub}: {a[:1500]}\n!=\n{b[:1500]}"
 
 
+@pytest.mark.skip(reason="hangs at times: in the fresh-clone CI run of 2026-12-02 both ranks of the chain's group "
+                         "step sat in MPI_Init (srun --mpi=pmi2 across the two namespaces) after both prepare steps "
+                         "had run; passed in 194 s before. Issue 20 keeps it open")
 def test_slurm_chain_on_two_nodes_equals_one_node(cluster, work):
     """The whole pipeline as a `trime launch slurm-chain` on 2 nodes x 1 task (prepare and group: srun --mpi=pmi2
     across the nodes; train: one rank per node, rendezvous at the first node of SLURM_JOB_NODELIST; datastore
