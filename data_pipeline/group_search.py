@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from data_pipeline.bm25 import NeighbourIndex, count_matrix, document_frequencies
 from trime_dist.core import mpi, shards
 from trime_dist.core.io import atomic_path, atomic_write_json, read_json
+from trime_dist.core.progress import track
 
 log = logging.getLogger(__name__)
 STOP_ENV = "TRIME_GROUP_STOP_AFTER_BLOCKS"  # test hook: a rank exits after writing this many blocks
@@ -127,8 +128,6 @@ def search_neighbours(index: NeighbourIndex, work: str, k: int, block: int, fing
                       rank: int, world: int) -> None:
     """Write block files with the top-k neighbours of queries [b * block, (b + 1) * block); rank r takes
     blocks b = r, r + R, ...; blocks already on disk are skipped (resume)."""
-    from tqdm import tqdm
-
     if rank == 0:
         prepare_work_dir(work, fingerprint)
     wait_for_all_ranks()
@@ -136,8 +135,10 @@ def search_neighbours(index: NeighbourIndex, work: str, k: int, block: int, fing
     mine = [b for b in range(rank, n_blocks, world) if not os.path.isfile(block_path(work, b))]
     stop_after = int(os.environ.get(STOP_ENV, "-1"))
     log.info("rank %d: %d of its %d query blocks to score", rank, len(mine), len(range(rank, n_blocks, world)))
-    for done, b in enumerate(tqdm(mine, desc=f"bm25 rank {rank}", unit="block", position=rank,
-                                  mininterval=5.0, dynamic_ncols=True)):
+    # one bar for the job on rank 0: its blocks, times all blocks / its blocks
+    share = len(range(rank, n_blocks, world))
+    for done, b in enumerate(track(mine, "bm25 search", "block", rank=rank,
+                                   scale=n_blocks / share if share else 1.0)):
         if done == stop_after:
             raise SystemExit(f"{STOP_ENV}={stop_after}: stopping after {done} blocks (test hook)")
         rows = np.arange(b * block, min((b + 1) * block, index.n_docs))

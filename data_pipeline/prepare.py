@@ -36,6 +36,7 @@ from trime_dist.core.io import (
     sha256_file,
 )
 from trime_dist.core.output_lock import output_lock
+from trime_dist.core.progress import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,6 @@ def process_rank(cfg: PrepareConfig, pieces: list[Piece], rank: int, world: int,
 
     A cut piece ends its last shard, and the pieces finished so far are recorded then (PROGRESS), so a rerun
     after a kill goes on after them."""
-    from tqdm import tqdm
-
     from data_pipeline.tokenizer import tokenizer_from_str
 
     tok = tokenizer_from_str(tok_json)
@@ -148,8 +147,10 @@ def process_rank(cfg: PrepareConfig, pieces: list[Piece], rank: int, world: int,
     done = resume_progress(cfg, rank, fingerprint, writer, counts)
     progress = os.path.join(cfg.output, PROGRESS.format(rank=rank))
     t0, cpu0 = time.time(), time.process_time()
-    with tqdm(total=sum(pieces[i].size for i in mine[done:]), unit="B", unit_scale=True,
-              desc=f"prepare rank {rank}", position=rank, leave=False, mininterval=1.0) as pbar:
+    # one bar for the job on rank 0: its bytes, times all bytes / its bytes (the ranks' blocks are of equal bytes)
+    share = sum(pieces[i].size for i in mine)
+    with show_progress(sum(pieces[i].size for i in mine[done:]), "prepare", "B", rank=rank, unit_scale=True,
+                       scale=sum(p.size for p in pieces) / share if share else 1.0) as pbar:
         for n, i in enumerate(mine[done:], start=done + 1):
             for k, v in tokenize_piece(pieces[i], i, cfg, tok, eod_id, writer, pbar).items():
                 counts[k] += v

@@ -28,6 +28,7 @@ from data_pipeline.bm25 import (
 from data_pipeline.group_search import STOP_ENV, block_path, prepare_work_dir, wait_for_all_ranks
 from trime_dist.core import mpi
 from trime_dist.core.io import atomic_path
+from trime_dist.core.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,6 @@ def search_neighbours_pruned(local: LocalIndex, work: str, k: int, block: int, f
                              world: int) -> None:
     """Block files as search_neighbours writes them; all ranks take part in every round of R blocks, the
     j-th block of a round is written by rank j; blocks already on disk are skipped (resume). Collective."""
-    from tqdm import tqdm
-
     if rank == 0:
         prepare_work_dir(work, fingerprint)
     wait_for_all_ranks()
@@ -122,8 +121,7 @@ def search_neighbours_pruned(local: LocalIndex, work: str, k: int, block: int, f
     stop_after = int(os.environ.get(STOP_ENV, "-1"))
     log.info("rank %d: %d of %d query blocks to score (pruned search, %d segments indexed here)", rank,
              len(todo), n_blocks, local.n_local)
-    for start in tqdm(range(0, len(todo), world), desc=f"bm25 rank {rank}", unit="round", mininterval=5.0,
-                      dynamic_ncols=True, disable=rank != 0):
+    for start in track(range(0, len(todo), world), "bm25 search", "round", rank=rank):  # every rank, every round
         if 0 <= stop_after <= start:
             raise SystemExit(f"{STOP_ENV}={stop_after}: stopping after {start} blocks (test hook)")
         found = search_round(local, todo[start:start + world], block, k)

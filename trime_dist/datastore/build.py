@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from trime_dist.core.io import atomic_write_json, read_json
+from trime_dist.core.progress import show_progress
 from trime_dist.datastore import parts as build
 from trime_dist.datastore.config import DatastoreConfig
 from trime_dist.datastore.store import FORMAT, KEY_TYPE, META_FILE
@@ -50,7 +51,7 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
         return read_json(os.path.join(cfg.out, META_FILE), "datastore metadata")
     parts = build.plan_parts(int(manifest["segments"]), plan["part_segments"])
     mine = [p for p in parts if p.index % env.world_size == env.rank]
-    _encode_step(cfg, model, manifest, mine, device)
+    _encode_step(cfg, model, manifest, mine, len(parts), env.rank, device)
     barrier()
     offsets = build.part_offsets(cfg.out, parts)
     total = sum(int(read_json(build.part_paths(cfg.out, p)["info"])["count"]) for p in parts)
@@ -118,23 +119,28 @@ def _resolve_plan(cfg, model, info: dict, manifest: dict, world_size: int) -> di
     return plan
 
 
-def _encode_step(cfg, model, manifest: dict, mine: list, device) -> None:
-    done = 0
+def _encode_step(cfg, model, manifest: dict, mine: list, n_parts: int, rank: int, device) -> None:
+    todo = []
     for part in mine:
         paths = build.part_paths(cfg.out, part)
         if build.part_is_encoded(paths, part, model.cfg.d_model):
             log.info("part %s: encoded already, skipping", part.stem)
-            continue
-        for stale in (paths["index_info"], paths["index"]):  # an index part of older keys is stale
-            if os.path.exists(stale):
-                os.remove(stale)
-        t0 = time.perf_counter()
-        n = build.encode_part(model, cfg.data, manifest, part, paths, cfg.batch_size, device, cfg.context_window)
-        dt = time.perf_counter() - t0
-        log.info("part %s: encoded %d keys (segments %d..%d) in %.1f s, %.0f keys/s", part.stem, n,
-                 part.first_segment, part.end_segment, dt, n / max(dt, 1e-9))
-        done += 1
-        build.maybe_exit("encode", done)
+        else:
+            todo.append((part, paths, build.count_targets(cfg.data, manifest, part)))
+    # one bar for the job on rank 0: its keys, times parts / its parts (the parts are dealt round-robin)
+    with show_progress(sum(c for _, _, c in todo), "datastore encode", "key", rank=rank,
+                       scale=n_parts / max(len(mine), 1)) as bar:
+        for done, (part, paths, count) in enumerate(todo, start=1):
+            for stale in (paths["index_info"], paths["index"]):  # an index part of older keys is stale
+                if os.path.exists(stale):
+                    os.remove(stale)
+            t0 = time.perf_counter()
+            n = build.encode_part(model, cfg.data, manifest, part, paths, cfg.batch_size, device, cfg.context_window,
+                                  count, bar)
+            dt = time.perf_counter() - t0
+            log.info("part %s: encoded %d keys (segments %d..%d) in %.1f s, %.0f keys/s", part.stem, n,
+                     part.first_segment, part.end_segment, dt, n / max(dt, 1e-9))
+            build.maybe_exit("encode", done)
 
 
 def _train_step(cfg, parts: list, offsets: list[int], total: int) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from trime_dist.core.io import atomic_path, atomic_write_json, read_json
+from trime_dist.core.progress import Progress
 from trime_dist.datastore import index as dsi
 
 log = logging.getLogger(__name__)
@@ -156,16 +157,16 @@ def _batches(pieces: Iterator[tuple[np.ndarray, int, int]], batch_size: int, pad
 
 
 def encode_part(model, data_dir: str, manifest: dict, part: Part, paths: dict, batch_size: int,
-                device: torch.device = torch.device("cpu"), context_window: int = 0) -> int:
+                device: torch.device = torch.device("cpu"), context_window: int = 0, count: Optional[int] = None,
+                progress: Progress = Progress()) -> int:
     """Write keys [n, D] fp16 and values [n] int32 of one part (pads dropped); returns n. The model runs
     on `device` (where it lives; bf16 autocast on a GPU). context_window C > 0: each key is computed in the
     sliding window `trime eval --context-window C` scores its position in (up to C tokens of context from
-    earlier segments of its stream), instead of in its own segment."""
-    from tqdm import tqdm
-
+    earlier segments of its stream), instead of in its own segment. `count`: count_targets of the part, when
+    the caller has it; `progress` is told the keys of each batch."""
     from trime_dist.core.device import inference_autocast
 
-    count = count_targets(data_dir, manifest, part)
+    count = count_targets(data_dir, manifest, part) if count is None else count
     dim = model.cfg.d_model
     pad_id = int(manifest["tokenizer"]["pad_id"])
     os.makedirs(os.path.dirname(paths["keys"]), exist_ok=True)
@@ -175,8 +176,7 @@ def encode_part(model, data_dir: str, manifest: dict, part: Part, paths: dict, b
         keys = np.lib.format.open_memmap(k_tmp, mode="w+", dtype=KEY_DTYPE, shape=(count, dim))
         values = np.lib.format.open_memmap(v_tmp, mode="w+", dtype=VALUE_DTYPE, shape=(count,))
         at = 0
-        for input_ids, targets, keep in tqdm(_batches(pieces, batch_size, pad_id), desc=f"encode {part.stem}",
-                                             unit="batch", leave=False):
+        for input_ids, targets, keep in _batches(pieces, batch_size, pad_id):
             with torch.inference_mode(), inference_autocast(device):
                 out = model.encode(input_ids.to(device, non_blocking=True))            # [B, T, D]
                 # drop the pads and round to the stored fp16 on the device: 1/2 (1/4 from fp32) of the copy
@@ -187,6 +187,7 @@ def encode_part(model, data_dir: str, manifest: dict, part: Part, paths: dict, b
             keys[at:at + n] = out
             values[at:at + n] = targets[keep]
             at += n
+            progress.update(n)
         if at != count:
             raise ValueError(f"{data_dir}: part {part.stem} changed while encoding (targets do not add up to the "
                              f"{count} its segments hold)")

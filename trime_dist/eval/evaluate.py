@@ -232,9 +232,8 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
     On R ranks (a process group) each rank scores the windows of its streams (rank_share) and the sums and
     token counts returned are those of all ranks (every rank returns the same); tokens_per_s is the total over
     the slowest rank's time; "ranks": R."""
-    from tqdm import tqdm
-
     from trime_dist.core.distributed import get_rank, get_world_size
+    from trime_dist.core.progress import track
 
     lambdas = lambdas or [[s.knn_lambda] for s in settings]
     knn_temperatures = knn_temperatures or [[s.knn_temperature] for s in settings]
@@ -297,7 +296,8 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
     # the exact search) runs in a thread while batch i-1 is scored, so neither side waits for the other.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for batch in tqdm(batches, desc="eval", unit="batch", leave=False, disable=rank != 0 or None):
+        # every rank runs `rounds` batches when that is known: rank 0's count is the job's
+        for batch in track(batches, "eval", "batch", rank=rank, total=rounds, leave=False):
             current = start(batch, pool)
             if pending is not None:
                 score(*pending)

@@ -18,6 +18,7 @@ import torch
 from trime_dist.core.config import save_config
 from trime_dist.core.constants import STOPPED_MARKER_ENV
 from trime_dist.core.io import atomic_write_json
+from trime_dist.core.progress import show_progress
 from trime_dist.train.config import TrainConfig, grad_accum_steps, validate_train_config
 from trime_dist.train.kill_hook import maybe_exit_after_step
 from trime_dist.train.loss import LossSpec, build_loss_spec, micro_batch_loss
@@ -334,7 +335,8 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag, watchdog) -> dict:
         _record(metrics, {"step": 0, **start_eval})
         state.history.append({"step": 0, **start_eval})
     batches = iter(loader)
-    progress = _progress(cfg, state, rank)
+    # rank 0: a bar on a terminal, a line every TRIME_PROGRESS_EVERY_S in a log file (core/progress.py)
+    progress = show_progress(cfg.run.max_steps, "train", "step", rank=rank, initial=state.step)
     last_saved = state.step
     while state.step < cfg.run.max_steps:
         try:
@@ -347,9 +349,8 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag, watchdog) -> dict:
             state.history.append({k: v for k, v in record.items() if k.startswith("valid") or k == "step"})
         _record(metrics, record)
         watchdog.beat()
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}")
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}")
         if rank == 0 and (state.step % cfg.run.log_every == 0 or state.step == 1):
             log.info("step %d epoch %d %s loss %.4f ce %.4f lr %.2e grad_norm %s tok/s %.0f", state.step,
                      record["epoch"], record["objective"], record["loss"], record["ce_loss"], record["lr"],
@@ -361,24 +362,11 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag, watchdog) -> dict:
         if state.stop_ranks and state.step < cfg.run.max_steps:
             _stop_by_signal(stop, ckpt_dir, state, rank, progress, metrics)
         maybe_exit_after_step(state.step)
-    if progress is not None:
-        progress.close()
+    progress.close()
     if last_saved != state.step or not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         _save(engine, cfg, ckpt_dir, state, loader)
     watchdog.beat()  # the final validation and export get a whole run.dist_timeout_s
     return _finish(engine, cfg, spec, ckpt_dir, state, train_data, rank, world_size, metrics, device)
-
-
-def _progress(cfg: TrainConfig, state: TrainState, rank: int):
-    if rank != 0:
-        return None
-    import sys
-
-    from tqdm import tqdm
-
-    # On a terminal the bar redraws in place; in a log file (SLURM, CI) one update every 30 s is enough.
-    return tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-                mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
 
 def _stop_by_signal(stop: StopFlag, ckpt_dir: str, state: TrainState, rank: int, progress, metrics) -> None:
