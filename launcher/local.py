@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from launcher.hostfile import format_hostfile, is_local
+from trime_dist.core.rank_logs import LOG_DIR_ENV
 from trime_dist.core.stages import (
     MPI,
     SINGLE,
@@ -123,6 +124,7 @@ def deepspeed_multinode_plan(argv: list[str], hosts: dict[str, int], run_dir: st
 
     atomic_write_text(hostfile, format_hostfile(hosts))
     node_env = collect_env(list(env_names))
+    node_env.setdefault(LOG_DIR_ENV, os.path.join(os.path.abspath(run_dir), "logs"))  # STAGE-HOST-rankR.log
     write_env_file(env_file, node_env)
     first = next(iter(hosts))
     # 127.0.0.1 only when every rank is on this machine: with other hosts in the hostfile their ranks

@@ -15,6 +15,7 @@ from typing import Optional
 
 from launcher.slurm_config import SlurmConfig, resources_for
 from trime_dist.core.constants import EXIT_STOPPED_BY_SIGNAL, STOPPED_MARKER_ENV
+from trime_dist.core.rank_logs import LOG_DIR_ENV
 from trime_dist.core.stages import MPI, SINGLE, env_bin, runner_for, split_stage
 
 
@@ -62,6 +63,7 @@ def script_body(cfg: SlurmConfig, stage: str, stage_args: list[str], workdir: st
         lines += ["set +u", *cfg.setup, "set -u"]
     env = dict(cfg.env)
     env.setdefault("OMP_NUM_THREADS", str(resources_for(cfg, stage).cpus_per_task))
+    env.setdefault(LOG_DIR_ENV, os.path.abspath(log_dir))  # every rank's own log: STAGE-JOB-HOST-rankR.log
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
     lines.append('echo "job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS:-1} task(s), '
                  'restart ${SLURM_RESTART_COUNT:-0}, $(date -u +%FT%TZ)"')

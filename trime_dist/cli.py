@@ -72,8 +72,11 @@ def _run(stage: Optional[str], argv: list[str]) -> int:
     module = importlib.import_module(STAGES[args.stage].module)
     from trime_dist.core.constants import EXIT_RANK_LOST
     from trime_dist.core.lost_ranks import RankLost
+    from trime_dist.core.rank_logs import add_rank_log_file
 
+    log_file = None
     try:
+        log_file = add_rank_log_file(args.stage)  # TRIME_LOG_DIR/STAGE-HOST-rankR.log, when set
         return int(module.run(args) or 0)
     except RankLost as e:  # another rank died: one line naming it, from every survivor
         if getattr(args, "debug", False):
@@ -87,6 +90,10 @@ def _run(stage: Optional[str], argv: list[str]) -> int:
         if not (getattr(e, "all_ranks", False) and _rank() != 0):  # an error of every rank: rank 0 says it
             print(f"trime {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
 
 
 def _rank() -> int:

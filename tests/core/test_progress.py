@@ -58,10 +58,12 @@ def test_every_0_prints_each_update_and_unknown_total_has_no_eta():
 
 def test_rank_0_share_scaled_to_the_job_and_bytes_in_si_units():
     # rank 0 holds 1/4 of the job's bytes: 1 MB of its 2 MB done reads as 4 MB of the job's 8 MB
-    bar, clock, out = lines_bar(2_000_000, unit_scale=True, scale=4.0)
+    clock, out = Clock(), []
+    bar = show_progress(2_000_000, "prepare", "B", rank=0, unit_scale=True, scale=4.0, tty=False, every_s=30,
+                        clock=clock, write=out.append)
     clock.now += 40
     bar.update(1_000_000)
-    assert out == ["prepare (job, est. from rank 0): 4.00M/8.00M block (50%), 100k block/s, ETA 00:40"]
+    assert out == ["prepare (job, est. from rank 0): 4.00MB/8.00MB (50%), 100kB/s, ETA 00:40"]
 
 
 def test_other_ranks_show_nothing(capsys, caplog):

@@ -14,6 +14,7 @@ from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.segmenter import Segmenter
 from data_pipeline.text_input import iter_documents
 from trime_dist.core import shards
+from trime_dist.core.rank_logs import short_host
 
 from cli_runner import BIN, run_trime  # noqa: E402
 from cli_runner import REPO as ROOT  # noqa: E402
@@ -143,16 +144,28 @@ def test_jsonl_and_existing_tokenizer(tmp_path):
     assert m3["tokenizer"]["sha256"] == tokenizer.tokenizer_info(str(compact))["sha256"] != m1["tokenizer"]["sha256"]
 
 
-def _run_cli(args, n_ranks=0):
-    return run_trime(["prepare", *args], n_ranks or 1, launcher="mpi", check=False, timeout=300)
+def _run_cli(args, n_ranks=0, env=None):
+    return run_trime(["prepare", *args], n_ranks or 1, launcher="mpi", check=False, timeout=300, env=env)
 
 
 def test_two_mpi_ranks_give_the_same_segments(small_corpus, tmp_path):
     common = ["--input", small_corpus / "train", "--seq-len", "32", "--vocab-size", "400", "--shard-segments", "40"]
     one = _run_cli(common + ["--output", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
-    two = _run_cli(common + ["--output", tmp_path / "two"], n_ranks=2)
+    # stderr is a pipe (no terminal): progress lines from rank 0 only (at every update here), no redraws;
+    # with TRIME_LOG_DIR each rank also writes its own log file, named by host and rank
+    two = _run_cli(common + ["--output", tmp_path / "two"], n_ranks=2,
+                   env={"TRIME_PROGRESS_EVERY_S": "0", "TRIME_LOG_DIR": str(tmp_path / "logs")})
     assert two.returncode == 0, two.stderr
+    bars = [line for line in two.stderr.splitlines() if "trime_dist.core.progress" in line]
+    assert len(bars) >= 2 and all(" prepare (job, est. from rank 0): " in line for line in bars), two.stderr
+    assert sum("done in" in line for line in bars) == 1 and "done in" in bars[-1], bars
+    assert "\r" not in two.stderr
+    host = short_host()
+    assert sorted(os.listdir(tmp_path / "logs")) == [f"prepare-{host}-rank0.log", f"prepare-{host}-rank1.log"]
+    rank0, rank1 = (open(tmp_path / "logs" / f"prepare-{host}-rank{r}.log").read() for r in (0, 1))
+    assert "INFO data_pipeline.prepare: rank 0: " in rank0 and "rank 1: " not in rank0 and "core.progress" in rank0
+    assert "INFO data_pipeline.prepare: rank 1: " in rank1 and "rank 0: " not in rank1 and "progress" not in rank1
     m1, m2 = shards.read_manifest(str(tmp_path / "one")), shards.read_manifest(str(tmp_path / "two"))
     assert m2["world_size"] == 2 and {e["path"][:10] for e in m2["shards"]} == {"shard-r000", "shard-r001"}
     assert m1["tokenizer"]["sha256"] == m2["tokenizer"]["sha256"]

@@ -104,7 +104,7 @@ def test_multinode_plan_hostfile_env_and_flags(tmp_path, monkeypatch):
     assert env_lines == ["PYTHONPATH=/opt/extra", "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "1"),
                          *(["TOKENIZERS_PARALLELISM=" + os.environ["TOKENIZERS_PARALLELISM"]]
                            if os.environ.get("TOKENIZERS_PARALLELISM") else []),
-                         "NCCL_SOCKET_IFNAME=ib0", "NCCL_IB_HCA=mlx5_0,mlx5_1"]
+                         "NCCL_SOCKET_IFNAME=ib0", "NCCL_IB_HCA=mlx5_0,mlx5_1", f"TRIME_LOG_DIR={tmp_path}/logs"]
     cmd = plan.command
     flag = {cmd[i]: cmd[i + 1] for i in range(1, cmd.index("--launcher") + 2, 2)}
     assert flag == {"--hostfile": plan.hostfile, "--master_addr": "node1", "--master_port": "29600",
@@ -240,6 +240,7 @@ def test_slurm_cli_dry_run_writes_nothing(tmp_path):
                         "run.out_dir=r", cwd=tmp_path)
     script = (tmp_path / "out" / "train.sbatch").read_text()
     assert f"train --auto-resume --config {TINY} run.out_dir=r" in script and os.path.isdir(tmp_path / "out" / "logs")
+    assert f"export TRIME_LOG_DIR={tmp_path}/out/logs\n" in script  # every rank's own log file, named by host
     proc = trime_launch("slurm", "--dry-run", "--", "train", "--resume", "--config", TINY, cwd=tmp_path)
     assert f"train --resume --config {TINY}" in proc.stdout and "--auto-resume" not in proc.stdout
 

@@ -88,19 +88,24 @@ class _Lines(Progress):
         self.closed = False
 
     def _count(self, n: float) -> str:
+        """n of the caller's units as the job's count: 1.23MB with unit_scale (unit B), else 1,234."""
         if self.unit_scale:
             from tqdm import tqdm
 
-            return tqdm.format_sizeof(n * self.scale)
+            return tqdm.format_sizeof(n * self.scale) + self.unit
         return f"{round(n * self.scale):,}"
 
     def line(self, now: float, final: bool = False) -> str:
         elapsed = max(now - self.start, 1e-9)
         rate = (self.done - self.start_done) / elapsed                                 # caller's units per s
         done = self._count(self.done) + ("" if self.total is None else f"/{self._count(self.total)}")
-        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        speed = self._count(rate) if self.unit_scale else f"{rate * self.scale:.3g}"
-        text = f"{self.desc}: {done} {self.unit}{pct}, {speed} {self.unit}/s"
+        if self.unit_scale:
+            text = f"{self.desc}: {done}"
+            speed = f"{self._count(rate)}/s"
+        else:
+            text = f"{self.desc}: {done} {self.unit}"
+            speed = f"{rate * self.scale:.3g} {self.unit}/s"
+        text += (f" ({100 * self.done / self.total:.0f}%)" if self.total else "") + f", {speed}"
         if final:
             text += f", done in {_interval(elapsed)}"
         elif self.total is not None and rate > 0:
