@@ -44,7 +44,7 @@ def test_log_file_mode_prints_a_line_every_n_seconds_and_a_final_line():
     clock.now += 5
     bar.close()
     bar.close()                  # once only
-    assert out[2] == "prepare: 20/100 block (20%), 0.308 block/s, done in 01:05, loss 3.210"
+    assert out[2] == "prepare: 20/100 block (20%), 0.308 block/s, elapsed 01:05, loss 3.210"
     assert len(out) == 3 and not any("\r" in line for line in out)
 
 
@@ -82,7 +82,7 @@ def test_default_writes_log_lines_not_tqdm(caplog):
     caplog.set_level("INFO", logger="trime_dist.core.progress")
     assert list(track(range(4), "eval", "batch", rank=0, tty=False, every_s=1e9)) == [0, 1, 2, 3]
     lines = [r.getMessage() for r in caplog.records if r.name == "trime_dist.core.progress"]
-    assert len(lines) == 1 and re.fullmatch(r"eval: 4/4 batch \(100%\), \S+ batch/s, done in 00:00", lines[0])
+    assert len(lines) == 1 and re.fullmatch(r"eval: 4/4 batch \(100%\), \S+ batch/s, elapsed 00:00", lines[0])
 
 
 def test_terminal_mode_is_a_tqdm_bar_showing_the_scaled_counts(monkeypatch):
@@ -107,3 +107,14 @@ def test_every_s_from_env(monkeypatch):
         monkeypatch.setenv(EVERY_ENV, bad)
         with pytest.raises(ValueError, match=f"{EVERY_ENV}='{bad}'"):
             every_s_from_env()
+
+
+def test_an_error_ends_the_lines_without_a_final_line():
+    bar, clock, out = lines_bar(10, every_s=0)
+    with pytest.raises(RuntimeError):
+        with bar:
+            clock.now += 2
+            bar.update(1)
+            raise RuntimeError("stage failed")
+    bar.close()
+    assert out == ["prepare: 1/10 block (10%), 0.5 block/s, ETA 00:18"]

@@ -77,7 +77,8 @@ class _Bar(Progress):
 
 
 class _Lines(Progress):
-    """One line per `every_s` seconds of `clock` (checked at each update) and a final line at close."""
+    """One line per `every_s` seconds of `clock` (checked at each update) and a final line at close (none when
+    the `with` block ends by an exception)."""
 
     def __init__(self, total, desc, unit, initial, scale, unit_scale, every_s, clock, write):
         self.total, self.desc, self.unit, self.scale, self.unit_scale = total, desc, unit, scale, unit_scale
@@ -107,7 +108,7 @@ class _Lines(Progress):
             speed = f"{rate * self.scale:.3g} {self.unit}/s"
         text += (f" ({100 * self.done / self.total:.0f}%)" if self.total else "") + f", {speed}"
         if final:
-            text += f", done in {_interval(elapsed)}"
+            text += f", elapsed {_interval(elapsed)}"
         elif self.total is not None and rate > 0:
             text += f", ETA {_interval(max(self.total - self.done, 0) / rate)}"
         return text + self.postfix
@@ -126,6 +127,11 @@ class _Lines(Progress):
         if not self.closed:
             self.closed = True
             self.write(self.line(self.clock(), final=True))
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        self.closed = True  # an error (or a loop left early) ends it without a final line
 
 
 def _interval(seconds: float) -> str:
