@@ -17,6 +17,7 @@ import time
 import pytest
 
 from slurm_cluster import SlurmCluster, unavailable_reason
+from trime_dist.core.rank_logs import short_host
 
 pytestmark = pytest.mark.slurm
 from cli_runner import REPO, run_trime  # noqa: E402
@@ -126,6 +127,10 @@ def test_prepare_two_mpi_tasks(prepared, slurm):
     logs = prepared / "runs" / "prepare-train" / "logs"
     out = (logs / f"trime-prepare-{job['job_id']}.out").read_text()
     assert f"job {job['job_id']} on " in out and "2 task(s)" in out
+    # and each task's own log, named by job, host and rank (TRIME_LOG_DIR, set by the script)
+    host = short_host()
+    assert sorted(p.name for p in logs.glob("*.log")) == [f"prepare-{job['job_id']}-{host}-rank{r}.log" for r in (0, 1)]
+    assert "rank 1: " in (logs / f"prepare-{job['job_id']}-{host}-rank1.log").read_text()
     # the script written by --write-only and submitted with plain `sbatch --wait` did the same for valid
     valid = json.load(open(prepared / "data" / "valid" / "manifest.json"))
     assert valid["segments"] > 0 and valid["tokenizer"]["sha256"] == manifest["tokenizer"]["sha256"]
