@@ -118,6 +118,10 @@ def test_deepspeed_pdsh_two_hosts_equals_one_host(cluster, work):
     assert f"export GLOO_SOCKET_IFNAME={IFNAME};" in out  # what pdsh ran on each node
     # rank 1 ran on nodeB (pdsh prefixes each line with the node it came from)
     assert any(line.startswith("nodeB: ") and "rank 1/2" in line for line in out.splitlines()), out[-3000:]
+    # each rank's own log in the shared run folder, named by its host (TRIME_LOG_DIR in .deepspeed_env)
+    logs = work / "runs" / "two-launch" / "logs"
+    assert sorted(os.listdir(logs)) == ["train-nodeA-rank0.log", "train-nodeB-rank1.log"]
+    assert "rank 1/2" in (logs / "train-nodeB-rank1.log").read_text()
     summary = json.load(open(work / "runs" / "two" / "summary.json"))
     assert summary["world_size"] == 2 and summary["steps"] == 3
     assert_same_weights(work / "runs" / "one", work / "runs" / "two")
