@@ -168,6 +168,11 @@ def test_mpiexec_prepare_and_group_two_hosts_equal_one_host(cluster, work):
     proc = timed("prepare (MPI, 2 ranks)", "two", lambda: on_node_a(
         cluster, work, mpiexec_two_hosts(fill(prep, out="mpi/two/train"))))
     assert "over 2 ranks" in proc.stdout + proc.stderr
+    # one progress source for the job (rank 0, on nodeA), in lines, not redraws (the output is not a terminal)
+    bars = [line for line in (proc.stdout + proc.stderr).splitlines() if "trime_dist.core.progress" in line]
+    assert all("prepare (job, est. from rank 0): " in line for line in bars), bars
+    assert sum(", elapsed " in line for line in bars) == 1 and ", elapsed " in bars[-1], bars  # one final line
+    assert "\r" not in proc.stdout + proc.stderr
     timed("group (MPI, 2 ranks)", "one", lambda: run_trime(fill(group, inp="mpi/one/train", out="mpi/one/grouped"),
                                                              ranks=2, launcher="mpi", cwd=str(work)))
     timed("group (MPI, 2 ranks)", "two", lambda: on_node_a(
