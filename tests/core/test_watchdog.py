@@ -1,6 +1,7 @@
 """The progress watchdog ends a rank stuck in a collective whose process group has no usable timeout (a
 group made later with torch's 30-minute default, like ZeRO's), naming the rank that does not answer."""
 import os
+import socket
 import subprocess
 import time
 
@@ -37,6 +38,7 @@ def test_watchdog_names_the_rank_that_never_joins(tmp_path):
     assert elapsed < 45, proc.stderr[-3000:]  # 3 s limit + 5 s check-in (+ start-up), not rank 1's 60 s sleep
     lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith("trime probe: error: rank 0: no progress for ")
-    assert "during the probe's all-reduce (limit 3 s); rank 1 of 2 died or stopped answering" in lines[0]
+    host = socket.gethostname()  # both ranks ran here: each published it in the store at start
+    assert lines[0].startswith(f"trime probe: error: rank 0 on {host}: no progress for ")
+    assert f"during the probe's all-reduce (limit 3 s); rank 1 ({host}) of 2 died or stopped answering" in lines[0]
     assert "all-reduce returned" not in proc.stdout

@@ -10,6 +10,7 @@ slurmctld runs on node A; one munged in the root namespace serves both (its sock
 Only the namespaces' own addresses and 127.0.0.1 are used: the namespaces have no route anywhere else.
 Everything started is stopped by pid (and whatever still runs inside a namespace, by `ip netns pids`), the
 namespaces are deleted; atexit guards it. `node_command(node, argv)` is the argv that runs a command on a node.
+At the end: what the two-node tests share (the environment every rank gets, `trime train` arguments, weights).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import subprocess
 import time
 from typing import Optional
 
+from cli_runner import BIN, REPO
+
 NODES = ("nodeA", "nodeB")
 SUBNET = "10.231.0"
 ADDRS = {"nodeA": f"{SUBNET}.1", "nodeB": f"{SUBNET}.2"}
@@ -31,6 +34,11 @@ TOOLS = ("ip", "nsenter", "unshare", "mount", "sshd", "ssh", "ssh-keygen", "pdsh
 
 def _which(name: str) -> Optional[str]:
     return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def _netns_pids(ns: str) -> list[int]:
+    out = subprocess.run([_which("ip"), "netns", "pids", ns], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if p.isdigit()]
 
 
 def unavailable_reason() -> Optional[str]:
@@ -181,6 +189,8 @@ class TwoHosts:
             f.write(f"Host {' '.join(NODES)} {' '.join(ADDRS.values())}\n"
                     f"  IdentityFile {ssh}/id_key\n  User root\n  StrictHostKeyChecking no\n"
                     f"  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
+                    # a node that drops off the network ends its ssh session (and pdsh) in ~6 s, not hours later
+                    f"  ServerAliveInterval 2\n  ServerAliveCountMax 3\n"
                     f"Host *\n  BatchMode yes\n")
         hosts = "127.0.0.1 localhost\n" + "".join(f"{ADDRS[n]} {n}\n" for n in NODES)
         for node in NODES:
@@ -259,12 +269,16 @@ class TwoHosts:
             self._delete_netns(ns)
             self._made_netns.remove(ns)
 
+    def node_pids(self, node: str) -> list[int]:
+        """Every process running in the node's network namespace."""
+        return _netns_pids(self.netns[node])
+
     def _delete_netns(self, ns: str) -> None:
         for sig in ("TERM", "KILL"):
-            pids = subprocess.run([_which("ip"), "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            pids = _netns_pids(ns)
             for pid in pids:
                 try:
-                    os.kill(int(pid), 15 if sig == "TERM" else 9)
+                    os.kill(pid, 15 if sig == "TERM" else 9)
                 except (ProcessLookupError, ValueError):
                     pass
             if not pids:
@@ -304,3 +318,48 @@ class TwoHosts:
                 if text.strip():
                     parts.append(f"--- {name}\n{text}")
         return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- what the two-node tests share
+
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+TRIME = os.path.join(BIN, "trime")
+# every rank, on either node, gets the checkout's code and one thread; MPI (UCX) and gloo use the veth, so the
+# traffic between the nodes really crosses it (UCX would see one machine and use shared memory otherwise)
+NODE_ENV = {"PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": IFNAME, "GLOO_SOCKET_IFNAME": IFNAME}
+TIMES: dict[str, dict[str, float]] = {}  # printed when the cluster fixture ends
+
+
+def timed(key: str, which: str, fn):
+    t = time.monotonic()
+    out = fn()
+    TIMES.setdefault(key, {})[which] = time.monotonic() - t
+    return out
+
+
+def on_node_a(cluster, work, argv, timeout=600):
+    proc = cluster.run("nodeA", argv, cwd=str(work), env=NODE_ENV, timeout=timeout)
+    assert proc.returncode == 0, (f"on nodeA: {shlex.join(map(str, argv))} failed ({proc.returncode}):\n"
+                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}\n{cluster.logs()}")
+    return proc
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    import torch
+
+    wa, wb = weights(a), weights(b)
+    assert sorted(wa) == sorted(wb)
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
+
+
+def train_args(out: str, steps: int = 3, *extra: str) -> list[str]:
+    return ["train", "--config", TINY, "data.train=data/train", "data.valid=data/valid", f"run.out_dir={out}",
+            f"run.max_steps={steps}", "model.max_seq_len=32", "run.log_every=1", *extra]

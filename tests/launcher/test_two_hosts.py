@@ -9,94 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import subprocess
-import time
 
 import pytest
 
 from cli_runner import BIN, REPO, run_trime
-from two_hosts import ADDRS, IFNAME, TwoHosts, unavailable_reason
+from two_hosts import IFNAME, NODE_ENV, TRIME, assert_same_weights, on_node_a, timed, train_args
 
 pytestmark = pytest.mark.two_hosts
-
-TINY = os.path.join(REPO, "configs", "tiny.yaml")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-TRIME = os.path.join(BIN, "trime")
-# every rank, on either node, gets the checkout's code and one thread; MPI (UCX) and gloo use the veth, so the
-# traffic between the nodes really crosses it (UCX would see one machine and use shared memory otherwise)
-NODE_ENV = {"PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": IFNAME, "GLOO_SOCKET_IFNAME": IFNAME}
-TIMES: dict[str, dict[str, float]] = {}
-
-
-def _unavailable(reason: str):
-    if IN_CI:
-        pytest.fail(f"CI=true but the two-node cluster is unavailable: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        _unavailable(reason)
-    c = TwoHosts(str(tmp_path_factory.mktemp("two_hosts")))
-    try:
-        c.start()
-    except Exception as e:  # noqa: BLE001 -- any start failure is reported the same way
-        c.stop()
-        _unavailable(f"could not start the two-node cluster: {e}")
-    yield c
-    c.stop()
-    if TIMES:
-        print("\nwall time, one host vs two nodes:\n" + "\n".join(
-            f"  {k}: {v.get('one', float('nan')):.1f}s vs {v.get('two', float('nan')):.1f}s" for k, v in TIMES.items()))
-
-
-@pytest.fixture(scope="module")
-def work(cluster, tmp_path_factory):
-    """A folder both nodes see (one file system): the built-in corpus and its prepared splits (one process)."""
-    root = tmp_path_factory.mktemp("two_hosts_work")
-    run_trime(["corpus", "--out", root / "corpus", "--scale", "0.05"], cwd=str(root))
-    for split, tok in (("train", ["--vocab-size", "300"]), ("valid", ["--tokenizer", "data/train/tokenizer.json"])):
-        run_trime(["prepare", "--input", f"corpus/{split}", "--output", f"data/{split}", "--seq-len", "32", *tok],
-                  cwd=str(root))
-    return root
-
-
-def timed(key: str, which: str, fn):
-    t = time.monotonic()
-    out = fn()
-    TIMES.setdefault(key, {})[which] = time.monotonic() - t
-    return out
-
-
-def on_node_a(cluster, work, argv, timeout=600):
-    proc = cluster.run("nodeA", argv, cwd=str(work), env=NODE_ENV, timeout=timeout)
-    assert proc.returncode == 0, (f"on nodeA: {shlex.join(map(str, argv))} failed ({proc.returncode}):\n"
-                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}\n{cluster.logs()}")
-    return proc
-
-
-def weights(run_dir):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
-
-
-def assert_same_weights(a, b):
-    import torch
-
-    wa, wb = weights(a), weights(b)
-    assert sorted(wa) == sorted(wb)
-    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
-
-
-def train_args(out: str, steps: int = 3, *extra: str) -> list[str]:
-    return ["train", "--config", TINY, "data.train=data/train", "data.valid=data/valid", f"run.out_dir={out}",
-            f"run.max_steps={steps}", "model.max_seq_len=32", "run.log_every=1", *extra]
 
 
 # ----------------------------------------------------------------------------- DeepSpeed over pdsh

@@ -2,6 +2,7 @@
 within a bound with one error line naming the lost rank, and the launcher exits non-zero."""
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -61,7 +62,9 @@ def test_killed_rank_is_named_by_the_survivor(data, tmp_path, victim):
     assert seconds < 60, result.stderr[-3000:]  # gloo sees the closed connection, 5 s check-in, launcher poll
     lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr[-3000:]
-    assert lines[0].startswith(f"trime train: error: rank {survivor}: rank {victim} of 2 died or stopped answering")
+    host = socket.gethostname()  # every rank ran here (rank 0's host: the store's, 127.0.0.1 named by this host)
+    assert lines[0].startswith(f"trime train: error: rank {survivor} on {host}: rank {victim} ({host}) of 2 died "
+                               f"or stopped answering")
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
@@ -76,8 +79,8 @@ def test_hung_rank_is_named_after_the_timeout(data, tmp_path):
     lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr[-3000:]
     # from the gloo timeout of the default group, or the watchdog when waiting in ZeRO's group
-    assert lines[0].startswith("trime train: error: rank 0: ")
-    assert "rank 1 of 2 died or stopped answering" in lines[0]
+    assert lines[0].startswith(f"trime train: error: rank 0 on {socket.gethostname()}: ")
+    assert f"rank 1 ({socket.gethostname()}) of 2 died or stopped answering" in lines[0]
     assert "Timed out waiting 5000ms" in lines[0] or "no progress for " in lines[0]
 
 
@@ -93,5 +96,5 @@ def test_three_ranks_name_only_the_killed_one(data, tmp_path):
     lines = error_lines(result.stderr)
     assert 1 <= len(lines) <= 2, result.stderr[-3000:]
     for line in lines:
-        assert "rank 1 of 3 died or stopped answering" in line, result.stderr[-3000:]
+        assert f"rank 1 ({socket.gethostname()}) of 3 died or stopped answering" in line, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from trime_dist.core.device import pick_device
-from trime_dist.core.launch_env import DistEnv, discover_env, export_env, free_port
+from trime_dist.core.launch_env import DistEnv, apply_net_interface, discover_env, export_env, free_port
 
 
 def backend_for_device() -> str:
@@ -21,7 +21,8 @@ def backend_for_device() -> str:
 
 
 def init_distributed(timeout_s: int = 1800, *, group_of_one: bool = False,
-                     init_group: Optional[Callable[[str], None]] = None, backend: Optional[str] = None) -> DistEnv:
+                     init_group: Optional[Callable[[str], None]] = None, backend: Optional[str] = None,
+                     net_interface: str = "", net_interface_key: str = "run.net_interface") -> DistEnv:
     """Bring up the default process group from the launcher's environment (any launcher: DeepSpeed,
     torchrun, srun, mpiexec); returns that environment.
 
@@ -29,9 +30,12 @@ def init_distributed(timeout_s: int = 1800, *, group_of_one: bool = False,
     port). The environment is exported as RANK/WORLD_SIZE/... and the GPU picked by local rank, then
     init_group(backend) makes the group: torch's init_process_group unless the caller brings its own
     (DeepSpeed's). backend: gloo for a stage that keeps its tensors on the CPU on a GPU machine (default:
-    nccl when CUDA is available, else gloo). Nothing is done when a group exists already.
+    nccl when CUDA is available, else gloo). net_interface: the network interface gloo and NCCL use
+    (the config key net_interface_key; see launch_env.apply_net_interface), checked before any rendezvous. Every rank then
+    publishes its host name in the store (lost_ranks.publish_host). Nothing is done when a group exists already.
     """
     env = discover_env()
+    apply_net_interface(net_interface, net_interface_key)  # (with one process too: a bad value fails on one rank as on many)
     if dist.is_initialized() or (env.world_size == 1 and not group_of_one):
         return env
     if env.launcher == "single":
@@ -43,6 +47,10 @@ def init_distributed(timeout_s: int = 1800, *, group_of_one: bool = False,
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     else:
         init_group(backend)
+    if env.world_size > 1:
+        from trime_dist.core.lost_ranks import publish_host
+
+        publish_host(env)
     return env
 
 

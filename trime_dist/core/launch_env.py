@@ -127,10 +127,39 @@ def export_env(env: DistEnv) -> None:
     })
 
 
+def master_host(env: DistEnv) -> str:
+    """The host of rank 0's rendezvous store: MASTER_ADDR, or this host's name when that is a loopback address."""
+    return socket.gethostname() if env.master_addr in ("127.0.0.1", "localhost") else env.master_addr
+
+
+def where(env: DistEnv) -> str:
+    """"rank 1 on node002": who says an error line, in every line a rank of a multi-host job prints."""
+    return f"rank {env.rank} on {socket.gethostname()}"
+
+
+def apply_net_interface(name: str, key: str = "run.net_interface") -> None:
+    """Make gloo and NCCL use the network interface `name` (config key `key`) by setting GLOO_SOCKET_IFNAME and
+    NCCL_SOCKET_IFNAME, before the process group exists. An interface this host lacks is refused at once (not
+    after a rendezvous that can never complete); an explicit GLOO_/NCCL_SOCKET_IFNAME that names another one is
+    an error naming both. Empty `name`: the environment is left as it is."""
+    if not name:
+        return
+    have = sorted(i for _, i in socket.if_nameindex())
+    if name not in have:
+        raise ValueError(f"{key}={name}: no such network interface on {socket.gethostname()} "
+                         f"(it has: {', '.join(have)})")
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        given = os.environ.get(var)
+        if given not in (None, "", name):
+            raise ValueError(f"{key}={name} but {var}={given} is set in the environment: "
+                             f"unset one, or make them name the same interface")
+        os.environ[var] = name
+
+
 def job_key(env: DistEnv) -> str:
     """The same string on every rank of one job, another for any job running at the same time: the SLURM
     job and step, and the rendezvous address (a loopback one named by this host: a one-node job)."""
-    host = socket.gethostname() if env.master_addr in ("127.0.0.1", "localhost") else env.master_addr
+    host = master_host(env)
     slurm = ".".join(filter(None, (os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID"))))
     return f"{slurm + '/' if slurm else ''}{host}:{env.master_port}"
 

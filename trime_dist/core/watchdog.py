@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from trime_dist.core.launch_env import DistEnv
+from trime_dist.core.launch_env import DistEnv, where
 
 
 class ProgressWatchdog:
@@ -54,7 +54,7 @@ class ProgressWatchdog:
         from trime_dist.core.lost_ranks import describe_lost, find_lost_ranks
 
         lost = find_lost_ranks(self.env)
-        line = (f"trime {self.stage}: error: rank {self.env.rank}: no progress for {idle:.0f} s during "
+        line = (f"trime {self.stage}: error: {where(self.env)}: no progress for {idle:.0f} s during "
                 f"{self.during} (limit {self.timeout_s:.0f} s); {describe_lost(lost, self.env)}; stopping this rank")
         print(line, file=sys.stderr, flush=True)
         logging.shutdown()

@@ -35,7 +35,8 @@ def build_datastore(cfg: DatastoreConfig) -> dict:
     from trime_dist.core.mpi import plan_on_root
     from trime_dist.model.export import load_model
 
-    env = init_distributed(timeout_s=cfg.dist_timeout_s)
+    env = init_distributed(timeout_s=cfg.dist_timeout_s, net_interface=cfg.net_interface,
+                           net_interface_key="net_interface")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
         build.dsi.set_threads(cfg.threads)

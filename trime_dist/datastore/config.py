@@ -31,3 +31,5 @@ class DatastoreConfig:
     dist_timeout_s: int = opt(3600, "seconds a rank waits for the others at start and at each barrier before it "
                               "stops with an error naming the ranks that did not answer; above the time rank 0 "
                               "takes to train the index")
+    net_interface: str = opt("", "network interface gloo and NCCL use between the nodes (sets GLOO_SOCKET_IFNAME "
+                             "and NCCL_SOCKET_IFNAME); empty = the environment's or the libraries' choice")

@@ -91,6 +91,9 @@ class RunConfig:
     dist_timeout_s: int = opt(900, "seconds a rank waits for the others at process-group start and in any "
                               "collective (all-reduce, barrier) before it stops with an error naming the ranks "
                               "that did not answer; above the longest rank-0-only work (checkpoint, export)")
+    net_interface: str = opt("", "network interface gloo and NCCL use between the nodes (sets GLOO_SOCKET_IFNAME "
+                             "and NCCL_SOCKET_IFNAME; e.g. ib0, eth0); empty = the environment's or the libraries' "
+                             "choice")
     trackers: list[str] = opt(doc="also log the metrics to these (rank 0): RUN/tensorboard, RUN/wandb (offline "
                               "unless WANDB_MODE is set)", factory=list, choices=TRACKERS)
 

@@ -169,10 +169,10 @@ def maybe_gather_per_block(model: torch.nn.Module) -> None:
         set_z3_leaf_modules(model, sorted({type(b) for b in blocks}, key=lambda c: c.__name__))
 
 
-def init_deepspeed_distributed(timeout_s: int = 1800) -> None:
+def init_deepspeed_distributed(timeout_s: int = 1800, net_interface: str = "") -> None:
     """The process group (gloo on CPU, nccl on GPU) from the launcher env, made by DeepSpeed's own init
     so that its comm layer knows it (and binds the GPU as DeepSpeed does); one process gets a group too.
-    timeout_s bounds the start and every collective (run.dist_timeout_s)."""
+    timeout_s bounds the start and every collective (run.dist_timeout_s); net_interface: run.net_interface."""
     import datetime
 
     import deepspeed
@@ -199,7 +199,7 @@ def init_deepspeed_distributed(timeout_s: int = 1800) -> None:
             if local_size is not None:
                 os.environ["LOCAL_SIZE"] = local_size
 
-    init_distributed(group_of_one=True, init_group=init_group)
+    init_distributed(group_of_one=True, init_group=init_group, net_interface=net_interface)
 
 
 def current_lr(engine) -> float:

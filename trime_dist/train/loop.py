@@ -305,7 +305,7 @@ def _train(cfg: TrainConfig, resume: bool, stop: StopFlag, watchdog) -> dict:
     if resume:  # so is the checkpoint: a file holding a pickled object is refused before the engine is built
         check_latest_checkpoint(os.path.join(cfg.run.out_dir, "checkpoints"))
     spec = build_loss_spec(cfg)  # what every micro-batch's loss is, decided once
-    init_deepspeed_distributed(cfg.run.dist_timeout_s)
+    init_deepspeed_distributed(cfg.run.dist_timeout_s, cfg.run.net_interface)
     rank, world_size = get_rank(), get_world_size()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
