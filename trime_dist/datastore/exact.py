@@ -189,6 +189,28 @@ def check_shard_fits(path: str, count: int, dim: int, device: torch.device, rank
                          "the keys) or search the faiss index (--search faiss)")
 
 
+def search_over_shards(queries: torch.Tensor, k: int, search_shard, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [Q, k], ids [Q, k]) of this rank's queries [Q, D] over every rank's shard, merged: a collective
+    (every rank calls it once per round, Q may differ, 0 included, the same k). search_shard(queries [n, D], k)
+    -> (scores [n, k] fp32, global ids [n, k]) searches this rank's shard, on the queries' device. One all-gather
+    of the queries, each shard searched for all of them, one all-to-all of the results back to the askers."""
+    from trime_dist.core.distributed import all_gather_no_grad, all_to_all_rows, gather_sizes
+
+    sizes = gather_sizes(queries.shape[0], queries.device)                                  # [R] queries per rank
+    Q = queries.shape[0]
+    if sum(sizes) == 0:
+        return search_shard(queries, k)
+    every = all_gather_no_grad(queries.float())                                             # [sum Q_r, D]
+    s, ids = search_shard(every, k)                                                         # this shard's top-k
+    # rank r gets this shard's rows for its queries; this rank gets every shard's rows for its own
+    s = all_to_all_rows(s, sizes, [Q] * world_size)                                         # [R*Q, k]
+    ids = all_to_all_rows(ids, sizes, [Q] * world_size)
+    # [R*Q, k] -> [Q, R*k]: every shard's candidates for each query side by side
+    s = s.view(world_size, Q, k).permute(1, 0, 2).reshape(Q, world_size * k)
+    ids = ids.view(world_size, Q, k).permute(1, 0, 2).reshape(Q, world_size * k)
+    return merge_topk(s, ids, k)
+
+
 class ExactIndex:
     """A store's keys [lo, hi) on `device` (fp16) and their exact top-k search, merged over the ranks."""
 
@@ -211,21 +233,7 @@ class ExactIndex:
         queries = queries.to(self.device)
         if self.world_size == 1:
             return self.search_shard(queries, k)
-        from trime_dist.core.distributed import all_gather_no_grad, all_to_all_rows, gather_sizes
-
-        sizes = gather_sizes(queries.shape[0], self.device)                                  # [R] queries per rank
-        Q = queries.shape[0]
-        if sum(sizes) == 0:
-            return self.search_shard(queries, k)
-        every = all_gather_no_grad(queries.float())                                          # [sum Q_r, D]
-        s, ids = self.search_shard(every, k)                                                 # this shard's top-k
-        # rank r gets this shard's rows for its queries; this rank gets every shard's rows for its own
-        s = all_to_all_rows(s, sizes, [Q] * self.world_size)                                 # [R*Q, k]
-        ids = all_to_all_rows(ids, sizes, [Q] * self.world_size)
-        # [R*Q, k] -> [Q, R*k]: every shard's candidates for each query side by side
-        s = s.view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, self.world_size * k)
-        ids = ids.view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, self.world_size * k)
-        return merge_topk(s, ids, k)
+        return search_over_shards(queries, k, self.search_shard, self.world_size)
 
     def search_shard(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """search() over this rank's keys only: ([Q, k] fp32, [Q, k] global ids), padded with (-inf, -1)."""
