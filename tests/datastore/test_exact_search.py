@@ -153,3 +153,88 @@ def test_l2_topk_equals_float64_brute_force_and_faiss(compute_dtype):
     f_s, f_i = dsi.brute_force_search(keys.float().numpy(), queries.numpy(), k, metric="l2")
     np.testing.assert_array_equal(i.numpy(), f_i)
     np.testing.assert_allclose(s.numpy(), f_s, rtol=1e-4, atol=1e-3)
+
+
+# ---- the block-pruned selection (entering_candidates): exact against a float64 dense torch.topk
+
+def _dense_top(keys, queries, k, metric):
+    """float64 dense reference: torch.topk over the full [Q, M] similarity matrix."""
+    kk, q = keys.double(), queries.double()
+    ref = (q @ kk.T) if metric == "ip" else -((q[:, None, :] - kk[None]) ** 2).sum(2)
+    return ref, ref.topk(k, dim=1)
+
+
+def _assert_exact_top(s, i, ref, top, k):
+    """Same top-k scores as the reference; each id is a distinct key whose own score is the one reported; the
+    same ids wherever the k-th score is not tied (a tie may keep either of the tied keys, as torch.topk)."""
+    torch.testing.assert_close(s.double(), top.values, rtol=1e-5, atol=1e-4)
+    assert i.shape == (ref.shape[0], k) and (i >= 0).all()
+    assert all(len(set(row)) == k for row in i.tolist())
+    torch.testing.assert_close(ref.gather(1, i), top.values, rtol=1e-5, atol=1e-4)
+    kth = top.values[:, -1:]
+    untied = ((ref - kth).abs() < 1e-6).sum(1) == 1
+    assert untied.any()
+    for r in untied.nonzero().flatten().tolist():
+        assert set(i[r].tolist()) == set(top.indices[r].tolist())
+
+
+@pytest.mark.parametrize("M, k, chunk, metric", [
+    (24000, 16, 1 << 18, "ip"),       # one chunk, 64-key blocks
+    (24011, 200, 9000, "ip"),         # 32-key blocks, a partial last block, the k-th best so far as a floor
+    (24011, 100, 8001, "l2"),         # l2: norms combined before the selection
+    (3000, 700, 1000, "ip"),          # too few blocks: the plain selection
+])
+def test_block_pruned_topk_equals_float64_dense_topk(M, k, chunk, metric):
+    g = torch.Generator().manual_seed(100 + k)
+    keys = torch.randn(M, 16, generator=g)
+    keys = (keys * torch.rand(M, 1, generator=g) * 2).half()          # norms differ: l2 order != ip order
+    queries = torch.randn(29, 16, generator=g)
+    s, i = topk_chunked(queries, keys, k, chunk=chunk, metric=metric)
+    ref, top = _dense_top(keys, queries, k, metric)
+    _assert_exact_top(s, i, ref, top, k)
+    s_old, i_old = topk_chunked(queries, keys, k, chunk=chunk, metric=metric, select="topk")
+    torch.testing.assert_close(s, s_old, rtol=0, atol=0)                # the same scores as the full selection
+
+
+def test_block_pruned_selection_keeps_few_candidates_and_ties():
+    """Random scores: far fewer candidates than columns, holding the row's top-k; tied scores (duplicated keys,
+    a floor equal to scores) keep the right values."""
+    from trime_dist.datastore.exact import entering_candidates
+
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randn(8, 50000, generator=g)
+    s, c = entering_candidates(scores, 64)
+    assert 64 <= s.shape[1] < 50000 // 10                              # pruned: the check can fail
+    assert torch.equal(scores.gather(1, c.clamp(min=0))[c >= 0], s[c >= 0])
+    assert torch.equal(s.topk(64, dim=1).values, scores.topk(64, dim=1).values)
+    tied = torch.randint(0, 5, (8, 50000), generator=g).float()       # every score tied many times
+    s, c = entering_candidates(tied, 300)
+    assert torch.equal(s.topk(300, dim=1).values, tied.topk(300, dim=1).values)
+    # a floor: entries equal to it cannot enter (the earlier key keeps a tie); those above it all stay
+    floor = torch.full((8,), 3.0)
+    s, c = entering_candidates(tied, 300, floor)
+    assert ((s > 3) | torch.isinf(s)).all()
+    assert torch.equal((s == 4).sum(1), (tied == 4).sum(1))
+
+    # duplicated keys across chunks: top-k scores equal the dense reference, each id scored as reported
+    keys = torch.randn(2000, 8, generator=g).half().repeat(12, 1)      # [24000, 8], each key 12 times
+    queries = torch.randn(5, 8, generator=g)
+    s, i = topk_chunked(queries, keys, 40, chunk=7000)
+    ref, top = _dense_top(keys, queries, 40, "ip")
+    torch.testing.assert_close(s.double(), top.values, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ref.gather(1, i), top.values, rtol=1e-5, atol=1e-4)
+    assert all(len(set(row)) == 40 for row in i.tolist())
+
+
+def test_two_rank_sharded_block_pruned_search_equals_float64_dense(tmp_path):
+    """2 gloo ranks, each searching its half of 24,001 keys with the block-pruned selection (k = 48 and 300):
+    every rank's merged answer is the dense float64 top-k."""
+    g = torch.Generator().manual_seed(11)
+    keys = torch.randn(24001, 16, generator=g).half().numpy()
+    queries = torch.randn(21, 16, generator=g).numpy()
+    _Store(tmp_path / "big", keys)
+    for k in (48, 300):
+        results = run_distributed(_sharded_search, 2, args=(str(tmp_path / "big"), keys, queries, k, False))
+        ref, top = _dense_top(torch.from_numpy(keys), torch.from_numpy(queries), k, "ip")
+        for _, _, (s, i) in results:
+            _assert_exact_top(s, i, ref, top, k)

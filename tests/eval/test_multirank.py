@@ -217,3 +217,49 @@ def test_faiss_search_device_is_the_cpu_without_gpu_faiss(splits):
     assert ds.use_faiss_on(torch.device("cuda", 0)) == where and ds.search_where == where
     scores, ids, _ = ds.search(ds.all_keys()[:3], 4, 1)
     assert (ids[:, 0] >= 0).all()
+
+
+# ----------------------------------------------------------------------------- faiss shards (--search faiss-shard)
+
+_SHARD_ASKED = {0: [slice(0, 9), slice(9, 30), slice(0, 0)], 1: [slice(30, 40), slice(0, 0), slice(40, 64)]}
+
+
+def _faiss_shard_rounds(rank, world_size, path, queries, k, nprobe):
+    """Each rank loads its shard of the index and searches its own queries (none in one round) over all shards."""
+    from trime_dist.datastore.store import open_datastore
+
+    ds = open_datastore(path)
+    ds.use_faiss_shard(torch.device("cpu"), nprobe, rank, world_size)
+    held = (*ds.faiss_shard[:2], int(ds.index(nprobe).ntotal))
+    return held, [ds.search_tensor(torch.from_numpy(queries[a]), k, nprobe) for a in _SHARD_ASKED[rank]]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "IVF4,PQ4"])
+def test_faiss_index_sharded_over_two_ranks_equals_one_process(splits, tmp_path, factory):
+    """2 gloo ranks, each holding half the index's entries (ids [lo, hi)): every rank's queries get the one-process
+    search's scores, ids and labels (ids compared wherever the k-th score is not tied: the tiny model's keys repeat)."""
+    import numpy as np
+
+    from trime_dist.datastore.build import build_datastore
+    from trime_dist.datastore.config import DatastoreConfig
+    from trime_dist.datastore.store import open_datastore
+
+    path = str(splits / "ds") if factory == "Flat" else str(tmp_path / "ds")
+    if factory != "Flat":
+        build_datastore(DatastoreConfig(model=str(splits / "run"), data=str(splits / "train"), out=path,
+                                        factory=factory))
+    one = open_datastore(path)
+    queries = (one.all_keys()[::12][:64] + np.random.default_rng(3).normal(0, 0.05, (64, 16))).astype(np.float32)
+    k, nprobe = 8, 2
+    (held0, got0), (held1, got1) = run_distributed(_faiss_shard_rounds, 2, args=(path, queries, k, nprobe))
+    count = int(one.meta["count"])
+    assert held0 == (0, (count + 1) // 2, (count + 1) // 2) and held1 == ((count + 1) // 2, count, count // 2)
+    for rank, got in ((0, got0), (1, got1)):
+        for (s, i, lab), a in zip(got, _SHARD_ASKED[rank]):
+            ref_s, ref_i, ref_lab = one.search(queries[a], k, nprobe)
+            assert s.shape == (len(ref_s), k)
+            np.testing.assert_allclose(s.numpy(), ref_s, rtol=1e-5, atol=1e-5)
+            for row in range(len(ref_s)):
+                above = ref_s[row] > ref_s[row, -1] + 1e-5          # the entries not tied with the k-th
+                assert set(i[row].numpy()[above]) == set(ref_i[row][above])
+            assert (lab.numpy() == one.values[i.numpy()]).all()

@@ -25,10 +25,13 @@ def shard_range(count: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def topk_chunked(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 1 << 18,
                  compute_dtype: torch.dtype = torch.float32, metric: str = "ip",
-                 key_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [Q, k'], rows [Q, k']) of the k' = min(k, M) largest q.k (ip) or -||q - k||^2 (l2) over keys
+                 key_sq: torch.Tensor | None = None, select: str = "blocks") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [Q, k'] , rows [Q, k']) of the k' = min(k, M) largest q.k (ip) or -||q - k||^2 (l2) over keys
     [M, D], scanning `chunk` keys at a time: the matmul in compute_dtype (ip scores in its precision; l2 scores are
-    combined with the norms in fp32; key_sq [M] = ||k||^2, computed here when not given), sorted descending."""
+    combined with the norms in fp32; key_sq [M] = ||k||^2, computed here when not given), sorted descending.
+    select="blocks": each chunk's selection looks only at the scores that can enter (entering_candidates);
+    "topk": a full torch.topk of every chunk (the reference the benchmark compares against). Same scores either
+    way; among tied scores either may keep a different one of the tied ids."""
     Q, M = queries.shape[0], keys.shape[0]
     k = min(k, M)
     q = queries.to(compute_dtype)
@@ -43,11 +46,18 @@ def topk_chunked(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
         if metric == "l2":  # -||q - k||^2 = 2 q·k - ||k||^2 - ||q||^2; ||q||^2 is added after the selection
             # in fp32: squared norms of real keys overflow fp16 (65504) for hidden states of norm > 256
             scores = 2 * scores.float() - key_sq[c0:c0 + chunk][None, :]
-        # unsorted selection is the cheaper radix select; one sort at the end
-        s, i = scores.topk(min(k, scores.shape[1]), dim=1, sorted=False)                      # [Q, <=k]
+        # the current k-th best is a floor: a score at or below it cannot enter (a tie keeps the earlier key)
+        floor = best_s.amin(1) if best_s.shape[1] == k else None
+        if select == "blocks":
+            s, i = entering_candidates(scores, k, floor)                                      # [Q, m >= k]
+        else:  # unsorted selection is the cheaper radix select; one sort at the end
+            s, i = scores.topk(min(k, scores.shape[1]), dim=1, sorted=False)                  # [Q, <=k]
         if best_s.shape[1]:
             s, pick = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1, sorted=False)
             i = torch.cat([best_i, i + c0], 1).gather(1, pick)
+        elif s.shape[1] > k:
+            s, pick = s.topk(k, dim=1, sorted=False)
+            i = i.gather(1, pick) + c0
         else:
             i = i + c0
         best_s, best_i = s, i
@@ -55,6 +65,59 @@ def topk_chunked(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
     if metric == "l2":
         best_s = best_s - q.float().pow(2).sum(1, keepdim=True)
     return best_s, best_i.gather(1, order)
+
+
+def entering_candidates(scores: torch.Tensor, k: int, floor: torch.Tensor | None = None,
+                        block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [Q, m], columns [Q, m]) of scores [Q, c]: per row a set of m >= min(k, c) entries that holds a
+    top-k of the row (or of the row together with k entries all >= floor [Q]), padded with (-inf, -1).
+    Cheaper than topk over all c: the row is cut into blocks; the k-th largest block maximum t is <= the row's
+    k-th best score, so only blocks with max >= t can hold a top-k entry (about k of c / block), and only their
+    entries >= t (about k to 2k) are kept. Entries <= floor are dropped (they cannot displace k entries >= floor)."""
+    Q, c = scores.shape
+    if block is None:   # measured on CPU (benchmarks/bench_exact_search.py): 64 for small k, 32 from k = 128
+        block = 64 if k < 128 else 32
+    nb = c // block
+    if nb < 2 * k:      # few blocks per top-k entry: a plain selection is as cheap
+        s, i = scores.topk(min(k, c), dim=1, sorted=False)
+        return s, i
+    blocks = scores.as_strided((Q, nb, block), (scores.stride(0), block * scores.stride(1), scores.stride(1)))
+    bmax = blocks.amax(2)                                                                   # [Q, nb]
+    t = bmax.topk(k, dim=1, sorted=False).values.amin(1)                                    # [Q] <= k-th best
+    if floor is not None:   # >= t and > floor; t = floor + (strict) is expressed as a second mask below
+        t = torch.maximum(t, floor.to(t.dtype))
+    can = bmax >= t[:, None]
+    if floor is not None:
+        can &= bmax > floor[:, None]
+    brow, bcol = can.nonzero(as_tuple=True)                                                 # [h] blocks to open
+    if nb * block == c and scores.is_contiguous():  # whole rows of blocks: a row gather (2x the indexing's speed)
+        vals = scores.view(Q * nb, block).index_select(0, brow * nb + bcol)                 # [h, block]
+    else:
+        vals = blocks[brow, bcol]                                                           # [h, block]
+    hit = vals >= t[brow, None]
+    if floor is not None:
+        hit &= vals > floor[brow, None]
+    hb, off = hit.nonzero(as_tuple=True)                                                    # [n] kept entries
+    rows, cols, kept = brow[hb], bcol[hb] * block + off, vals[hb, off]
+    if nb * block < c:  # the last partial block: all its entries above the floor are candidates
+        tail = scores[:, nb * block:]                                                       # [Q, < block]
+        tail_cols = torch.arange(nb * block, c, device=scores.device).expand_as(tail)
+        if floor is not None:   # the others become padding
+            above = tail > floor[:, None]
+            tail, tail_cols = tail.masked_fill(~above, float("-inf")), tail_cols.masked_fill(~above, -1)
+        rows = torch.cat([rows, torch.arange(Q, device=scores.device).repeat_interleave(c - nb * block)])
+        cols = torch.cat([cols, tail_cols.reshape(-1)])
+        kept = torch.cat([kept, tail.reshape(-1)])
+        order = torch.argsort(rows, stable=True)
+        rows, cols, kept = rows[order], cols[order], kept[order]
+    counts = torch.bincount(rows, minlength=Q)                                              # [Q] kept per row
+    m = int(counts.max()) if rows.numel() else 0
+    pos = torch.arange(rows.numel(), device=scores.device) - (counts.cumsum(0) - counts)[rows]
+    out_s = scores.new_full((Q, m), float("-inf"))
+    out_i = torch.full((Q, m), -1, dtype=torch.long, device=scores.device)
+    out_s[rows, pos] = kept
+    out_i[rows, pos] = cols
+    return out_s, out_i
 
 
 def squared_norms(keys: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
@@ -126,6 +189,28 @@ def check_shard_fits(path: str, count: int, dim: int, device: torch.device, rank
                          "the keys) or search the faiss index (--search faiss)")
 
 
+def search_over_shards(queries: torch.Tensor, k: int, search_shard, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [Q, k], ids [Q, k]) of this rank's queries [Q, D] over every rank's shard, merged: a collective
+    (every rank calls it once per round, Q may differ, 0 included, the same k). search_shard(queries [n, D], k)
+    -> (scores [n, k] fp32, global ids [n, k]) searches this rank's shard, on the queries' device. One all-gather
+    of the queries, each shard searched for all of them, one all-to-all of the results back to the askers."""
+    from trime_dist.core.distributed import all_gather_no_grad, all_to_all_rows, gather_sizes
+
+    sizes = gather_sizes(queries.shape[0], queries.device)                                  # [R] queries per rank
+    Q = queries.shape[0]
+    if sum(sizes) == 0:
+        return search_shard(queries, k)
+    every = all_gather_no_grad(queries.float())                                             # [sum Q_r, D]
+    s, ids = search_shard(every, k)                                                         # this shard's top-k
+    # rank r gets this shard's rows for its queries; this rank gets every shard's rows for its own
+    s = all_to_all_rows(s, sizes, [Q] * world_size)                                         # [R*Q, k]
+    ids = all_to_all_rows(ids, sizes, [Q] * world_size)
+    # [R*Q, k] -> [Q, R*k]: every shard's candidates for each query side by side
+    s = s.view(world_size, Q, k).permute(1, 0, 2).reshape(Q, world_size * k)
+    ids = ids.view(world_size, Q, k).permute(1, 0, 2).reshape(Q, world_size * k)
+    return merge_topk(s, ids, k)
+
+
 class ExactIndex:
     """A store's keys [lo, hi) on `device` (fp16) and their exact top-k search, merged over the ranks."""
 
@@ -148,21 +233,7 @@ class ExactIndex:
         queries = queries.to(self.device)
         if self.world_size == 1:
             return self.search_shard(queries, k)
-        from trime_dist.core.distributed import all_gather_no_grad, all_to_all_rows, gather_sizes
-
-        sizes = gather_sizes(queries.shape[0], self.device)                                  # [R] queries per rank
-        Q = queries.shape[0]
-        if sum(sizes) == 0:
-            return self.search_shard(queries, k)
-        every = all_gather_no_grad(queries.float())                                          # [sum Q_r, D]
-        s, ids = self.search_shard(every, k)                                                 # this shard's top-k
-        # rank r gets this shard's rows for its queries; this rank gets every shard's rows for its own
-        s = all_to_all_rows(s, sizes, [Q] * self.world_size)                                 # [R*Q, k]
-        ids = all_to_all_rows(ids, sizes, [Q] * self.world_size)
-        # [R*Q, k] -> [Q, R*k]: every shard's candidates for each query side by side
-        s = s.view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, self.world_size * k)
-        ids = ids.view(self.world_size, Q, k).permute(1, 0, 2).reshape(Q, self.world_size * k)
-        return merge_topk(s, ids, k)
+        return search_over_shards(queries, k, self.search_shard, self.world_size)
 
     def search_shard(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """search() over this rank's keys only: ([Q, k] fp32, [Q, k] global ids), padded with (-inf, -1)."""

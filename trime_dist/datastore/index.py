@@ -181,6 +181,39 @@ def load_search_index(path: str, nprobe: int, mmap: bool = True):
     return index
 
 
+def load_search_shard(path: str, nprobe: int, lo: int, hi: int, mmap: bool = True) -> tuple[object, int]:
+    """(an index of only the entries of the index at `path` whose ids are in [lo, hi), the offset to add to the
+    ids it returns), like one of faiss's IndexShards: the shards' merged top-k is the whole index's top-k.
+    An IVF index keeps its quantizer (the same lists are probed) and each list's entries of those ids, with the
+    same codes (the same scores); a Flat index keeps vectors lo..hi-1. A fast-scan index is refused."""
+    faiss = _faiss()
+    full = read_index(path, mmap=mmap)
+    try:
+        ivf = faiss.extract_index_ivf(full)
+    except RuntimeError:   # Flat: ids are positions
+        shard = faiss.IndexFlat(full.d, full.metric_type)
+        if hi > lo:
+            shard.add(full.reconstruct_n(lo, hi - lo))
+        return shard, lo
+    if isinstance(ivf, faiss.IndexIVFFastScan):
+        raise ValueError(f"{path}: a fast-scan index (PQ...fs) cannot be split into shards here (its lists are "
+                         "packed in blocks); search a replica on every rank (--search faiss)")
+    # an empty copy: the clone takes empty lists in place of the full ones (not read, not copied)
+    lists, own, empty = ivf.invlists, ivf.own_invlists, faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.own_invlists = False
+    ivf.replace_invlists(empty, False)
+    try:
+        shard = faiss.clone_index(full)
+    finally:
+        ivf.replace_invlists(lists, own)
+    shard_ivf = faiss.extract_index_ivf(shard)
+    shard.ntotal = shard_ivf.ntotal = 0
+    ivf.copy_subset_to(shard_ivf, faiss.InvertedLists.SUBSET_TYPE_ID_RANGE, lo, hi)
+    shard.ntotal = shard_ivf.ntotal
+    set_nprobe(shard, nprobe)
+    return shard, 0
+
+
 def set_nprobe(index, nprobe: int) -> None:
     try:
         _faiss().extract_index_ivf(index).nprobe = nprobe

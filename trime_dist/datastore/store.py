@@ -41,6 +41,8 @@ class Datastore:
         self._exact = None   # an ExactIndex after use_exact_search()
         self._faiss_device = None   # where the faiss index searches: None = the CPU (see use_faiss_on)
         self.search_where = "CPU faiss"
+        self.faiss_shard = None          # (lo, hi, world_size) after use_faiss_shard(): the index holds ids [lo, hi)
+        self._id_offset = 0         # added to the index's ids (a Flat shard numbers its vectors from 0)
 
     def check_parts(self) -> None:
         """Every part's keys [n_p, D] and values [n_p] open and have the sizes the metadata implies."""
@@ -107,10 +109,25 @@ class Datastore:
         self.index(nprobe)
         return self.search_where
 
+    def use_faiss_shard(self, device, nprobe: int, rank: int, world_size: int) -> str:
+        """Load only this rank's 1/world_size of the index's entries (datastore/index.py load_search_shard; ids
+        as exact.shard_range deals the keys): every search is then a collective over the ranks' shards, merged
+        (exact.search_over_shards). Returns where it searches (for the log)."""
+        from trime_dist.datastore.exact import shard_range
+
+        lo, hi = shard_range(int(self.meta["count"]), rank, world_size)
+        shard, self._id_offset = dsi.load_search_shard(self._index_file, nprobe, lo, hi,
+                                                       mmap=not self.meta["ondisk"])
+        self._index, self.search_where = dsi.to_search_device(shard, device)
+        self.faiss_shard = (lo, hi, world_size)
+        return self.search_where
+
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores [N, k] similarities (q·k, or -||q - k||^2 for an l2 store), best first, ids [N, k], labels [N, k];
-        id -1 / label IGNORE_INDEX where missing)."""
+        id -1 / label IGNORE_INDEX where missing). After use_faiss_shard: this rank's shard only."""
         scores, ids = dsi.search(self.index(nprobe), queries, k)
+        if self._id_offset:
+            ids = np.where(ids >= 0, ids + self._id_offset, -1)
         labels = np.where(ids >= 0, self.values[np.maximum(ids, 0)], IGNORE_INDEX).astype(np.int64)
         return scores, ids, labels
 
@@ -127,13 +144,25 @@ class Datastore:
     def collective(self) -> bool:
         """True when a search is a collective (the exact search sharded over ranks): every rank must call
         search_tensor the same number of times, with its own queries (possibly none)."""
-        return self._exact is not None and self._exact.world_size > 1
+        return (self._exact is not None and self._exact.world_size > 1) or \
+            (self.faiss_shard is not None and self.faiss_shard[2] > 1)
 
     def search_tensor(self, queries, k: int, nprobe: int):
         """search() for a tensor of queries [N, D]: (scores, ids, labels) tensors on the queries' device,
         from the exact search when use_exact_search() was called, else from the faiss index (on the CPU)."""
         import torch
 
+        if self.faiss_shard is not None and self.faiss_shard[2] > 1:
+            from trime_dist.datastore.exact import _pad_to_k, search_over_shards
+
+            def search_shard(q, k):   # [n, D] -> this shard's ([n, k], [n, k]) on q's device, padded like faiss
+                s, i, _ = self.search(q.float().cpu().numpy(), k, nprobe)
+                return _pad_to_k(torch.from_numpy(s).to(q.device), torch.from_numpy(i).to(q.device), k)
+
+            scores, ids = search_over_shards(queries, k, search_shard, self.faiss_shard[2])
+            labels = torch.from_numpy(np.where(ids.cpu().numpy() >= 0, self.values[ids.clamp(min=0).cpu().numpy()],
+                                               IGNORE_INDEX).astype(np.int64))
+            return scores, ids, labels.to(queries.device)
         if self._exact is None:
             scores, ids, labels = self.search(queries.float().cpu().numpy(), k, nprobe)
             return tuple(torch.from_numpy(a).to(queries.device) for a in (scores, ids, labels))

@@ -7,7 +7,7 @@ from trime_dist.core.config import opt
 from trime_dist.core.constants import LAYOUTS
 from trime_dist.core.constants import DEVICES
 
-SEARCHES = ("faiss", "exact")
+SEARCHES = ("faiss", "faiss-shard", "exact")
 
 
 @dataclass
@@ -49,7 +49,9 @@ class EvalConfig:
     threads: int = opt(0, "torch / faiss threads (0 = leave as is)")
     device: str = opt("auto", "where the model runs: auto = the GPU when CUDA is available (bf16 autocast), "
                       "else cpu", choices=DEVICES)
-    search: str = opt("faiss", "datastore search: faiss = the store's index (CPU); exact = every key in the "
+    search: str = opt("faiss", "datastore search: faiss = the store's index (CPU), a replica per rank; "
+                      "faiss-shard = each of R ranks holds 1/R of the index's entries (an index too big to "
+                      "replicate), the shards' top-k merged; exact = every key in the "
                       "device's memory, exact top-k with torch (fp16 keys: 2 x count x dim bytes)",
                       choices=SEARCHES)
 

@@ -151,7 +151,8 @@ def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_di
                 world_size: int = 1) -> dict:
     """{datastore path: Datastore} of the settings that retrieve. search=exact: this rank's 1/world_size of
     the keys on `device` (a collective: every rank calls it, and every rank raises when one rank's shard does
-    not fit); faiss: each rank searches its own (memory-mapped) replica of the index."""
+    not fit); faiss: each rank searches its own (memory-mapped) replica of the index; faiss-shard: each rank
+    1/world_size of the index's entries (a collective too)."""
     from trime_dist.core.distributed import raise_first_error
     from trime_dist.datastore.exact import check_shard_fits, shard_range
     from trime_dist.datastore.store import open_datastore
@@ -181,6 +182,13 @@ def open_stores(settings: list[EvalSetting], info: dict, manifest: dict, data_di
                 lo, hi = shard_range(count, rank, world_size)
                 log.info("datastore %s: exact search, keys [%d, %d) of %d (rank %d of %d) on %s (%.1f s)", s.datastore,
                          lo, hi, count, rank, world_size, device, time.perf_counter() - t0)
+            elif search == "faiss-shard":
+                t0 = time.perf_counter()
+                where = ds.use_faiss_shard(device, s.nprobe, rank, world_size)
+                lo, hi, _ = ds.faiss_shard
+                log.info("datastore %s: faiss search (%s) with %s, rank %d of %d's shard: ids [%d, %d) (%.1f s)",
+                         s.datastore, ds.meta.get("factory", "?"), where, rank, world_size, lo, hi,
+                         time.perf_counter() - t0)
             else:
                 where = ds.use_faiss_on(device, s.nprobe)
                 log.info("datastore %s: faiss search (%s) with %s%s", s.datastore, ds.meta.get("factory", "?"),
