@@ -55,10 +55,15 @@ def unavailable_reason() -> Optional[str]:
 
 
 def slurm_conf(root: str, munge_socket: str, cpus: int) -> str:
+    # Job ids that no other cluster on this machine used: MPICH names its /dev/shm segment after the PMI job id
+    # ("JOB.STEP" under srun --mpi=pmi2), and a segment a killed rank left behind for the same id would be opened
+    # by a later job of another cluster (every fresh cluster numbers its jobs from 1).
+    first_job_id = 1000 + (os.getpid() * 7919 + int(time.time())) % 900000
     nodes = "\n".join(f"NodeName={n} NodeAddr={ADDRS[n]} NodeHostname={n} CPUs={cpus} RealMemory=1024 "
                       f"State=UNKNOWN" for n in NODES)
     return f"""\
 ClusterName=trimetwo
+FirstJobId={first_job_id}
 SlurmctldHost=nodeA({ADDRS['nodeA']})
 SlurmctldPort=6817
 SlurmdPort=6818
