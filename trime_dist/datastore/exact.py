@@ -150,9 +150,13 @@ def rescore(queries: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, k: in
 
 
 def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores/ids [Q, R*k] of R ranks' top-k (side by side) -> the k best, sorted descending."""
-    s, pick = scores.topk(min(k, scores.shape[1]), dim=1)
-    return s, ids.gather(1, pick)
+    """scores/ids [Q, R*k] of R ranks' top-k (side by side) -> the k best, sorted descending; equal scores in
+    id order (the lower id first and kept: faiss keeps the first-added of equal keys, so a faiss index searched
+    in shards keeps the neighbours one process finds)."""
+    by_id = ids.argsort(dim=1, stable=True)
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    pick = scores.argsort(dim=1, descending=True, stable=True)[:, :min(k, scores.shape[1])]
+    return scores.gather(1, pick), ids.gather(1, pick)
 
 
 def free_bytes(device: torch.device) -> int:
