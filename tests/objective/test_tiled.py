@@ -119,3 +119,17 @@ def test_tiled_bad_input_raises():
         trime_nll_tiled(vl, t, q, k, kl, qm, qm, "external")
     with pytest.raises(ValueError, match="layout"):
         trime_nll_tiled(vl, t, q, k, kl, qm, km, "nope")
+
+
+def test_tiled_external_never_syncs_the_host():
+    """trime_ext on a GPU must not wait on the host per tile: on the meta device any .item(), bool(),
+    nonzero() or .cpu() of the kernel raises, so forward and backward over several tiles (some fully
+    masked) run with no host sync at all."""
+    vl, t, q, k, kl, qm, km = random_case(17)
+    meta = lambda x: x.to("meta")
+    qm_m, km_m = (TokenMeta(*(meta(f) for f in (m.row, m.position, m.stream, m.stream_index))) for m in (qm, km))
+    leaves = [meta(x).requires_grad_(True) for x in (vl, q, k)]
+    out = trime_nll_tiled(leaves[0], meta(t), leaves[1], leaves[2], meta(kl), qm_m, km_m, "external",
+                          tile_size=4, exclude_future=True)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    assert out.device.type == "meta" and [g.shape for g in grads] == [x.shape for x in leaves]

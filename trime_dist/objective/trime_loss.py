@@ -91,8 +91,9 @@ class _TiledMemoryLSE(torch.autograd.Function):
                                                       key_meta_t, layout, use_local, scale, tile_size,
                                                       ignore_index, dtype, exclude_future):
             rows = slice(q0, q0 + sim.shape[0])
+            # dense masked log-sum-exp, not nonzero(): nonzero syncs the host once per tile on a GPU.
             # positives are a subset of the allowed entries, so masking sim in place after is safe
-            lse_pos[rows] = torch.logaddexp(lse_pos[rows], _sparse_lse(sim, positive))
+            lse_pos[rows] = torch.logaddexp(lse_pos[rows], torch.logsumexp(sim.masked_fill(~positive, float("-inf")), 1))
             lse_all[rows] = torch.logaddexp(lse_all[rows], torch.logsumexp(sim.masked_fill_(~allowed, float("-inf")), 1))
             n_allowed[rows] += allowed.sum(1)
         ctx.save_for_backward(queries, keys, targets, key_labels, query_meta_t, key_meta_t, lse_all, lse_pos)
@@ -117,28 +118,16 @@ class _TiledMemoryLSE(torch.autograd.Function):
                                                       ignore_index, dtype, exclude_future):
             n, m = sim.shape
             rows, cols = slice(q0, q0 + n), slice(k0, k0 + m)
-            # positives (same label as the target) are sparse: only touch those entries
-            i, j = positive.nonzero(as_tuple=True)                                              # [P]
-            grad_pos_entries = torch.exp(sim[i, j] - lse_pos[rows][i]) * grad_pos[rows][i]      # [P]
-            # d lse_i / d s_ij = softmax over the row's allowed (resp. positive) entries; in place.
+            # d lse_i / d s_ij = softmax over the row's allowed (resp. positive) entries. Dense masks,
+            # no nonzero(): no host sync per tile on a GPU.
+            grad_pos_sim = sim.masked_fill(~positive, float("-inf")).sub_(lse_pos[rows, None]).exp_()
+            grad_pos_sim.mul_(grad_pos[rows, None])                                             # [n, m]
             grad_sim = sim.masked_fill_(~allowed, float("-inf")).sub_(lse_all[rows, None]).exp_()
-            grad_sim.mul_(grad_all[rows, None])                                                 # [n, m]
-            grad_sim[i, j] += grad_pos_entries
-            grad_sim.mul_(scale)
+            grad_sim.mul_(grad_all[rows, None]).add_(grad_pos_sim).mul_(scale)                  # [n, m]
+            del grad_pos_sim
             grad_q[rows] += grad_sim @ keys[cols].to(dtype)                                     # [n, d]
             grad_k[cols] += grad_sim.T @ queries[rows].to(dtype)                                # [m, d]
         return (grad_q.to(queries.dtype), grad_k.to(keys.dtype)) + (None,) * 10
-
-
-def _sparse_lse(sim: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """[n] log Σ_j exp(sim_ij) over keep_ij (-inf for empty rows), visiting only the kept entries
-    (cheap when keep is sparse); forward only."""
-    i, j = keep.nonzero(as_tuple=True)                                               # [P]
-    values = sim[i, j]                                                               # [P]
-    row_max = torch.full((sim.shape[0],), float("-inf"), dtype=sim.dtype, device=sim.device)
-    row_max = row_max.scatter_reduce(0, i, values, reduce="amax")                    # [n]
-    sums = torch.zeros_like(row_max).index_add_(0, i, torch.exp(values - row_max[i]))  # [n]
-    return row_max + torch.log(sums)  # empty rows: -inf + log(0) = -inf
 
 
 def _block_ranges(meta_t: torch.Tensor, tile_size: int) -> torch.Tensor:
@@ -174,13 +163,17 @@ def _blocks(queries, keys, targets, key_labels, query_meta_t, key_meta_t, layout
     if N == 0 or M == 0:
         return
     key_valid = key_labels != ignore_index                                           # [M]
-    q_ranges, k_ranges = _block_ranges(query_meta_t, tile_size), _block_ranges(key_meta_t, tile_size)
+    # external: every block may share memory, so no ranges (their .cpu() would sync the host)
+    skip_blocks = layout != "external"
+    if skip_blocks:
+        q_ranges, k_ranges = _block_ranges(query_meta_t, tile_size), _block_ranges(key_meta_t, tile_size)
     for q0 in range(0, N, tile_size):
         q_meta = TokenMeta.unstack(query_meta_t[q0:q0 + tile_size])
         q_block = queries[q0:q0 + tile_size].to(dtype)                               # [n, d]
         t_block = targets[q0:q0 + tile_size]                                         # [n]
         for k0 in range(0, M, tile_size):
-            if not _may_share_memory(q_ranges[q0 // tile_size], k_ranges[k0 // tile_size], layout, use_local):
+            if skip_blocks and not _may_share_memory(q_ranges[q0 // tile_size], k_ranges[k0 // tile_size],
+                                                     layout, use_local):
                 continue
             k_meta = TokenMeta.unstack(key_meta_t[k0:k0 + tile_size])
             allowed = build_memory_mask(q_meta, k_meta, layout, use_local, exclude_future)   # [n, m]
