@@ -62,6 +62,8 @@ t = torch.ones(2) * (env.rank + 1)
 dist.all_reduce(t)
 print(f"rank {env.rank}: {os.environ['GLOO_SOCKET_IFNAME']} {os.environ['NCCL_SOCKET_IFNAME']} {t.tolist()}",
       flush=True)
+dist.barrier()
+dist.destroy_process_group()  # before exit: gloo's threads still running at exit abort the process
 """
 
 
