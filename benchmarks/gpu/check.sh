@@ -4,7 +4,8 @@
 #   2. benchmarks/gpu/bench_gpu.py (training step / MFU at 247M, most memory keys per step, encode keys/s,
 #      exact and faiss search rates, eval tokens/s external vs local),
 #   3. benchmarks/bench_host_overhead.py (issue 21: host time per optimizer step of `trime train` vs a bare
-#      torch loop, each ZeRO stage, precision and accumulation 1 / 6, on the GPU; ~2 minutes).
+#      torch loop, each ZeRO stage, precision and accumulation 1 / 6, on the GPU; ~2 minutes),
+#   4. benchmarks/bench_exact_search.py (issue 22: exact search over 1M keys, scan vs selection; ~1 minute).
 # Usage, from the repository root:  bash benchmarks/gpu/check.sh [OUT_DIR]
 # Python packages the machine lacks (deepspeed, faiss-cpu, webdataset, omegaconf, ...) are installed from
 # wheels in .whl/ when that folder exists (see benchmarks/gpu/README.md for how to fill it).
@@ -32,3 +33,9 @@ echo "== benchmarks/bench_host_overhead.py"
 timeout "${HOST_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_host_overhead.py --rounds 6 --steps 3 \
   --out "$OUT_DIR/host_overhead.json" > "$OUT_DIR/host_overhead.log" 2>&1
 grep -e "^|" -e "^Host time" "$OUT_DIR/host_overhead.log"
+echo "== benchmarks/bench_exact_search.py"
+# issue 22: exact search over 1M keys of d = 1024 (fp16 on the GPU), the matmul vs the top-k selection and the
+# block-pruned selection vs a full topk; target >= 200k queries/s at k = 1024
+timeout "${EXACT_BENCH_TIMEOUT:-120}" python3 benchmarks/bench_exact_search.py --device cuda --keys 1000000 \
+  --dim 1024 --queries 3072 --k 16,1024 --repeats 3 > "$OUT_DIR/exact_search.log" 2>&1
+grep -e "^|" "$OUT_DIR/exact_search.log"
