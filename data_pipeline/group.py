@@ -35,6 +35,7 @@ from trime_dist.core import locations, mpi, shards
 from trime_dist.core.config import ConfigError, opt
 from trime_dist.core.flags import add_dataclass_flags, dataclass_from_flags
 from trime_dist.core.io import atomic_path, read_json, sha256_file
+from trime_dist.core.launch_env import rank_on_host
 from trime_dist.core.output_lock import output_lock
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def _run(cfg: GroupConfig) -> int:
     try:
         return group_segments(cfg)
     except BaseException as e:  # noqa: BLE001 -- one failing rank must not leave the others waiting
-        print(f"trime group: error on rank {mpi.rank()}: {e}", file=sys.stderr, flush=True)
+        print(f"trime group: error: {rank_on_host(mpi.rank())}: {e}", file=sys.stderr, flush=True)
         mpi.get_comm().Abort(2)
         raise
 

@@ -35,6 +35,7 @@ from trime_dist.core.io import (
     read_json,
     sha256_file,
 )
+from trime_dist.core.launch_env import rank_on_host
 from trime_dist.core.output_lock import output_lock
 from trime_dist.core.progress import show_progress
 
@@ -426,7 +427,7 @@ def _prepare(cfg: PrepareConfig, rank: int, world: int) -> dict:
                               {"fingerprint": fingerprint, "result": result})
     except mpi.USER_ERRORS as e:
         error = e
-    mpi.raise_first_error(error, f"rank {rank}: " if world > 1 else "")  # no rank waits for a failed one
+    mpi.raise_first_error(error, f"{rank_on_host(rank)}: " if world > 1 else "")  # no rank waits for a failed one
     results = mpi.gather(result)
     mpi.barrier()
     return mpi.plan_on_root(lambda: finish(cfg, plan, results), rank=rank, bcast=mpi.bcast)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -181,7 +182,7 @@ def test_a_failing_rank_fails_every_rank(small_corpus, tmp_path):
     (inputs / "a.txt").write_text((small_corpus / "valid" / "valid.txt").read_text())
     (inputs / "b.jsonl").write_text('{"text": "ok"}\n{oops\n')  # owned by rank 1
     r = _run_cli(["--input", inputs, "--output", tmp_path / "o", "--tokenizer-kind", "byte"], n_ranks=2)
-    assert r.returncode != 0 and f"rank 1: {inputs / 'b.jsonl'}:2: invalid JSON" in r.stderr
+    assert r.returncode != 0 and f"rank 1 on {socket.gethostname()}: {inputs / 'b.jsonl'}:2: invalid JSON" in r.stderr
     assert not os.path.exists(tmp_path / "o" / "manifest.json")
 
 

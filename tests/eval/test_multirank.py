@@ -4,6 +4,7 @@ same τ / λ / τ_knn searches and sweeps; the exact store sharded over the rank
 its shard); a shard that does not fit stops every rank with one line."""
 import json
 import os
+import socket
 
 import pytest
 import torch
@@ -197,7 +198,7 @@ def test_a_shard_that_does_not_fit_stops_every_rank_with_one_line(splits):
                                                        args=(str(splits), [[10 ** 12, 1000], [10 ** 12] * 2]))
     assert err1.startswith(f"datastore {splits / 'ds'}: --search exact on 2 rank(s) holds ")
     assert "run on more ranks" in err1 and "\n" not in err1
-    assert err0 == "rank 1: " + err1
+    assert err0 == f"rank 1 on {socket.gethostname()}: " + err1
     assert halves0[0] == 0 and halves0[1] == halves1[0] and halves1[1] > halves1[0]
 
 

@@ -6,6 +6,7 @@ that runs the same in one process.
 from __future__ import annotations
 
 import datetime
+import socket
 from dataclasses import replace
 from typing import Callable, Optional
 
@@ -13,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from trime_dist.core.device import pick_device
-from trime_dist.core.launch_env import DistEnv, apply_net_interface, discover_env, export_env, free_port
+from trime_dist.core.launch_env import (DistEnv, apply_net_interface, discover_env, export_env, free_port,
+                                        rank_on_host)
 
 
 def backend_for_device() -> str:
@@ -107,17 +109,18 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 def raise_first_error(error: Optional[BaseException]) -> None:
     """Collective: when any rank passes an error, every rank raises ValueError with the first one's message (in
-    rank order, "rank R: " before it), so no rank goes on to wait at a collective the failed one never reaches;
+    rank order, "rank R on HOST: " before it), so no rank goes on to wait at a collective the failed one never reaches;
     otherwise returns on every rank. With one process: raises `error` itself."""
     if not is_dist():
         if error is not None:
             raise error
         return
     messages = [None] * get_world_size()
-    dist.all_gather_object(messages, None if error is None else str(error))
+    dist.all_gather_object(messages, None if error is None else (socket.gethostname(), str(error)))
     first = next(((r, m) for r, m in enumerate(messages) if m is not None), None)
     if first is not None:
-        raise ValueError(first[1] if first[0] == get_rank() else f"rank {first[0]}: {first[1]}") from error
+        rank, (host, message) = first
+        raise ValueError(message if rank == get_rank() else f"{rank_on_host(rank, host)}: {message}") from error
 
 
 def all_to_all_rows(t: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,15 @@ def master_host(env: DistEnv) -> str:
     return socket.gethostname() if env.master_addr in ("127.0.0.1", "localhost") else env.master_addr
 
 
+def rank_on_host(rank: int, host: Optional[str] = None) -> str:
+    """"rank 1 on node002" (this host unless `host`): who says an error line, in every line a rank of a
+    multi-host job prints."""
+    return f"rank {rank} on {host or socket.gethostname()}"
+
+
 def where(env: DistEnv) -> str:
-    """"rank 1 on node002": who says an error line, in every line a rank of a multi-host job prints."""
-    return f"rank {env.rank} on {socket.gethostname()}"
+    """rank_on_host of this process."""
+    return rank_on_host(env.rank)
 
 
 def apply_net_interface(name: str, key: str = "run.net_interface") -> None:
