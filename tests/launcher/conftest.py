@@ -3,33 +3,17 @@ work folder both nodes see. Where it cannot be started the tests skip with the r
 is a failure."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from cli_runner import run_trime
+from services import started
 from two_hosts import TIMES, TwoHosts, unavailable_reason
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _unavailable(reason: str):
-    if IN_CI:
-        pytest.fail(f"CI=true but the two-node cluster is unavailable: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        _unavailable(reason)
-    c = TwoHosts(str(tmp_path_factory.mktemp("two_hosts")))
-    try:
-        c.start()
-    except Exception as e:  # noqa: BLE001 -- any start failure is reported the same way
-        c.stop()
-        _unavailable(f"could not start the two-node cluster: {e}")
+    c = started(lambda: TwoHosts(str(tmp_path_factory.mktemp("two_hosts"))), unavailable_reason(),
+                "the two-node cluster")
     yield c
     c.stop()
     if TIMES:

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from services import started
 from slurm_cluster import SlurmCluster, unavailable_reason
 from trime_dist.core.rank_logs import short_host
 
@@ -23,26 +24,12 @@ pytestmark = pytest.mark.slurm
 from cli_runner import REPO, run_trime  # noqa: E402
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _unavailable(reason: str):
-    if IN_CI:
-        pytest.fail(f"CI=true but the one-node SLURM is unavailable: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        _unavailable(reason)
-    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")), cpus=2)
-    try:
-        cluster.start()
-    except Exception as e:  # noqa: BLE001 -- any start failure is reported the same way
-        cluster.stop()
-        _unavailable(f"could not start a one-node SLURM: {e}")
+    cluster = started(lambda: SlurmCluster(str(tmp_path_factory.mktemp("slurm")), cpus=2), unavailable_reason(),
+                      "the one-node SLURM")
     yield cluster
     cluster.stop()
 
