@@ -173,7 +173,10 @@ def test_time_limit_signal_requeues_and_ends_like_an_uninterrupted_run(prepared,
     limits every 30 s): training stops after a whole step with a checkpoint, the script requeues the job,
     and the requeued run ends with the uninterrupted run's weights. While the requeued job waits, the
     test gives it a 10-minute limit and starts it now (SLURM holds requeued jobs back for a while)."""
-    steps = 1000  # ~40 s of steps on 2 cores: more than a 1-minute job can do after its signal
+    # The signal comes at slurmctld's first time-limit check after the start (every 30 s, fixed in SLURM),
+    # so training must outlast ~35 s at the fastest this box runs: 1000 steps took 23 s (43.9 step/s) in
+    # the CI run of 2026-12-02 and finished before its signal; 3000 take ~70 s at that rate.
+    steps = 3000
     args = train_args("data/train", "runs/timed/out", steps, "run.log_every=100", "run.save_every=100000")
     run_trime(train_args("data/train", "runs/untimed", steps, "run.log_every=100", "run.save_every=100000"),
               ranks=2, cwd=str(prepared))
@@ -193,8 +196,9 @@ def test_time_limit_signal_requeues_and_ends_like_an_uninterrupted_run(prepared,
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10", "StartTime=now"],
                                check=True, env=slurm.env)
                 released = True
-        if released and fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            break
+        if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and (
+                released or int(fields.get("Restarts", 0)) == 0):
+            break  # ended: after its requeue, or without one (then the assertion below says so)
         time.sleep(1)
     log = open(prepared / "runs" / "timed" / "logs" / f"trime-train-{job_id}.out").read()
     err = open(prepared / "runs" / "timed" / "logs" / f"trime-train-{job_id}.err").read()
