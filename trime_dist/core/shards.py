@@ -188,12 +188,6 @@ def _check_end_of_archive(path: str, data: Optional[bytes]) -> None:
         raise ValueError(f"{path}: corrupt or truncated tar shard (no end-of-archive marker)")
 
 
-def load_reader() -> None:
-    """Import the tar reader now (webdataset's first import takes ~1 s): a timed pass then does not pay it at its
-    first read, and R ranks do not pay it one after another (rank 0 while dealing, the others after the deal)."""
-    import webdataset.tariterators  # noqa: F401
-
-
 def _iter_tar_samples(path: str, sha256: Optional[str]) -> Iterator[dict[str, bytes]]:
     """Yield {"__key__", "tokens.npy", "meta.json"} dicts; errors name the shard (a path or URL)."""
     from webdataset.tariterators import base_plus_ext, tar_file_iterator

@@ -240,7 +240,6 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
     On R ranks (a process group) each rank scores the windows of its streams (rank_share) and the sums and
     token counts returned are those of all ranks (every rank returns the same); tokens_per_s is the total over
     the slowest rank's time; "ranks": R."""
-    from trime_dist.core import shards
     from trime_dist.core.distributed import get_rank, get_world_size
     from trime_dist.core.progress import track
 
@@ -256,7 +255,6 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
             for t, lam, kt in zip(taus, lambdas, knn_temperatures)]
     n_scored = torch.zeros((), dtype=torch.long, device=device)                     # no sync per window
     rank, world_size = get_rank(), get_world_size()
-    shards.load_reader()   # before the timed pass
     stream, start_time = None, time.perf_counter()
     streams, rounds = rank_share(data_dir, manifest, L, context_window, max_segments, batch_size, rank, world_size)
     dealt_s = time.perf_counter() - start_time
