@@ -168,6 +168,17 @@ def bench_ranks(args) -> None:
               f"{r['tokens_per_s']:,.0f} ({r['best']:,.0f}) | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
               f"({r['best'] / base['best']:.2f}x) | {r['pass_s']:.1f} | {r['wall_s'] - r['pass_s']:.1f} | "
               f"{r['ppl']:.3f} |")
+    counts = [int(r) for r in args.ranks.split(",")]
+    for search in args.search.split(","):   # the speed-up within each repeat (its runs were side by side)
+        for pinned in pinnings:
+            one = runs.get((search, pinned, counts[0]), [])
+            for ranks in counts[1:]:
+                paired = sorted(b["tokens_per_s"] / a["tokens_per_s"]
+                                for a, b in zip(one, runs.get((search, pinned, ranks), [])))
+                if paired:
+                    print(f"{search}, {'1 core per rank' if pinned else 'unpinned'}, {ranks} vs {counts[0]} rank(s) "
+                          f"within each repeat: {', '.join(f'{x:.2f}x' for x in paired)} (median "
+                          f"{paired[len(paired) // 2]:.2f}x)")
 
 
 def main() -> None:
