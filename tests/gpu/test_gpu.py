@@ -195,6 +195,30 @@ def test_eval_on_gpu_matches_cpu(data, tmp_path):
             assert rows[key][memory]["loss"] == pytest.approx(ref["loss"], rel=1e-2), (key, memory)
 
 
+def test_side_stream_search_runs_on_its_own_stream_after_its_inputs():
+    """eval's search (core/device.run_on_side_stream, from a worker thread): its kernels on a second stream, after
+    the event of the inputs it reads, and the main stream reads its result only after its done event."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trime_dist.core.device import mark_ready, run_on_side_stream, side_stream, use_side_results
+
+    torch.cuda.set_device(CUDA)
+    stream = side_stream(CUDA)
+    x = torch.randn(4096, 4096, device=CUDA)
+    keys = x @ x          # queued on the default stream: the side work must wait for it
+    ready = mark_ready(stream, CUDA)
+
+    def search(keys):
+        return torch.cuda.current_stream(CUDA), torch.topk(keys @ keys.T, 8, dim=1).values
+
+    with ThreadPoolExecutor(1) as pool:
+        (used, top), done = pool.submit(run_on_side_stream, stream, ready, search, keys).result()
+    use_side_results(done, [top], CUDA)
+    assert used == stream and used != torch.cuda.default_stream(CUDA)
+    expected = torch.topk(keys @ keys.T, 8, dim=1).values
+    torch.testing.assert_close(top, expected)
+
+
 def test_bf16_autocast_inside_deepspeed_on_gpu():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
     from test_loss_paths import run_autocast_engine

@@ -49,3 +49,39 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (before reading a wall clock)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def side_stream(device: torch.device):
+    """A second CUDA stream of `device` for work queued from another thread (eval's datastore search), so that its
+    kernels run beside the default stream's instead of queueing behind them; None on a CPU."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+def mark_ready(stream, device: torch.device):
+    """An event on the calling thread's current stream of `device` once a side `stream` exists (the point the side
+    work must wait for: its inputs are written), else None."""
+    return torch.cuda.current_stream(device).record_event() if stream is not None else None
+
+
+def run_on_side_stream(stream, ready, fn, *args):
+    """(fn(*args), done event): fn's kernels queued on `stream` after event `ready`. Without a stream (CPU):
+    (fn(*args), None). Call from the worker thread (the current stream is per thread)."""
+    if stream is None:
+        return fn(*args), None
+    with torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        out = fn(*args)
+        return out, stream.record_event()
+
+
+def use_side_results(done, tensors, device: torch.device) -> None:
+    """Order the current stream of `device` after the side work's `done` event and tell the caching allocator that
+    the side stream's output `tensors` are used on this stream (else it could hand their memory to the next
+    side-stream allocation while this stream still reads them). Nothing when done is None."""
+    if done is None:
+        return
+    current = torch.cuda.current_stream(device)
+    current.wait_event(done)
+    for t in tensors:
+        if t.is_cuda:
+            t.record_stream(current)

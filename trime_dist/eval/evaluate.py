@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from trime_dist.core.constants import IGNORE_INDEX, LAYOUTS
+from trime_dist.core.device import mark_ready, run_on_side_stream, side_stream, use_side_results
 from trime_dist.core.io import batched
 from trime_dist.core.shards import pad_rows
 from trime_dist.eval.memory import KeyCache, window_nll
@@ -264,24 +265,30 @@ def eval_pass(model, data_dir: str, manifest: dict, settings: list[EvalSetting],
         batches = _padded(batches, rounds)
     seconds = {"forward": 0.0, "search": 0.0, "memory": 0.0}   # search runs beside forward and memory
 
-    def timed_search(batch, keys):
+    # On a GPU the search's kernels go to a stream of their own (one stream would queue them behind the next
+    # forward pass); events order them after the keys are written and the scoring after the search.
+    search_stream = side_stream(device)
+
+    def timed_search(batch, keys, keys_ready):
         t0 = time.perf_counter()
-        found = search_batch(batch, keys, settings, stores)
+        found = run_on_side_stream(search_stream, keys_ready, search_batch, batch, keys, settings, stores)
         seconds["search"] += time.perf_counter() - t0
         return found
 
     def start(batch, pool):
         """Queue the batch's forward pass; its datastore search starts in the background thread."""
         if not batch:  # this rank has no windows left: it only serves its shard in the round's search
-            return batch, None, None, None, pool.submit(timed_search, batch, None)
+            return batch, None, None, None, pool.submit(timed_search, batch, None, mark_ready(search_stream, device))
         t0 = time.perf_counter()
         logits, keys, targets = forward_windows(model, batch, pad_id)       # [B, T, V], [B, T, D], [B, T]
         seconds["forward"] += time.perf_counter() - t0
-        return batch, logits, keys, targets, pool.submit(timed_search, batch, keys)
+        return batch, logits, keys, targets, pool.submit(timed_search, batch, keys, mark_ready(search_stream, device))
 
     def score(batch, logits, keys, targets, search):
         nonlocal stream, n_scored
-        found = search.result()
+        found, search_done = search.result()
+        use_side_results(search_done, [t for v in found.values() if v is not None for part in v for t in part],
+                         device)
         if not batch:
             return
         t0 = time.perf_counter()
