@@ -108,27 +108,39 @@ def test_mpiexec_prepare_and_group_two_hosts_equal_one_host(cluster, work):
 
 # ----------------------------------------------------------------------------- trime launch slurm-chain
 
-def chain_steps(run: str) -> list[str]:
+CHAIN_STEP_MINUTES = 5  # --time of every step: a step that hangs ends TIMEOUT, and the chain stops with its line
+
+
+def chain_steps(run: str, train_steps: int = 3, *train_extra: str) -> list[str]:
     return [
         "prepare --input corpus/train --output data/train --seq-len 32 --vocab-size 300",
         "prepare --input corpus/valid --output data/valid --seq-len 32 --tokenizer data/train/tokenizer.json",
         "group --input data/train --output data/grouped --method bm25 --group-size 16",
-        " ".join(train_args(f"{run}/out", 3, "objective.name=trime_ext")).replace("data.train=data/train",
-                                                                                  "data.train=data/grouped"),
+        " ".join(train_args(f"{run}/out", train_steps, "objective.name=trime_ext", *train_extra)).replace(
+            "data.train=data/train", "data.train=data/grouped"),
         f"datastore build --model {run}/out --data data/train --out {run}/ds",
         f"eval --model {run}/out --data data/valid --memory local external --datastore {run}/ds --k 16 "
         f"--out {run}/eval.json",
     ]
 
 
-def slurm_chain(cluster, folder, nodes: int, tasks_per_node: int):
+def chain_command(nodes: int, tasks_per_node: int, steps: list[str]) -> list[str]:
+    return [TRIME, "launch", "slurm-chain", "--wait", "--set", f"nodes={nodes}", "--set",
+            f"tasks_per_node={tasks_per_node}", "--set", "run_dir=runs/chain", "--set", f"time={CHAIN_STEP_MINUTES}",
+            *[x for s in steps for x in ("--step", s)]]
+
+
+def chain_folder(folder):
+    """`folder` with the corpus in it (a link to the work folder's)"""
     os.makedirs(folder, exist_ok=True)
     if not os.path.exists(folder / "corpus"):
         os.symlink(folder.parent / "corpus", folder / "corpus")
-    steps = [x for s in chain_steps("runs/chain") for x in ("--step", s)]
-    return on_node_a(cluster, folder, [TRIME, "launch", "slurm-chain", "--wait", "--set", f"nodes={nodes}",
-                                       "--set", f"tasks_per_node={tasks_per_node}", "--set", "run_dir=runs/chain",
-                                       *steps], timeout=900)
+    return folder
+
+
+def slurm_chain(cluster, folder, nodes: int, tasks_per_node: int, steps=None):
+    return on_node_a(cluster, chain_folder(folder), chain_command(nodes, tasks_per_node,
+                                                                  steps or chain_steps("runs/chain")), timeout=1800)
 
 
 def file_digests(folder) -> dict:
