@@ -112,7 +112,7 @@ def wait_chain(jobs: list[Job], poll_s: float = 2.0) -> Optional[str]:
     jobs whose node died; the node stays DOWN). A train step that requeues itself near its time limit (the job
     script, launcher.slurm.requeue_on_signal) is waited for: its nodes are up."""
     for i, job in enumerate(jobs):
-        nodes, restarts = "", None
+        nodes, restarts, announced = "", None, False
         while True:
             info = job_info(job.job_id)
             if not info:
@@ -121,6 +121,9 @@ def wait_chain(jobs: list[Job], poll_s: float = 2.0) -> Optional[str]:
             nodes = _nodes_of(info) or nodes  # a requeued job's NodeList is empty: keep the last run's
             runs = int(info.get("Restarts", 0) or 0)
             restarts = runs if restarts is None else restarts
+            if state == "RUNNING" and not announced:
+                print(f"step {i + 1} of {len(jobs)}, {job.stage} (job {job.job_id}), running on {nodes}", flush=True)
+                announced = True
             if state == "COMPLETED":
                 break
             if state in FINAL_STATES:
@@ -129,12 +132,14 @@ def wait_chain(jobs: list[Job], poll_s: float = 2.0) -> Optional[str]:
             if state == "PENDING" and reason in HOPELESS_REASONS:
                 return _stop(jobs, i, "PENDING", nodes, f"cannot start: pending with reason {reason} (SLURM); "
                                                         f"fix the request")
-            if runs > restarts:
+            if nodes and (state != "RUNNING" or runs > restarts):
+                # it ran and is not running now: requeued (or being), by SLURM after a node failure, or by its
+                # own script near the time limit; a node of its last run that SLURM holds down tells which
                 down = down_nodes(nodes)
                 if down:
-                    return _stop(jobs, i, "NODE_FAIL", nodes, f"{', '.join(down)}; SLURM requeued the job",
+                    return _stop(jobs, i, "NODE_FAIL", nodes, f"{', '.join(down)}; SLURM requeues such a job",
                                  info.get("StdErr"))
-                restarts = runs  # requeued by its own script (time limit): it continues from its checkpoint
+            restarts = runs
             time.sleep(poll_s)
     return None
 

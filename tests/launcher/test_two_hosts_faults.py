@@ -251,7 +251,7 @@ def test_node_b_dies_mid_chain_then_a_rerun_finishes_like_an_uninterrupted_chain
     train = jobs[3]["job_id"]
     assert lines[0].startswith(f"{CHAIN_LINE}step 4 of 6, train (job {train}), ended NODE_FAIL on "), lines[0]
     assert " on nodeA,nodeB " in lines[0] or " on node[A-B] " in lines[0], lines[0]
-    assert "(nodeB DOWN" in lines[0] and "SLURM requeued the job" in lines[0], lines[0]
+    assert "(nodeB DOWN" in lines[0] and "SLURM requeues such a job" in lines[0], lines[0]
     assert f"steps after it (jobs {jobs[4]['job_id']}, {jobs[5]['job_id']}) cancelled" in lines[0], lines[0]
     assert not (folder / "runs" / "chain" / "eval.json").exists()
     FAULTS["node B dies during the chain's train step (slurmd killed, the rest frozen)"] = (seconds, lines[0])
