@@ -118,7 +118,8 @@ def wait_chain(jobs: list[Job], poll_s: float = 2.0) -> Optional[str]:
             if not info:
                 return _stop(jobs, i, "UNKNOWN", nodes, "no longer known to slurmctld (MinJobAge); look for its log")
             state, reason = info.get("JobState", ""), info.get("Reason", "")
-            nodes = _nodes_of(info) or nodes  # a requeued job's NodeList is empty: keep the last run's
+            if state == "RUNNING":  # the run's nodes: after a node failure SLURM drops the failed node from
+                nodes = _nodes_of(info) or nodes  # NodeList while the job completes, and empties it on requeue
             runs = int(info.get("Restarts", 0) or 0)
             restarts = runs if restarts is None else restarts
             if state == "RUNNING" and not announced:
@@ -127,7 +128,7 @@ def wait_chain(jobs: list[Job], poll_s: float = 2.0) -> Optional[str]:
             if state == "COMPLETED":
                 break
             if state in FINAL_STATES:
-                return _stop(jobs, i, state, nodes, f"exit code {info.get('ExitCode', '?')}, reason {reason}",
+                return _stop(jobs, i, state, nodes or _nodes_of(info), f"exit code {info.get('ExitCode', '?')}, reason {reason}",
                              info.get("StdErr"))
             if state == "PENDING" and reason in HOPELESS_REASONS:
                 return _stop(jobs, i, "PENDING", nodes, f"cannot start: pending with reason {reason} (SLURM); "

@@ -189,11 +189,6 @@ def chain_logs(folder) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="unfinished (s26, 2026-12-03): twice, SLURM requeued the train job after nodeB went DOWN "
-                         "but `trime launch slurm-chain --wait` kept polling without its line, while the same watcher "
-                         "(launcher.slurm_submit.wait_chain) stopped with the NODE_FAIL line at once on a 2-node sleep "
-                         "job under the same fault; the first try failed earlier, in MPI_Init of the group step "
-                         "(see test_two_hosts.py)")
 def test_node_b_dies_mid_chain_then_a_rerun_finishes_like_an_uninterrupted_chain(cluster, work):
     """`trime launch slurm-chain --wait` on 2 nodes x 1 task; while its train step runs (a rank on each node),
     node B dies: its slurmd is killed and everything else on it (the job's slurmstepd and rank) is frozen, as
