@@ -57,8 +57,8 @@ def record_job(job: Job, dependency: Optional[str]) -> None:
 
 
 def submit_chain(jobs: list[Job], wait: bool = False) -> list[Job]:
-    """Write and submit the scripts in order, each `afterok` on the one before; with wait, block until the
-    last one ends and raise SlurmError (naming the first job that did not complete) unless all completed."""
+    """Write and submit the scripts in order, each `afterok` on the one before; with wait, follow the chain
+    step by step and raise SlurmError (one line naming the step that did not complete) unless all completed."""
     write_jobs(jobs)
     previous = None
     for job in jobs:
@@ -68,9 +68,9 @@ def submit_chain(jobs: list[Job], wait: bool = False) -> list[Job]:
         print(f"submitted {job.stage} as job {job.job_id}{after}: {job.script_path}", flush=True)
         previous = job.job_id
     if wait:
-        info = wait_job(jobs[-1].job_id)
-        if info.get("JobState") != "COMPLETED":
-            raise SlurmError(failure_report(jobs))
+        failure = wait_chain(jobs)
+        if failure:
+            raise SlurmError(failure)
         print(f"job {jobs[-1].job_id} ({jobs[-1].stage}) completed", flush=True)
     return jobs
 
@@ -83,43 +83,81 @@ def job_info(job_id: str) -> dict[str, str]:
     return dict(w.split("=", 1) for w in proc.stdout.split() if "=" in w)
 
 
-def wait_job(job_id: str, max_poll_s: float = 10.0) -> dict[str, str]:
-    """Poll until the job ends (1 s at first, then slower) or is pending for a reason that never clears."""
-    poll, info = 1.0, {}
-    while True:
-        info = job_info(job_id)
-        if not info:
-            raise SlurmError(f"job {job_id} is no longer known to slurmctld; look for its log")
-        state, reason = info.get("JobState", ""), info.get("Reason", "")
-        if state in FINAL_STATES:
-            return info
-        if state == "PENDING" and reason in HOPELESS_REASONS:
-            return info
-        time.sleep(poll)
-        poll = min(poll * 1.5, max_poll_s)
+def down_nodes(nodelist: str) -> list[str]:
+    """'NODE STATE (reason)' for each node of `nodelist` that SLURM holds DOWN, NOT_RESPONDING or FAIL."""
+    if not nodelist:
+        return []
+    proc = subprocess.run(["scontrol", "show", "node", "-o", nodelist], capture_output=True, text=True)
+    bad = []
+    for line in proc.stdout.splitlines():
+        name, state = line.split("NodeName=", 1)[-1].split()[0], ""
+        if " State=" in line:
+            state = line.split(" State=", 1)[1].split()[0]
+        if any(s in state for s in ("DOWN", "NOT_RESPONDING", "FAIL")):
+            reason = line.split(" Reason=", 1)[1].split(" [")[0] if " Reason=" in line else ""
+            bad.append(f"{name} {state}" + (f" ({reason})" if reason else ""))
+    return bad
 
 
-def failure_report(jobs: list[Job]) -> str:
-    """Which job of the chain did not complete, its state and exit code, and the end of its error log."""
-    states = []
-    first_bad: Optional[tuple[Job, dict]] = None
-    for job in jobs:
-        info = job_info(job.job_id)
-        states.append(f"{job.stage} {job.job_id} {info.get('JobState', 'UNKNOWN')}")
-        if first_bad is None and info.get("JobState") != "COMPLETED":
-            first_bad = (job, info)
-    lines = [f"chain did not complete: {', '.join(states)}"]
-    if first_bad is not None:
-        job, info = first_bad
-        if info.get("JobState") == "PENDING":
-            lines.append(f"job {job.job_id} ({job.stage}) cannot start: pending with reason {info.get('Reason')} "
-                         f"(SLURM); remove it with `scancel {job.job_id}` and fix the request")
-            return "\n".join(lines)
-        lines.append(f"job {job.job_id} ({job.stage}) ended {info.get('JobState', 'UNKNOWN')} "
-                     f"(exit code {info.get('ExitCode', '?')}, reason {info.get('Reason', '?')}); "
-                     f"script {job.script_path}")
-        err = info.get("StdErr")
-        if err and os.path.isfile(err):
-            tail = [ln for ln in open(err, errors="replace").read().splitlines() if ln.strip()][-8:]
-            lines.append(f"end of {err}:\n  " + "\n  ".join(tail))
-    return "\n".join(lines)
+def _nodes_of(info: dict[str, str]) -> str:
+    nodes = info.get("NodeList", "")
+    return "" if nodes in ("", "(null)", "None") else nodes
+
+
+def wait_chain(jobs: list[Job], poll_s: float = 2.0) -> Optional[str]:
+    """Follow the chain one step at a time. None once the last step completed; otherwise the rest of the chain
+    is cancelled and the one line saying which step (stage, job id) did not complete, its state and nodes is
+    returned (with the end of its error log below it). A step stops the chain when it ends in any state but
+    COMPLETED, waits for a reason that never clears, or is requeued after a node failure (SLURM requeues batch
+    jobs whose node died; the node stays DOWN). A train step that requeues itself near its time limit (the job
+    script, launcher.slurm.requeue_on_signal) is waited for: its nodes are up."""
+    for i, job in enumerate(jobs):
+        nodes, restarts, announced = "", None, False
+        while True:
+            info = job_info(job.job_id)
+            if not info:
+                return _stop(jobs, i, "UNKNOWN", nodes, "no longer known to slurmctld (MinJobAge); look for its log")
+            state, reason = info.get("JobState", ""), info.get("Reason", "")
+            if state == "RUNNING":  # the run's nodes: after a node failure SLURM drops the failed node from
+                nodes = _nodes_of(info) or nodes  # NodeList while the job completes, and empties it on requeue
+            runs = int(info.get("Restarts", 0) or 0)
+            restarts = runs if restarts is None else restarts
+            if state == "RUNNING" and not announced:
+                print(f"step {i + 1} of {len(jobs)}, {job.stage} (job {job.job_id}), running on {nodes}", flush=True)
+                announced = True
+            if state == "COMPLETED":
+                break
+            if state in FINAL_STATES:
+                return _stop(jobs, i, state, nodes or _nodes_of(info), f"exit code {info.get('ExitCode', '?')}, reason {reason}",
+                             info.get("StdErr"))
+            if state == "PENDING" and reason in HOPELESS_REASONS:
+                return _stop(jobs, i, "PENDING", nodes, f"cannot start: pending with reason {reason} (SLURM); "
+                                                        f"fix the request")
+            if nodes and (state != "RUNNING" or runs > restarts):
+                # it ran and is not running now: requeued (or being), by SLURM after a node failure, or by its
+                # own script near the time limit; a node of its last run that SLURM holds down tells which
+                down = down_nodes(nodes)
+                if down:
+                    return _stop(jobs, i, "NODE_FAIL", nodes, f"{', '.join(down)}; SLURM requeues such a job",
+                                 info.get("StdErr"))
+            restarts = runs
+            time.sleep(poll_s)
+    return None
+
+
+def _stop(jobs: list[Job], i: int, state: str, nodes: str, detail: str, err: Optional[str] = None) -> str:
+    """Cancel steps i.. that have not ended; the one line (and the end of the step's error log below it)."""
+    job = jobs[i]
+    live = [j.job_id for j in jobs[i:] if job_info(j.job_id).get("JobState") not in FINAL_STATES | {"COMPLETED"}]
+    if live:
+        subprocess.run(["scancel", *live], capture_output=True, text=True)
+    after = [j.job_id for j in jobs[i + 1:]]
+    rest = f"; steps after it (jobs {', '.join(after)}) cancelled" if after else ""
+    where = f"on {nodes}" if nodes else "on no node (it never started)"
+    line = (f"step {i + 1} of {len(jobs)}, {job.stage} (job {job.job_id}), ended {state} {where} ({detail}){rest}; "
+            f"rerun the same command to continue (steps whose output is complete skip their work); script {job.script_path}")
+    if err and os.path.isfile(err):
+        tail = [ln for ln in open(err, errors="replace").read().splitlines() if ln.strip()][-8:]
+        if tail:
+            line += f"\n  end of {err}:\n    " + "\n    ".join(tail)
+    return line

@@ -2,10 +2,11 @@
 
 Each node is a network namespace (joined to the other by a veth pair, 10.231.0.1/24 and 10.231.0.2/24 on an
 interface named `tr0` in both) entered with `nsenter --net=/run/netns/NS` + `unshare --uts --mount`: its own
-hostname, and, inside that view only, a private hosts file bind-mounted over /etc/hosts and a private ssh client
-config over /etc/ssh/ssh_config (the real files stay untouched). Per node: sshd on its own address (a generated
-host and user key, a private tmpfs /run) so pdsh/ssh/hydra reach the other node, and `slurmd -N NODE`;
-slurmctld runs on node A; one munged in the root namespace serves both (its socket path crosses namespaces).
+hostname, and, inside that view only, a private hosts file bind-mounted over /etc/hosts, a private ssh client
+config over /etc/ssh/ssh_config and a per-node folder over /dev/shm (the real ones stay untouched). Per node:
+sshd on its own address (a generated host and user key, a private tmpfs /run) so pdsh/ssh/hydra reach the
+other node, and `slurmd -N NODE`; slurmctld runs on node A; one munged in the root namespace serves both (its
+socket path crosses namespaces).
 
 Only the namespaces' own addresses and 127.0.0.1 are used: the namespaces have no route anywhere else.
 Everything started is stopped by pid (and whatever still runs inside a namespace, by `ip netns pids`), the
@@ -129,7 +130,9 @@ class TwoHosts:
         # /sys stays the machine's (slurmd needs its cgroup tree; `ip netns exec` would remount all of it), but
         # its network folders come from a sysfs mounted in the node's namespace: UCX and gloo check an
         # interface there and would find only the machine's own (not tr0) otherwise.
-        setup = (f"hostname {node} && mount --bind {d}/hosts /etc/hosts && "
+        # /dev/shm is the node's own folder, as on separate machines: MPICH and UCX put shared-memory segments
+        # there, named after the PMI job id, and the two nodes (and the one-node test SLURM) must not meet there.
+        setup = (f"hostname {node} && mount --bind {d}/hosts /etc/hosts && mount --bind {d}/shm /dev/shm && "
                  f"mount --bind {self.root}/ssh_config /etc/ssh/ssh_config && "
                  f"mount -t sysfs sysfs {d}/sys && mount --bind {d}/sys/class/net /sys/class/net && "
                  f"mount --bind {d}/sys/devices/virtual/net /sys/devices/virtual/net && exec \"$@\"")
@@ -201,6 +204,8 @@ class TwoHosts:
         for node in NODES:
             d = os.path.join(self.root, node)
             os.makedirs(os.path.join(d, "sys"), exist_ok=True)
+            os.makedirs(os.path.join(d, "shm"), exist_ok=True)
+            os.chmod(os.path.join(d, "shm"), 0o1777)
             with open(os.path.join(d, "hosts"), "w") as f:
                 f.write(hosts)
             with open(os.path.join(d, "sshd_config"), "w") as f:

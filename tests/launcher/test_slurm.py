@@ -274,11 +274,69 @@ def test_failed_step_cancels_the_rest_of_the_chain(work):
     assert proc.returncode == 1
     jobs = jobs_of(work / "runs" / "badchain")
     assert [j["after"] for j in jobs] == [None, jobs[0]["job_id"]]
-    # the first job failed and the second can never start (afterok): the report names both and shows
-    # the end of the failed job's error log
-    assert f"prepare {jobs[0]['job_id']} FAILED" in proc.stderr and f"prepare {jobs[1]['job_id']}" in proc.stderr
-    assert f"job {jobs[0]['job_id']} (prepare) ended FAILED" in proc.stderr and "corpus/missing" in proc.stderr
+    # one line names the step, its job, state and node; the second job can never start (afterok) and is named
+    # as cancelled; below the line, the end of the failed job's error log
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("trime launch slurm-chain: ")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"trime launch slurm-chain: step 1 of 2, prepare (job {jobs[0]['job_id']}), ended "
+                               f"FAILED on {short_host()} (exit code "), lines[0]
+    assert f"steps after it (jobs {jobs[1]['job_id']}) cancelled" in lines[0]
+    assert "corpus/missing" in proc.stderr.split(lines[0], 1)[1]
     assert not os.path.exists(work / "data" / "never2")
+
+
+def _tree(folder) -> dict:
+    """sha256 and mtime of every file under `folder` (the run's logs left out)"""
+    import hashlib
+
+    return {os.path.relpath(os.path.join(d, n), folder): (hashlib.sha256(open(os.path.join(d, n), "rb").read())
+                                                          .hexdigest(), os.stat(os.path.join(d, n)).st_mtime_ns)
+            for d, _, names in os.walk(folder) for n in names if not n.endswith(".log")}
+
+
+def test_chain_stopped_by_a_bad_step_then_rerun_keeps_finished_steps(prepared, slurm):
+    """Step 2 of 3 reads a folder that is not there yet: the chain stops with one line naming that step, its
+    job, FAILED and its node, and cancels step 3. Once the folder is there, the same command finishes: step 1's
+    output is kept as it was (its job finds it complete), steps 2 and 3 run, and the splits equal those the
+    `prepared` fixture made with the same settings."""
+    folder = prepared / "rerun"
+    os.makedirs(folder)
+    os.symlink(prepared / "corpus", folder / "corpus")
+    steps = [prepare_args("train"), prepare_args("valid", "data/train/tokenizer.json"),
+             train_args("data/train", "runs/rerun/out", 3)]
+    steps[1][steps[1].index("corpus/valid")] = "late/valid"
+    argv = ["slurm-chain", "--wait", "--set", "tasks_per_node=2", "--set", "run_dir=runs/rerun",
+            *[a for s in steps for a in ("--step", " ".join(s))]]
+    proc = launch(folder, *argv, check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    jobs = jobs_of(folder / "runs" / "rerun")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("trime launch slurm-chain: ")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"trime launch slurm-chain: step 2 of 3, prepare (job {jobs[1]['job_id']}), ended FAILED on "
+        f"{short_host()} "), proc.stderr
+    assert f"steps after it (jobs {jobs[2]['job_id']}) cancelled" in lines[0] and "late/valid" in proc.stderr
+    assert job_fields(slurm, jobs[2]["job_id"]).get("JobState") == "CANCELLED"
+    assert not os.path.exists(folder / "runs" / "rerun" / "out" / "summary.json")
+    kept = _tree(folder / "data" / "train")
+
+    os.symlink(prepared / "corpus", folder / "late")
+    proc = launch(folder, *argv)
+    assert f"({steps[2][0]}) completed" in proc.stdout
+    assert _tree(folder / "data" / "train") == kept  # not rewritten
+    rerun = jobs_of(folder / "runs" / "rerun")[3:]
+    step1_log = "".join(open(p).read() for p in glob.glob(str(folder / "runs" / "rerun" / "logs" /
+                                                                f"*prepare-{rerun[0]['job_id']}*")))
+    assert "already complete with these settings" in step1_log, step1_log[-2000:]
+    for split in ("train", "valid"):
+        assert shard_digests(folder / "data" / split) == shard_digests(prepared / "data" / split), split
+    assert json.load(open(folder / "runs" / "rerun" / "out" / "summary.json"))["steps"] == 3
+
+
+def shard_digests(folder) -> dict:
+    import hashlib
+
+    return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(folder)) if n.endswith(".tar") or n == "tokenizer.json"}
 
 
 def test_sbatch_refusals_are_shown(work):

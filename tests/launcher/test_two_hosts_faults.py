@@ -11,6 +11,8 @@ The seconds from the fault to the error line are printed at the end (benchmarks/
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 import signal
 import subprocess
@@ -162,3 +164,113 @@ def test_rank_killed_on_node_b_is_named_by_the_survivor(cluster, work):
         lines[0]
     assert "Traceback" not in run.output(), run.output()[-4000:]
     FAULTS["rank 1 on node B SIGKILLed"] = (seconds, lines[0])
+
+
+# ----------------------------------------------------------------------------- node B dies mid-chain
+
+CHAIN_LINE = "trime launch slurm-chain: "
+MPI_START_FLAKE = "internal_Init_thread"  # in a step's .err when MPI_Init failed (see test_slurm.py)
+
+
+def started_training(proc, metrics, steps: int, limit_s: float = 900) -> bool:
+    """Wait until training logged `steps` steps (True) or the chain ended before (False)."""
+    deadline = time.monotonic() + limit_s
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, f"no training step {steps} in {limit_s} s"
+        time.sleep(0.05)
+    return True
+
+
+def chain_logs(folder) -> str:
+    return "".join(open(p, errors="replace").read()
+                   for p in glob.glob(str(folder / "runs" / "chain" / "logs" / "*.err")))
+
+
+@pytest.mark.slow
+@pytest.mark.skip(reason="not yet passed (s26, 2026-12-03): its two runs found the watcher bug fixed in "
+                         "launcher.slurm_submit.wait_chain (a step's nodes: those of its RUNNING state); the run with "
+                         "the fix did not get the CPU lock before the deadline. Un-skip once it passes")
+def test_node_b_dies_mid_chain_then_a_rerun_finishes_like_an_uninterrupted_chain(cluster, work):
+    """`trime launch slurm-chain --wait` on 2 nodes x 1 task; while its train step runs (a rank on each node),
+    node B dies: its slurmd is killed and everything else on it (the job's slurmstepd and rank) is frozen, as
+    on a node that hangs. SLURM marks nodeB DOWN (SlurmdTimeout) and requeues the job; the chain stops with one
+    line naming the step, its job, NODE_FAIL and the nodes, and cancels the job and the steps after it. On a
+    restarted cluster the same command finishes: prepare and group find their outputs complete, train resumes
+    from its last checkpoint, and every output equals that of the chain run without a fault (on one node x 2
+    tasks, which equals 2 nodes x 1 task: test_two_hosts.py)."""
+    from test_two_hosts import _strip_json, chain_command, chain_folder, chain_steps, same_outputs
+    from two_hosts import on_node_a
+
+    steps = chain_steps("runs/chain", 200, "run.save_every=4", "data.valid=")
+    ref = chain_folder(work / "chain-ref")
+    on_node_a(cluster, ref, chain_command(1, 2, steps), timeout=1800)
+
+    folder = chain_folder(work / "chain-fault")
+    argv = chain_command(2, 1, steps)
+    log_path = work / "chain-fault.log"
+
+    def output() -> str:
+        return log_path.read_text(errors="replace")
+
+    proc = None
+    try:
+        for attempt in range(3):
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen(cluster.node_command("nodeA", argv), cwd=str(folder), stdout=log,
+                                        stderr=subprocess.STDOUT, env=dict(cluster.env, **NODE_ENV),
+                                        start_new_session=True)
+            if started_training(proc, folder / "runs" / "chain" / "out" / "metrics.jsonl", 6):  # checkpoint: 4
+                break
+            # MPICH's start-up under srun --mpi=pmi2 fails now and then (the PMI request slurmstepd rejects:
+            # "mpi/pmi2: value not properly terminated in client request"); the chain stopped on that step with
+            # its line, and the same command continues it
+            assert MPI_START_FLAKE in chain_logs(folder) and attempt < 2, \
+                f"the chain ended before training's step 6:\n{output()[-4000:]}"
+            print(f"chain stopped before training (MPICH start-up under pmi2), rerunning it:\n{output()[-1500:]}")
+        hit = time.monotonic()
+        cluster.procs["slurmd-nodeB"].kill()
+        frozen = [pid for pid in cluster.node_pids("nodeB") if pid not in {p.pid for p in cluster.procs.values()}]
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        while CHAIN_LINE not in output():
+            assert proc.poll() is None, f"the chain ended without its line:\n{output()[-4000:]}"
+            assert time.monotonic() - hit < 300, f"no line 300 s after node B died (a hang):\n{output()[-4000:]}"
+            time.sleep(0.1)
+        seconds = time.monotonic() - hit
+        code = proc.wait(timeout=120)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        cluster.restart()  # nodeB stays DOWN in slurmctld: a fresh cluster (its processes are gone with it)
+    jobs = [json.loads(line) for line in open(folder / "runs" / "chain" / "jobs.jsonl")][-6:]
+    lines = [line[line.index(CHAIN_LINE):] for line in output().splitlines() if CHAIN_LINE in line]
+    assert code == 1 and len(lines) == 1, output()[-4000:]
+    train = jobs[3]["job_id"]
+    assert lines[0].startswith(f"{CHAIN_LINE}step 4 of 6, train (job {train}), ended NODE_FAIL on "), lines[0]
+    assert " on nodeA,nodeB " in lines[0] or " on node[A-B] " in lines[0], lines[0]
+    assert "(nodeB DOWN" in lines[0] and "SLURM requeues such a job" in lines[0], lines[0]
+    assert f"steps after it (jobs {jobs[4]['job_id']}, {jobs[5]['job_id']}) cancelled" in lines[0], lines[0]
+    assert not (folder / "runs" / "chain" / "eval.json").exists()
+    FAULTS["node B dies during the chain's train step (slurmd killed, the rest frozen)"] = (seconds, lines[0])
+
+    proc = on_node_a(cluster, folder, argv, timeout=1800)  # the same command, on the restarted cluster
+    assert "(eval) completed" in proc.stdout, proc.stdout[-3000:]
+    rerun = [json.loads(line) for line in open(folder / "runs" / "chain" / "jobs.jsonl")][-6:]
+    def logs_of(job) -> str:
+        return "".join(open(p, errors="replace").read()
+                       for p in glob.glob(str(folder / "runs" / "chain" / "logs" / f"*-{job['job_id']}*")))
+
+    assert [j["stage"] for j in rerun] == [j["stage"] for j in jobs] and rerun[0]["job_id"] != jobs[0]["job_id"]
+    assert "already complete" in logs_of(rerun[2]), logs_of(rerun[2])[-2000:]  # group: nothing redone
+    assert "resuming from " in logs_of(rerun[3]), logs_of(rerun[3])[-2000:]
+    for sub in ("data/train", "data/valid", "data/grouped", "runs/chain/ds"):
+        same_outputs(ref, folder, sub)
+    assert_same_weights(ref / "runs" / "chain" / "out", folder / "runs" / "chain" / "out")
+    rows = _strip_json(folder / "runs" / "chain" / "eval.json")
+    assert len(rows) == 2 and rows == _strip_json(ref / "runs" / "chain" / "eval.json")
