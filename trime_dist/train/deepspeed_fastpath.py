@@ -1,9 +1,16 @@
-"""One targeted override of DeepSpeed internals: the ZeRO gradient norm in one call, not one per tensor.
+"""Targeted overrides of DeepSpeed internals: per-tensor Python work in ZeRO's step, done once.
 
-Replaces, on the ZeRO optimizer instance of an engine (never on the class), the L2 branch of
-    deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.get_grad_norm_direct     (ZeRO-1/2)
-    deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct     (ZeRO-3)
-as they are in DeepSpeed 0.19.8 (SUPPORTED_VERSIONS). DeepSpeed takes `vector_norm` of each gradient in
+Replaces, on the ZeRO optimizer instance of an engine (never on the class), as they are in DeepSpeed 0.19.8
+(SUPPORTED_VERSIONS):
+  1. the L2 branch of the gradient norm,
+       deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.get_grad_norm_direct     (ZeRO-1/2)
+       deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct     (ZeRO-3)
+  2. DeepSpeedZeroOptimizer._update_model_bit16_weights (ZeRO-1/2, after every step's all-gather): it
+     points every parameter's .data at its slice of the flat weight buffer again ("TODO: we probably don't
+     need this? just to be safe"), ~1.6 ms per step for 196 tensors; here a parameter that already is exactly
+     that slice (same storage, address, shape, dtype, contiguous) is left as it is, the rest are re-pointed.
+
+Gradient norm: DeepSpeed takes `vector_norm` of each gradient in
 a Python loop (one cast, one norm and one device move per tensor: ~6 ms per step for the 247M layout's 196
 tensors on a CPU, the time a GPU waits); here the same per-tensor norms come from one
 `torch._foreach_norm`, then the same stack, pow, sum, all-reduces and root in the same order. On the CPU
@@ -14,6 +21,7 @@ pipeline-replicated, model-parallel rank) is decided as DeepSpeed decides it.
 Anything else (another norm type, ZeRO-3's AutoEP expert groups, a DeepSpeed whose method is not the one
 this was written against) takes DeepSpeed's own method. tests/train/test_deepspeed_fastpath.py checks
 the norm and the updated weights against DeepSpeed's own path and a float64 reference, on 2 ranks.
+uninstall() puts DeepSpeed's own methods back (the tests and benchmarks/bench_host_overhead.py --stock).
 """
 from __future__ import annotations
 
@@ -87,36 +95,65 @@ def stage3_grad_norm(self, gradients, params, norm_type=2):
     return torch.where(inf_or_nan, torch.tensor(-1.0, device=self.device, dtype=torch.float), total_norm)
 
 
+def _is_slice_of(p: torch.Tensor, flat: torch.Tensor, offset: int, shape: torch.Size) -> bool:
+    """Whether p's data is exactly flat.narrow(0, offset, numel).view(shape): nothing to re-point."""
+    return (p.data_ptr() == flat.data_ptr() + offset * flat.element_size() and p.shape == shape
+            and p.dtype == flat.dtype and p.is_contiguous()
+            and p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr())
+
+
+def update_model_bit16_weights(self, group_index):
+    """DeepSpeedZeroOptimizer._update_model_bit16_weights (0.19.8), skipping the assignments that change nothing."""
+    flat_group = self.bit16_groups_flat[group_index]
+    for p, meta, offset in zip(self.round_robin_bit16_groups[group_index], self.round_robin_bit16_meta[group_index],
+                               self.round_robin_bit16_offsets[group_index]):
+        if not _is_slice_of(p, flat_group, offset, meta.shape):
+            p.data = flat_group.narrow(0, offset, meta.numel()).view(meta.shape).data
+    # set model fp16 weight to slices of reordered flattened buffer (the same tensors, reordered: param.data =
+    # param.data where they are the same object)
+    round_robin, indices = self.round_robin_bit16_groups[group_index], self.round_robin_bit16_indices[group_index]
+    for param_index, param in enumerate(self.bit16_groups[group_index]):
+        source = round_robin[indices[param_index]]
+        if source is not param:
+            param.data = source.data
+
+
 def _overrides() -> dict:
-    """{DeepSpeed's ZeRO optimizer class: our replacement of its get_grad_norm_direct}."""
+    """{DeepSpeed's ZeRO optimizer class: {method name: our replacement}}."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    return {DeepSpeedZeroOptimizer: stage_1_and_2_grad_norm, DeepSpeedZeroOptimizer_Stage3: stage3_grad_norm}
+    return {DeepSpeedZeroOptimizer: {"get_grad_norm_direct": stage_1_and_2_grad_norm,
+                                     "_update_model_bit16_weights": update_model_bit16_weights},
+            DeepSpeedZeroOptimizer_Stage3: {"get_grad_norm_direct": stage3_grad_norm}}
 
 
 def install(optimizer) -> bool:
-    """Give this ZeRO optimizer the one-call gradient norm; False (stock DeepSpeed, nothing changed) when the
-    installed DeepSpeed is not a SUPPORTED_VERSIONS one, the optimizer is not exactly ZeRO's, or its class's
-    method is not DeepSpeed's own (patched by someone else)."""
+    """Give this ZeRO optimizer the overrides; False (stock DeepSpeed, nothing changed) when the installed
+    DeepSpeed is not a SUPPORTED_VERSIONS one, the optimizer is not exactly ZeRO's, or a method of its class
+    is not DeepSpeed's own (patched by someone else)."""
     import deepspeed
 
     if deepspeed.__version__ not in SUPPORTED_VERSIONS:
-        log.info("deepspeed %s: stock ZeRO gradient norm (the fast path is written for %s)",
+        log.info("deepspeed %s: stock ZeRO step (the fast path is written for %s)",
                  deepspeed.__version__, ", ".join(SUPPORTED_VERSIONS))
         return False
     cls = type(optimizer)
-    fast, stock = _overrides().get(cls), vars(cls).get("get_grad_norm_direct")
-    # DeepSpeed's own: defined in the class's module, or its nvtx wrapper (ZeRO-3's is decorated)
-    if fast is None or getattr(stock, "__module__", None) not in (cls.__module__, "deepspeed.utils.nvtx"):
+    overrides = _overrides().get(cls)
+    if overrides is None:
         return False
-    optimizer._stock_get_grad_norm_direct = types.MethodType(stock, optimizer)
-    optimizer.get_grad_norm_direct = types.MethodType(fast, optimizer)
+    stock = {name: vars(cls).get(name) for name in overrides}
+    # DeepSpeed's own: defined in the class's module, or its nvtx wrapper (ZeRO-3's norm is decorated)
+    if any(getattr(f, "__module__", None) not in (cls.__module__, "deepspeed.utils.nvtx") for f in stock.values()):
+        return False
+    for name, fast in overrides.items():
+        setattr(optimizer, "_stock_" + name.lstrip("_"), types.MethodType(stock[name], optimizer))
+        setattr(optimizer, name, types.MethodType(fast, optimizer))
     return True
 
 
 def uninstall(optimizer) -> None:
-    """DeepSpeed's own gradient norm again (tests compare the two paths on one engine)."""
-    if "get_grad_norm_direct" in vars(optimizer):
-        del optimizer.get_grad_norm_direct
-        del optimizer._stock_get_grad_norm_direct
+    """DeepSpeed's own methods again (tests and the benchmark compare the two paths)."""
+    for name in _overrides().get(type(optimizer), {}):
+        for attr in (name, "_stock_" + name.lstrip("_")):
+            vars(optimizer).pop(attr, None)
