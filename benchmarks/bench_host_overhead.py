@@ -9,7 +9,7 @@ the loss ÷ accumulation, no DeepSpeed. All variants run in interleaved rounds (
 each reports the median over its timed steps; ratio = trime ÷ bare on process CPU time (wall in JSON).
 
     python benchmarks/bench_host_overhead.py [--stages 0,1,2,3] [--precisions fp32,bf16_autocast] \
-        [--accums 1,6] [--rounds 5] [--steps 10] [--out runs/benchmarks/host_overhead.json]
+        [--accums 1,6] [--rounds 5] [--steps 10] [--stock] [--out runs/benchmarks/host_overhead.json]
 
 Batches are pre-built tensors (the same for both), so the loader is not in either number. On a GPU
 machine both run on the GPU (benchmarks/gpu/check.sh runs it there), each step ends with a synchronize
@@ -36,6 +36,7 @@ from trime_dist.core.constants import IGNORE_INDEX  # noqa: E402
 from trime_dist.core.device import bf16_autocast  # noqa: E402
 from trime_dist.model.transformer import build_model  # noqa: E402
 from trime_dist.train.batch import Batch  # noqa: E402
+from trime_dist.train import deepspeed_fastpath  # noqa: E402
 from trime_dist.train.config import TrainConfig  # noqa: E402
 from trime_dist.train.engine import build_engine, build_optimizer, init_deepspeed_distributed, param_groups  # noqa: E402
 from trime_dist.train.loop import TrainState, train_step  # noqa: E402
@@ -58,6 +59,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per variant per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant before the rounds")
     p.add_argument("--out", default=os.path.join(REPO, "runs/benchmarks/host_overhead.json"))
+    p.add_argument("--stock", action="store_true", help="also time each ZeRO stage with DeepSpeed's own methods "
+                   "(train/deepspeed_fastpath.py uninstalled), interleaved: before/after side by side")
     p.add_argument("--ds-extra", default="{}", help="JSON merged into every engine's DeepSpeed config "
                    "(deepspeed.extra), e.g. to try ZeRO settings")
     p.add_argument("overrides", nargs="*", help="more a.b=c config overrides (for every variant)")
@@ -113,10 +116,12 @@ class Timed:
 
 
 class TrimeStep(Timed):
-    def __init__(self, cfg: TrainConfig, batches):
+    def __init__(self, cfg: TrainConfig, batches, stock: bool = False):
         super().__init__()
         self.cfg, self.spec, self.state = cfg, build_loss_spec(cfg), TrainState()
         self.engine = build_engine(build_model(cfg.model, seed=0), cfg, 1)
+        if stock:
+            deepspeed_fastpath.uninstall(self.engine.optimizer)
         self.batches = cycle(batches)
 
     def step(self):
@@ -162,6 +167,9 @@ def main():
             variants[("bare", precision, accum)] = BareStep(cfg, batches)
             for stage in stages:
                 variants[(stage, precision, accum)] = TrimeStep(make_cfg(args, stage, precision, accum), batches)
+                if args.stock and stage > 0:
+                    variants[("stock", stage, precision, accum)] = TrimeStep(
+                        make_cfg(args, stage, precision, accum), batches, stock=True)
     n_tensors = len(list(next(iter(variants.values())).model.parameters()))
     for v in variants.values():
         v.run(args.warmup, keep=False)
@@ -185,13 +193,21 @@ def report(args, variants, stages, precisions, accums, n_tensors):
                              "bare_cpu_ms": bare["cpu_ms"], "trime_cpu_ms": t["cpu_ms"],
                              "ratio": t["cpu_ms"] / bare["cpu_ms"], "bare_wall_ms": bare["wall_ms"],
                              "trime_wall_ms": t["wall_ms"], "wall_ratio": t["wall_ms"] / bare["wall_ms"]})
+                stock = med.get(("stock", stage, precision, accum))
+                if stock is not None:
+                    rows[-1].update(stock_cpu_ms=stock["cpu_ms"], stock_ratio=stock["cpu_ms"] / bare["cpu_ms"])
     print(f"\nHost time per optimizer step, {n_tensors} tensors (16 blocks, d 64, {SEQ}-token segments, CE, one "
           f"rank); median of {args.rounds} interleaved rounds x {args.steps} steps after {args.warmup} warm-up; "
           f"process CPU time (wall in the last column's ratio). Target: ratio <= 1.10\n")
-    print("| ZeRO | precision | accum | bare ms | trime ms | ratio | wall ratio |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    stock_cols = ("| stock DeepSpeed ms | stock ratio ", "|---:|---:") if args.stock else ("", "")
+    print(f"| ZeRO | precision | accum | bare ms {stock_cols[0]}| trime ms | ratio | wall ratio |")
+    print(f"|---:|---|---:|---:{stock_cols[1]}|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['zero_stage']} | {row['precision']} | {row['accum']} | {row['bare_cpu_ms']:.1f} | "
+        stock = ""
+        if args.stock:
+            stock = (f"{row['stock_cpu_ms']:.1f} | {row['stock_ratio']:.2f} | " if "stock_cpu_ms" in row else
+                     "- | - | ")
+        print(f"| {row['zero_stage']} | {row['precision']} | {row['accum']} | {row['bare_cpu_ms']:.1f} | {stock}"
               f"{row['trime_cpu_ms']:.1f} | {row['ratio']:.2f} | {row['wall_ratio']:.2f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -1,4 +1,5 @@
-"""The one module that imports DeepSpeed: engine construction, LR schedules, checkpoints.
+"""The one module that imports DeepSpeed (with deepspeed_fastpath.py, its one override): engine construction,
+LR schedules, checkpoints.
 
 The DeepSpeed JSON is derived from the project's own config (GPT-NeoX's good idea), so batch
 arithmetic cannot drift between the two.
@@ -139,6 +140,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     """Wrap the model in a DeepSpeed engine (process group already initialised)."""
     import deepspeed
 
+    from trime_dist.train import deepspeed_fastpath
+
     ds_config = build_ds_config(cfg, world_size)
     optim_cfg, total = cfg.optim, cfg.run.max_steps
 
@@ -154,6 +157,9 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
         # One rank has nothing to average: DeepSpeed would still flatten, all-reduce and copy back every
         # gradient after each optimizer step's backward.
         engine.enable_backward_allreduce = False
+    if cfg.deepspeed.zero_stage > 0:
+        # the ZeRO gradient norm in one call instead of one per tensor (stock DeepSpeed on other versions)
+        deepspeed_fastpath.install(engine.optimizer)
     return engine
 
 
