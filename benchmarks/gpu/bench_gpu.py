@@ -137,15 +137,21 @@ class TrainBench:
             model.compile_blocks()
         self.engine = build_engine(model, self.cfg, 1)
         self.device = self.engine.device
-        g = torch.Generator().manual_seed(0)
+        self.vocab, self.seq_len = args.vocab, args.seq_len
+        self.batch = self.batch_of(1)
+
+    def batch_of(self, segments: int):
+        """A micro-batch of `segments` random segments of distinct streams (one group: accumulation 1)."""
         from trime_dist.train.batch import Batch
 
-        T = args.seq_len
-        tokens = torch.randint(2, args.vocab, (1, T + 1), generator=g)
-        self.batch = Batch(input_ids=tokens[:, :-1], targets=tokens[:, 1:].clone(), stream=torch.tensor([0]),
-                           stream_index=torch.tensor([5000]), row=torch.tensor([0]), group_tokens=T)
+        T, g = self.seq_len, torch.Generator().manual_seed(segments)
+        tokens = torch.randint(2, self.vocab, (segments, T + 1), generator=g)
+        return Batch(input_ids=tokens[:, :-1], targets=tokens[:, 1:].clone(), stream=torch.arange(segments),
+                     stream_index=torch.full((segments,), 5000), row=torch.arange(segments),
+                     group_tokens=segments * T)
 
-    def step_time(self, objective: str, world: int, warmup: int, steps: int, tile: int = 4096) -> dict:
+    def step_time(self, objective: str, world: int, warmup: int, steps: int, tile: int = 4096,
+                  batch=None) -> dict:
         from trime_dist.train.loop import TrainState, train_step
         from trime_dist.train.loss import build_loss_spec
 
@@ -154,7 +160,8 @@ class TrainBench:
         cfg.data.placement = "interleaved"   # long memory spans ranks, as with the paper's 8 GPUs
         spec = build_loss_spec(cfg)
         state = TrainState()
-        batches = iter(lambda: (self.batch, 0), None)
+        batch = self.batch if batch is None else batch
+        batches = iter(lambda: (batch, 0), None)
         undo = emulate_ranks(world)
         records = []
         try:
@@ -163,27 +170,36 @@ class TrainBench:
                        warmup, steps)
         finally:
             undo()
-        T, L, D = self.batch.input_ids.shape[1], cfg.model.n_layers, cfg.model.d_model
+        T, L, D = batch.input_ids.shape[1], cfg.model.n_layers, cfg.model.d_model
         flops_per_token = 6 * self.n_params + 12 * L * D * T          # nanoGPT/PaLM estimate (model only)
         tokens = records[-1]["tokens"]   # per optimizer step (all micro-batches)
         return {"objective": objective, "emulated_ranks": world, "tile_size": tile, "step_s": dt,
                 "precision": cfg.deepspeed.precision, "zero": cfg.deepspeed.zero_stage,
-                "accum": cfg.data.global_batch_size, "tokens_per_s": tokens / dt, "peak_mem_gib": peak_gib(),
+                "accum": cfg.data.global_batch_size, "micro_batch": batch.input_ids.shape[0],
+                "tokens_per_s": tokens / dt, "peak_mem_gib": peak_gib(),
                 "mfu": flops_per_token * tokens / dt / peak_flops(), "memory_keys": records[-1]["memory_size"],
                 "loss": records[-1]["loss"]}
 
 
 @section("train")
 def bench_train(tb: TrainBench, args) -> dict:
-    rows = [tb.step_time("ce", 1, args.warmup, args.steps)]
-    rows.append(tb.step_time("trime_local", 1, args.warmup, args.steps))
-    rows.append(tb.step_time("trime_long", 8, args.warmup, args.steps))
-    for tile in args.tiles:
-        rows.append(tb.step_time("trime_ext", 8, args.warmup, args.steps, tile))
-    for r in rows:
-        r["x_ce_step"] = r["step_s"] / rows[0]["step_s"]
-        log(json.dumps(r))
-    return {"n_params": tb.n_params, "seq_len": args.seq_len, "vocab": args.vocab, "rows": rows}
+    """CE, trime_local, trime_long and trime_ext (8 ranks' memory: 8 x 3072 = 24,576 keys, the paper's) steps in
+    interleaved rounds; x_ce_step is the median over rounds of each round's step / that round's CE step."""
+    variants = [("ce", 1, 4096), ("trime_local", 1, 4096), ("trime_long", 8, 4096),
+                *[("trime_ext", 8, tile) for tile in args.tiles]]
+    rounds: list[list[dict]] = []
+    for _ in range(args.rounds):
+        rounds.append([tb.step_time(obj, world, args.warmup, args.steps, tile) for obj, world, tile in variants])
+    rows = []
+    for i in range(len(variants)):
+        cells = [r[i] for r in rounds]
+        row = dict(min(cells, key=lambda c: c["step_s"]))          # the best round's numbers
+        row["x_ce_step"] = float(np.median([r[i]["step_s"] / r[0]["step_s"] for r in rounds]))
+        row["x_ce_step_rounds"] = [round(r[i]["step_s"] / r[0]["step_s"], 4) for r in rounds]
+        rows.append(row)
+        log(json.dumps(row))
+    return {"n_params": tb.n_params, "seq_len": args.seq_len, "vocab": args.vocab, "rounds": args.rounds,
+            "rows": rows}
 
 
 @section("max_memory_keys")
@@ -202,30 +218,45 @@ def bench_max_keys(tb: TrainBench, args) -> dict:
     return {"rows": rows}
 
 
+class BareLoop:
+    """The loop a user would write by hand (nanoGPT style) on the same model: fp32 parameters, bf16 autocast,
+    fused AdamW, clipping at 1.0, no DeepSpeed."""
+
+    def __init__(self, cfg):
+        from trime_dist.model.transformer import build_model
+
+        self.model = build_model(cfg.model, seed=0).to(tb_device())
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=CUDA)
+
+    def step(self, batch) -> None:
+        import torch.nn.functional as F
+
+        batch = batch.to(tb_device(), non_blocking=True)
+        self.opt.zero_grad(set_to_none=True)   # (also after a step that ran out of memory half way)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
+            logits, _ = self.model(batch.input_ids)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+
+
+def flops_per_segment(cfg, n_params: int, seq_len: int) -> float:
+    """nanoGPT/PaLM estimate: 6 N per token plus attention, model only."""
+    return (6 * n_params + 12 * cfg.model.n_layers * cfg.model.d_model * seq_len) * seq_len
+
+
 @section("train_variants")
 def bench_variants(args) -> dict:
     """The CE step of the same 237M model three ways, interleaved (best of rounds): a bare torch loop (fp32
     params, bf16 autocast, fused AdamW, clipping), DeepSpeed ZeRO-0 bf16 and ZeRO-1 bf16 (the config's)."""
-    import torch.nn.functional as F
-
-    from trime_dist.model.transformer import build_model
-
     benches = {f"deepspeed zero{z} {p}" + (f" accum {a}" if a > 1 else ""):
                TrainBench(args, [f"deepspeed.zero_stage={z}", f"deepspeed.precision={p}", f"data.global_batch_size={a}"])
                for z, p, a in args.variants}
-    cfg = next(iter(benches.values())).cfg
-    model = build_model(cfg.model, seed=0).to(tb_device())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
-    batch = next(iter(benches.values())).batch.to(tb_device())
-
-    def bare_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
-            logits, _ = model(batch.input_ids)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    first = next(iter(benches.values()))
+    cfg = first.cfg
+    bare = BareLoop(cfg)
+    bare_step = lambda: bare.step(first.batch)   # noqa: E731
 
     T = args.seq_len
     times: dict = {}
@@ -233,14 +264,84 @@ def bench_variants(args) -> dict:
         times.setdefault("bare torch (autocast)", []).append(timed(bare_step, args.warmup, args.steps))
         for name, tb in benches.items():
             times.setdefault(name, []).append(tb.step_time("ce", 1, args.warmup, args.steps)["step_s"])
-    n_params = next(iter(benches.values())).n_params
-    flops = (6 * n_params + 12 * cfg.model.n_layers * cfg.model.d_model * T) * T   # per segment
+    flops = flops_per_segment(cfg, first.n_params, T)
     segments = {"bare torch (autocast)": 1, **{n: tb.cfg.data.global_batch_size for n, tb in benches.items()}}
     out = {name: {"step_s": min(t), "tokens_per_s": segments[name] * T / min(t),
                   "mfu": segments[name] * flops / min(t) / peak_flops()} for name, t in times.items()}
     log(json.dumps(out))
-    RESULTS["_profile_targets"] = (next(iter(benches.values())), bare_step)
+    RESULTS["_profile_targets"] = (first, bare_step)
     return out
+
+
+def largest_micro_batch(step, make_batch, headroom: float = 0.85, limit: int = 256) -> int:
+    """The most segments per micro-batch whose `step` fits on this GPU: peak memory at 1 and 2 segments gives
+    the cost of a segment, the prediction for `headroom` of the GPU's memory is tried and shrunk by 1/8 until
+    a step fits. (On a CPU: 2, so that --smoke runs the same code.)"""
+    if not CUDA:
+        return 2
+    peaks = []
+    for n in (1, 2):
+        reset_peak()
+        step(make_batch(n))
+        sync()
+        peaks.append(torch.cuda.max_memory_allocated())
+    per_segment = max(peaks[1] - peaks[0], 1)
+    total = torch.cuda.get_device_properties(0).total_memory
+    n = int(min(limit, max(2, (headroom * total - peaks[0]) // per_segment + 1)))
+    while n > 2:
+        try:
+            step(make_batch(n))
+            sync()
+            return n
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            n = n * 7 // 8
+    return n
+
+
+@section("train_zero")
+def bench_zero(args) -> dict:
+    """Issue 21's GPU target: CE tokens/s and MFU of `trime train`'s step (train_step on the engine of
+    train/engine.py) at each ZeRO stage against the bare loop at the same micro-batch, at micro-batch 1 (the
+    paper) and at the largest that fits here (found with the bare loop while every engine is alive, 85% of
+    the GPU's memory), all cells interleaved in rounds; x_bare = trime tokens/s / bare tokens/s, the median
+    over rounds of each round's ratio (target >= 0.95; MFU target at the largest micro-batch >= 40%)."""
+    benches = {z: TrainBench(args, [f"deepspeed.zero_stage={z}", f"deepspeed.precision={args.zero_precision}"])
+               for z in args.zero_stages}
+    first = next(iter(benches.values()))
+    bare = BareLoop(first.cfg)
+    largest = largest_micro_batch(bare.step, first.batch_of)
+    log(f"largest micro-batch that fits (bare loop, {args.zero_precision} engines alive): {largest}")
+    flops = flops_per_segment(first.cfg, first.n_params, args.seq_len)
+    cells: dict = {}   # (micro_batch, name) -> [tokens/s per round]
+    failed: dict = {}
+    for _ in range(args.rounds):
+        for mb in (1, largest):
+            batch = first.batch_of(mb)
+            dt = timed(lambda: bare.step(batch), args.warmup, args.steps)
+            cells.setdefault((mb, "bare"), []).append(mb * args.seq_len / dt)
+            for z, tb in benches.items():
+                name = f"zero{z}"
+                if (mb, name) in failed:
+                    continue
+                try:
+                    r = tb.step_time("ce", 1, args.warmup, args.steps, batch=batch)
+                except torch.OutOfMemoryError as e:   # that engine is not reused at this size
+                    failed[(mb, name)] = f"OOM: {e}"[:200]
+                    torch.cuda.empty_cache()
+                    continue
+                cells.setdefault((mb, name), []).append(r["tokens_per_s"])
+    rows = []
+    for (mb, name), tps in cells.items():
+        bare_tps = cells[(mb, "bare")]
+        rows.append({"micro_batch": mb, "loop": name, "tokens_per_s": float(np.median(tps)),
+                     "mfu": float(np.median(tps)) / args.seq_len * flops / peak_flops(),
+                     "x_bare": float(np.median([t / b for t, b in zip(tps, bare_tps)])),
+                     "rounds": [round(t) for t in tps]})
+        log(json.dumps(rows[-1]))
+    rows += [{"micro_batch": mb, "loop": name, "error": err} for (mb, name), err in failed.items()]
+    return {"precision": args.zero_precision, "seq_len": args.seq_len, "largest_micro_batch": largest,
+            "n_params": first.n_params, "rows": rows}
 
 
 @section("profile")
@@ -447,6 +548,19 @@ def write_report(out_dir: str, args, quiet: bool = False) -> None:
                          f"{r['x_ce_step']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_mem_gib']:.1f} | "
                          f"{r['mfu'] * 100:.1f}% | {r['memory_keys']:.0f} |")
         lines.append("")
+    tz = RESULTS.get("train_zero", {})
+    if "rows" in tz:
+        lines += [f"CE step of `trime train` vs a bare torch loop, {tz['n_params'] / 1e6:.0f}M params, seq "
+                  f"{tz['seq_len']}, {tz['precision']}, 1 GPU; largest micro-batch that fits: "
+                  f"{tz['largest_micro_batch']} (target: x bare >= 0.95, MFU >= 40% at the largest)", "",
+                  "| micro-batch | loop | tokens/s | MFU | x bare | tokens/s per round |", "|---|---|---|---|---|---|"]
+        for r in tz["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['micro_batch']} | {r['loop']} | {r['error']} | | | |")
+            else:
+                lines.append(f"| {r['micro_batch']} | {r['loop']} | {r['tokens_per_s']:.0f} | {r['mfu'] * 100:.1f}% | "
+                             f"{r['x_bare']:.3f} | {r['rounds']} |")
+        lines.append("")
     mk = RESULTS.get("max_memory_keys", {})
     if "rows" in mk:
         lines += ["trime_ext with W emulated ranks' memory (d=1024, tile 4096)", "",
@@ -483,9 +597,12 @@ def main():
     p.add_argument("--variants", nargs="*", type=lambda v: (int(v.split(":")[0]), v.split(":")[1], int(v.split(":")[2])),
                    default=[(1, "bf16", 1), (0, "bf16_autocast", 1), (1, "bf16_autocast", 1), (1, "bf16", 8),
                             (1, "bf16_autocast", 8)], help="train_variants: ZERO:PRECISION:SEGMENTS_PER_STEP ...")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of train and train_zero")
+    p.add_argument("--zero-stages", type=int, nargs="*", default=[0, 1, 2, 3], help="train_zero: ZeRO stages")
+    p.add_argument("--zero-precision", default="bf16_autocast", help="train_zero: deepspeed.precision")
     p.add_argument("--search-dim", type=int, default=1024)
     p.add_argument("--ivf-nlist", type=int, default=1024)
-    p.add_argument("--only", nargs="*", default=["train_variants", "profile", "train", "max_memory_keys", "encode",
+    p.add_argument("--only", nargs="*", default=["train_zero", "train_variants", "profile", "train", "max_memory_keys", "encode",
                                                  "search", "eval", "compiled"])
     p.add_argument("--smoke", action="store_true", help="tiny sizes: check the script itself (CPU is fine)")
     p.add_argument("overrides", nargs="*", help="train config overrides, e.g. run.compile=true")
@@ -503,6 +620,9 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # `timeout` still gets the report written
     log(f"{device_name()}, torch {torch.__version__}")
     try:
+        if "train_zero" in args.only:
+            bench_zero(args)
+            torch.cuda.empty_cache() if CUDA else None
         if "train_variants" in args.only:
             bench_variants(args)
         if "profile" in args.only:

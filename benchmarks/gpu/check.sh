@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of issue 9, in one go on one GPU machine (no network needed), at most ~8 minutes:
 #   1. `pytest -m gpu` (every stage's GPU path against the CPU run),
-#   2. benchmarks/gpu/bench_gpu.py (training step / MFU at 247M, most memory keys per step, encode keys/s,
-#      exact and faiss search rates, eval tokens/s external vs local),
+#   2. benchmarks/gpu/bench_gpu.py (issue 21: CE tokens/s and MFU of `trime train` at each ZeRO stage vs a bare
+#      torch loop at micro-batch 1 and at the largest that fits; trime_local / long / ext step / CE step with 8
+#      ranks' memory in interleaved rounds; most memory keys per step, encode keys/s, exact and faiss search
+#      rates, eval tokens/s external vs local),
 #   3. benchmarks/bench_host_overhead.py (issue 21: host time per optimizer step of `trime train` vs a bare
 #      torch loop, each ZeRO stage, precision and accumulation 1 / 6, on the GPU; ~2 minutes),
 #   4. benchmarks/bench_exact_search.py (issue 22: exact search over 1M keys, scan vs selection; ~1 minute).
@@ -27,7 +29,7 @@ echo "== pytest -m gpu"
 timeout "${PYTEST_TIMEOUT:-240}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors \
   ${PYTEST_K:+-k "$PYTEST_K"} tests 2>&1 | tee "$OUT_DIR/pytest_gpu.log"
 echo "== benchmarks/gpu/bench_gpu.py"
-timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu/bench_gpu.py --out "$OUT_DIR" "$@" > "$OUT_DIR/bench.log" 2>&1
+timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/gpu/bench_gpu.py --out "$OUT_DIR" "$@" > "$OUT_DIR/bench.log" 2>&1
 grep -v -e "it/s]" -e "batch/s]" "$OUT_DIR/bench.log" | tail -n 80
 echo "== benchmarks/bench_host_overhead.py"
 timeout "${HOST_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_host_overhead.py --rounds 6 --steps 3 \
