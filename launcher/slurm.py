@@ -1,7 +1,7 @@
 """SLURM batch jobs: render a readable, re-runnable sbatch script per stage (submitting: launcher.slurm_submit).
 
-MPI stages run under MPICH's `mpiexec` (hydra) inside the job, or `srun --mpi=PLUGIN`; torch stages run one task per GPU (CPU rank when there are no
-GPUs) and take their rank from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.core.launch_env).
+MPI stages run under MPICH's `mpiexec` (hydra) inside the job, or `srun --mpi=PLUGIN`; torch stages run one
+task per GPU (CPU rank when there are no GPUs) and take their rank from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.core.launch_env).
 """
 from __future__ import annotations
 
@@ -96,12 +96,12 @@ def mpi_lines(cfg: SlurmConfig, stage: str, command: list[str], srun_opts: list[
     res = resources_for(cfg, stage)
     # Hydra serves PMI itself and starts one proxy per node with srun (-launcher slurm); each proxy forks
     # that node's ranks, so the proxy's step gets every CPU the node's tasks have (srun reads
-    # SRUN_CPUS_PER_TASK). A rank that fails or is killed makes hydra end the others (srun's
-    # --kill-on-bad-exit); mpiexec exits with the worst rank's status.
+    # SRUN_CPUS_PER_TASK). Hydra ends the other ranks when one exits with an error (its default; what srun's
+    # --kill-on-bad-exit did) and exits with a failing rank's status.
     # Not `srun --mpi=pmi2`: SLURM's PMI-1 server reads each request with one 1024-byte read(), and
     # MPICH 5 sends its business cards in 511-byte segments, hex-encoded: up to ~1080 bytes a request. A cut
     # request is rejected without an answer and MPI_Init hangs (benchmarks/pmi_loop.py: 3 of 40 two-node
-    # steps; RESULTS.md "MPI_Init across nodes").
+    # steps; benchmarks/RESULTS.md "MPI_Init under srun --mpi=pmi2").
     return ["", "# MPI ranks: MPICH's mpiexec (hydra) in the job, its proxies started by srun, one per node.",
             f"export SRUN_CPUS_PER_TASK={res.tasks_per_node * res.cpus_per_task}",
             f"{shlex.quote(env_bin('mpiexec'))} -launcher slurm -n \"$SLURM_NTASKS\" -ppn {res.tasks_per_node} "
