@@ -1,7 +1,8 @@
 """SLURM batch jobs: render a readable, re-runnable sbatch script per stage (submitting: launcher.slurm_submit).
 
 MPI stages run under MPICH's `mpiexec` (hydra) inside the job, or `srun --mpi=PLUGIN`; torch stages run one
-task per GPU (CPU rank when there are no GPUs) and take their rank from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.core.launch_env).
+task per GPU (CPU rank when there are no GPUs) and take their rank from SLURM_PROCID / SLURM_LOCALID /
+SLURM_NTASKS (trime_dist.core.launch_env).
 """
 from __future__ import annotations
 
