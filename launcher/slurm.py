@@ -1,7 +1,8 @@
 """SLURM batch jobs: render a readable, re-runnable sbatch script per stage (submitting: launcher.slurm_submit).
 
-MPI stages run under `srun --mpi=pmi2`; torch stages run one task per GPU (CPU rank when there are no
-GPUs) and take their rank from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.core.launch_env).
+MPI stages run under MPICH's `mpiexec` (hydra) inside the job, or `srun --mpi=PLUGIN`; torch stages run one
+task per GPU (CPU rank when there are no GPUs) and take their rank from SLURM_PROCID / SLURM_LOCALID /
+SLURM_NTASKS (trime_dist.core.launch_env).
 """
 from __future__ import annotations
 
@@ -72,8 +73,7 @@ def script_body(cfg: SlurmConfig, stage: str, stage_args: list[str], workdir: st
     # srun of SLURM 22.05-23.02 does not inherit --cpus-per-task from sbatch: pass it again.
     srun_opts = ["--kill-on-bad-exit=1", f"--cpus-per-task={resources_for(cfg, stage).cpus_per_task}"]
     if kind == MPI:
-        return lines + ["", "# MPI ranks: srun starts one rank per task and hands them PMI (mpi4py + MPICH).",
-                        shlex.join(["srun", f"--mpi={cfg.mpi}", *srun_opts, *trime, *stage_args])]
+        return lines + mpi_lines(cfg, stage, trime + stage_args, srun_opts)
     port = str(cfg.master_port) if cfg.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
     lines += ["", "# torch.distributed rendezvous on the first node; every task reads its rank from",
               "# SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (trime_dist.core.launch_env.discover_env).",
@@ -87,6 +87,26 @@ def script_body(cfg: SlurmConfig, stage: str, stage_args: list[str], workdir: st
         stage_args = ["--auto-resume", *stage_args]
     return lines + (requeue_on_signal(shlex.join(srun + stage_args), log_dir) if cfg.requeue else
                     [shlex.join(srun + stage_args)])
+
+
+def mpi_lines(cfg: SlurmConfig, stage: str, command: list[str], srun_opts: list[str]) -> list[str]:
+    """An MPI stage's ranks: hydra's mpiexec (mpi=mpiexec) or srun with a PMI plugin (mpi=pmi2, pmix)."""
+    if cfg.mpi != "mpiexec":
+        return ["", "# MPI ranks: srun starts one rank per task and hands them PMI (mpi4py + MPICH).",
+                shlex.join(["srun", f"--mpi={cfg.mpi}", *srun_opts, *command])]
+    res = resources_for(cfg, stage)
+    # Hydra serves PMI itself and starts one proxy per node with srun (-launcher slurm); each proxy forks
+    # that node's ranks, so the proxy's step gets every CPU the node's tasks have (srun reads
+    # SRUN_CPUS_PER_TASK). Hydra ends the other ranks when one exits with an error (its default; what srun's
+    # --kill-on-bad-exit did) and exits with a failing rank's status.
+    # Not `srun --mpi=pmi2`: SLURM's PMI-1 server reads each request with one 1024-byte read(), and
+    # MPICH 5 sends its business cards in 511-byte segments, hex-encoded: up to ~1080 bytes a request. A cut
+    # request is rejected without an answer and MPI_Init hangs (benchmarks/pmi_loop.py: 3 of 40 two-node
+    # steps; benchmarks/RESULTS.md "MPI_Init under srun --mpi=pmi2").
+    return ["", "# MPI ranks: MPICH's mpiexec (hydra) in the job, its proxies started by srun, one per node.",
+            f"export SRUN_CPUS_PER_TASK={res.tasks_per_node * res.cpus_per_task}",
+            f"{shlex.quote(env_bin('mpiexec'))} -launcher slurm -n \"$SLURM_NTASKS\" -ppn {res.tasks_per_node} "
+            f"{shlex.join(command)}"]
 
 
 def requeue_on_signal(command: str, log_dir: str) -> list[str]:

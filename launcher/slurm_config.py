@@ -37,7 +37,11 @@ class SlurmConfig:
     gpus_per_node: int = opt(0, "torch stages run one task per GPU; 0 = CPU ranks")
     cpus_per_task: int = opt(1, "--cpus-per-task (also OMP_NUM_THREADS unless env sets it)")
     mem: Optional[str] = opt(None, "--mem per node, e.g. 200G (None = cluster default)")
-    mpi: str = opt("pmi2", "srun --mpi= for MPI stages (pmi2 works with the pip MPICH)")
+    mpi: str = opt("mpiexec", "how MPI stages start: mpiexec = MPICH's hydra inside the job (its own PMI server, "
+                              "its proxies started with srun), or an `srun --mpi=` plugin: pmi2, pmix "
+                              "(`srun --mpi=list`). pmi2 + MPICH 5 hangs MPI_Init at times across nodes: SLURM's "
+                              "PMI-1 server reads a request in one 1024-byte read, MPICH's business card "
+                              "segments can be longer")
     requeue: bool = opt(True, "--requeue: a requeued training job resumes from RUN/checkpoints")
     signal_before_limit_s: int = opt(120, "train jobs get --signal=USR1@N: SIGUSR1 N s before the time limit, "
                                           "to checkpoint and requeue (SLURM may send it up to 60 s earlier)")
@@ -78,6 +82,8 @@ def validate_slurm_config(cfg: SlurmConfig, where: str) -> None:
     if cfg.signal_before_limit_s < 1:
         raise ConfigError(f"{where}: signal_before_limit_s={cfg.signal_before_limit_s}; expected at least 1 "
                           f"(seconds before the time limit)")
+    if not re.match(r"^[a-z0-9_]+$", cfg.mpi):
+        raise ConfigError(f"{where}: mpi={cfg.mpi!r}; expected mpiexec or an srun --mpi plugin name (pmi2, pmix)")
     if cfg.gpus_per_node < 0:
         raise ConfigError(f"{where}: gpus_per_node={cfg.gpus_per_node}; expected 0 or more")
     for label, value in [("time", cfg.time)] + [(f"stages.{s}.time", r.time) for s, r in cfg.stages.items()]:

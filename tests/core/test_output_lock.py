@@ -148,6 +148,29 @@ def test_only_rank_0_takes_the_lock_the_others_check_it(tmp_path):
         pass
 
 
+def test_another_hosts_lock_waits_for_rank_0_to_take_it_over(tmp_path, monkeypatch):
+    """Rank 1 on nodeB cannot judge a lock left on nodeA (a killed job's): it waits for rank 0 of its own job,
+    which may be on nodeA and take it over, and refuses only when the lock stays another job's."""
+    import threading
+
+    from trime_dist.core.launch_env import discover_env, job_key
+
+    write_lock(tmp_path, host="node-elsewhere", job="a killed job", pid=dead_pid())
+    ours = threading.Timer(0.5, lambda: write_lock(tmp_path, job=job_key(discover_env())))  # rank 0's takeover
+    ours.start()
+    try:
+        with ol.output_lock(str(tmp_path), rank=1):
+            pass
+    finally:
+        ours.join()
+    monkeypatch.setattr(ol, "OTHER_HOST_WAIT_S", 0.5)
+    write_lock(tmp_path, host="node-elsewhere", job="a killed job", pid=dead_pid())
+    with pytest.raises(ol.OutputLocked, match="is in use by a job on another host") as e:
+        with ol.output_lock(str(tmp_path), rank=1):
+            pass
+    assert e.value.all_ranks
+
+
 def test_a_lock_taken_over_meanwhile_is_not_removed(tmp_path, caplog):
     mine = ol.acquire(str(tmp_path))
     os.remove(ol.lock_path(str(tmp_path)))

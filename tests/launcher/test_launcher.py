@@ -210,7 +210,15 @@ def test_slurm_scripts_for_a_two_node_gpu_cluster(tmp_path):
     assert (f"srun --kill-on-bad-exit=1 --cpus-per-task=6 {BIN}/trime train --auto-resume --config "
             "configs/wt103_247m.yaml objective.name=trime_ext") in train
     assert "--gpus-per-node" not in by_stage["group"] and "#SBATCH --ntasks-per-node=16" in by_stage["group"]
-    assert "srun --mpi=pmi2 --kill-on-bad-exit=1 --cpus-per-task=2 " in by_stage["group"]
+    # MPI stages: hydra's mpiexec in the job, one proxy per node started by srun with all of the node's CPUs
+    group = by_stage["group"].splitlines()
+    assert "export SRUN_CPUS_PER_TASK=32" in group  # 16 tasks x 2 CPUs
+    assert any(line.startswith(f'{BIN}/mpiexec -launcher slurm -n "$SLURM_NTASKS" -ppn 16 {BIN}/trime group ')
+               for line in group), by_stage["group"]
+    # mpi=pmi2 (or pmix) is still there for a cluster that wants srun's PMI
+    pmi2 = plan_jobs([["group", "--input", "a", "--output", "b"]], load_slurm_config(
+        EXAMPLE, [f"run_dir={tmp_path}/slurm", "mpi=pmi2"]), REPO, numbered=True)[0].script
+    assert "srun --mpi=pmi2 --kill-on-bad-exit=1 --cpus-per-task=2 " in pmi2 and "mpiexec" not in pmi2
     assert "srun --kill-on-bad-exit=1 --cpus-per-task=6 " in train
     # eval: one task per GPU of one node (the streams dealt to the 8 ranks)
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"):
@@ -234,7 +242,8 @@ def test_slurm_scripts_for_a_two_node_gpu_cluster(tmp_path):
 def test_slurm_cli_dry_run_writes_nothing(tmp_path):
     proc = trime_launch("slurm", "--dry-run", "--set", "tasks_per_node=2", "--set", "run_dir=out", "--",
                         "prepare", "--input", "a", "--output", "b", cwd=tmp_path)
-    assert "srun --mpi=pmi2 --kill-on-bad-exit=1" in proc.stdout and "#SBATCH --ntasks-per-node=2" in proc.stdout
+    assert '/mpiexec -launcher slurm -n "$SLURM_NTASKS" -ppn 2 ' in proc.stdout
+    assert "#SBATCH --ntasks-per-node=2" in proc.stdout
     assert not os.path.exists(tmp_path / "out")
     proc = trime_launch("slurm", "--write-only", "--set", "run_dir=out", "--", "train", "--config", TINY,
                         "run.out_dir=r", cwd=tmp_path)

@@ -1,5 +1,5 @@
 """`trime launch slurm` against a real one-node SLURM (tests/helpers/slurm_cluster.py): MPI stages under
-`srun --mpi=pmi2`, 2-task DeepSpeed training, requeue -> resume, a dependency chain, sbatch refusals.
+`mpiexec` (hydra, proxies by srun), 2-task DeepSpeed training, requeue -> resume, a dependency chain, sbatch refusals.
 
 Where SLURM cannot be started these tests skip with the reason; in CI (CI=true) that is a failure.
 """
@@ -85,7 +85,7 @@ def train_args(data: str, out: str, steps: int, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def prepared(work, slurm):
-    """data/train and data/valid, each by a 2-task `srun --mpi=pmi2` job. The train split goes through
+    """data/train and data/valid, each by a 2-task MPI job (hydra mpiexec in the job). The train split goes through
     `trime launch slurm --wait`; the valid split's script is written with --write-only and submitted as a
     person would, with plain `sbatch --wait` (whose polling backs off to 32 s, so only for this one)."""
     launch(work, "slurm", "--wait", "--set", "tasks_per_node=2", "--set", "run_dir=runs/prepare-train",
@@ -101,15 +101,13 @@ def prepared(work, slurm):
 
 
 def test_prepare_two_mpi_tasks(prepared, slurm):
-    mpi_types = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, env=slurm.env)
-    assert "pmi2" in mpi_types.stdout + mpi_types.stderr  # the PMI the pip MPICH speaks
     manifest = json.load(open(prepared / "data" / "train" / "manifest.json"))
     # one shard per rank: both MPI ranks wrote their share of the 8 input files
     assert sorted({s["path"].split("-")[1] for s in manifest["shards"]}) == ["r000", "r001"]
     assert manifest["segments"] == sum(s["segments"] for s in manifest["shards"]) > 0
     (job,) = jobs_of(prepared / "runs" / "prepare-train")
     script = open(job["script"]).read()
-    assert "srun --mpi=pmi2 --kill-on-bad-exit=1 --cpus-per-task=1" in script
+    assert 'mpiexec -launcher slurm -n "$SLURM_NTASKS" -ppn 2 ' in script  # hydra in the job, srun for its proxy
     assert "#SBATCH --ntasks-per-node=2" in script
     logs = prepared / "runs" / "prepare-train" / "logs"
     out = (logs / f"trime-prepare-{job['job_id']}.out").read_text()

@@ -184,16 +184,10 @@ def same_outputs(one, two, sub) -> None:
     assert a == b, f"{sub}: {a[:1500]}\n!=\n{b[:1500]}"
 
 
-@pytest.mark.skip(reason="MPI_Init of a 2-node `srun --mpi=pmi2` step fails or hangs at times: in the CI run of "
-                         "2026-12-02 both ranks of the group step sat in MPI_Init; on 2026-12-03 the group step of the "
-                         "same chain failed in MPI_Init after slurmstepd rejected a PMI request of MPICH's client "
-                         "('mpi/pmi2: value not properly terminated in client request', bytes of MPICH's own strings "
-                         "in it): a rejected request gets no answer, hence the hang. The steps now have a time limit "
-                         "(a hang ends TIMEOUT with the chain's line). Issue 20 keeps it open")
 def test_slurm_chain_on_two_nodes_equals_one_node(cluster, work):
-    """The whole pipeline as a `trime launch slurm-chain` on 2 nodes x 1 task (prepare and group: srun --mpi=pmi2
-    across the nodes; train: one rank per node, rendezvous at the first node of SLURM_JOB_NODELIST; datastore
-    build; eval) gives the same shards, groups, weights, datastore and eval table as 1 node x 2 tasks."""
+    """The whole pipeline as a `trime launch slurm-chain` on 2 nodes x 1 task (prepare and group: MPICH's mpiexec
+    in the job, its proxies started by srun on both nodes; train: one rank per node, rendezvous at the first node
+    of SLURM_JOB_NODELIST; datastore build; eval) gives the same shards, groups, weights, datastore and eval table as 1 node x 2 tasks."""
     one, two = work / "chain1", work / "chain2"
     timed("slurm-chain (6 steps)", "one", lambda: slurm_chain(cluster, one, nodes=1, tasks_per_node=2))
     proc = timed("slurm-chain (6 steps)", "two", lambda: slurm_chain(cluster, two, nodes=2, tasks_per_node=1))

@@ -189,9 +189,6 @@ def chain_logs(folder) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="not yet passed (s26, 2026-12-03): its two runs found the watcher bug fixed in "
-                         "launcher.slurm_submit.wait_chain (a step's nodes: those of its RUNNING state); the run with "
-                         "the fix did not get the CPU lock before the deadline. Un-skip once it passes")
 def test_node_b_dies_mid_chain_then_a_rerun_finishes_like_an_uninterrupted_chain(cluster, work):
     """`trime launch slurm-chain --wait` on 2 nodes x 1 task; while its train step runs (a rank on each node),
     node B dies: its slurmd is killed and everything else on it (the job's slurmstepd and rank) is frozen, as
@@ -223,12 +220,12 @@ def test_node_b_dies_mid_chain_then_a_rerun_finishes_like_an_uninterrupted_chain
                                         start_new_session=True)
             if started_training(proc, folder / "runs" / "chain" / "out" / "metrics.jsonl", 6):  # checkpoint: 4
                 break
-            # MPICH's start-up under srun --mpi=pmi2 fails now and then (the PMI request slurmstepd rejects:
-            # "mpi/pmi2: value not properly terminated in client request"); the chain stopped on that step with
+            # a failed MPI start-up (seen under srun --mpi=pmi2, the launcher's default before hydra's mpiexec:
+            # "mpi/pmi2: value not properly terminated in client request") stops the chain on that step with
             # its line, and the same command continues it
             assert MPI_START_FLAKE in chain_logs(folder) and attempt < 2, \
                 f"the chain ended before training's step 6:\n{output()[-4000:]}"
-            print(f"chain stopped before training (MPICH start-up under pmi2), rerunning it:\n{output()[-1500:]}")
+            print(f"chain stopped before training (MPI start-up), rerunning it:\n{output()[-1500:]}")
         hit = time.monotonic()
         cluster.procs["slurmd-nodeB"].kill()
         frozen = [pid for pid in cluster.node_pids("nodeB") if pid not in {p.pid for p in cluster.procs.values()}]

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".trime-lock"  # inside an output folder; beside a file output it is .NAME.trime-lock
 _READ_RETRIES = 10         # an empty lock file (the O_EXCL fallback, being written) is read again this often
 _TAKEOVER_TRIES = 3        # other jobs racing for a stale lock: give up after this many rounds
+OTHER_HOST_WAIT_S = 60.0   # a rank other than 0 waits this long for rank 0 to take over another host's lock
 
 
 class OutputLocked(ValueError):
@@ -225,12 +226,19 @@ def acquire(output: str, *, inside: bool = True, command: Optional[str] = None, 
 
 def check_not_held(output: str, job: str, *, inside: bool = True) -> None:
     """A rank other than 0: OutputLocked when a live job other than `job` holds `output` (nothing is
-    written; rank 0 of this job takes the lock, or takes over a stale one)."""
+    written; rank 0 of this job takes the lock, or takes over a stale one). A lock of another host is
+    waited for (up to OTHER_HOST_WAIT_S): this rank cannot tell whether its holder is alive, but rank 0 may be
+    on that host and take it over: a rerun after a killed 2-node job found the lock of the dead rank 0 on
+    nodeA from nodeB's rank before the new rank 0 had replaced it, and stopped the job with no line."""
     path = lock_path(output, inside)
-    found = _read(path)
-    if found is None or found[0].get("job") == job or dead_reason(found[0]) is not None:
-        return
-    raise OutputLocked(_refusal(output, path, found[0]))
+    deadline = time.monotonic() + OTHER_HOST_WAIT_S
+    while True:
+        found = _read(path)
+        if found is None or found[0].get("job") == job or dead_reason(found[0]) is not None:
+            return
+        if found[0].get("host") == socket.gethostname() or time.monotonic() >= deadline:
+            raise OutputLocked(_refusal(output, path, found[0]))
+        time.sleep(0.2)
 
 
 def _refusal(output: str, path: str, holder: dict) -> str:
