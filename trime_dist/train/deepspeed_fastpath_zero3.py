@@ -21,6 +21,11 @@ Installed by deepspeed_fastpath.install on a DeepSpeedZeroOptimizer_Stage3 insta
      partition): wait for an in-flight gather, clear its active submodules, free its gathered data
      (record_stream on a GPU first, as free_param does), mark it NOT_AVAILABLE, count it off the
      coordinator's available numel; any other parameter goes through DeepSpeed's own __release_param.
+  3. DeepSpeedZeroOptimizer_Stage3.reduce_ready_partitions_and_remove_grads, each gradient's hook (see there).
+  4. The autograd Functions that ZeRO-3 puts on each hooked module's outputs and inputs (module.pre_bwd_fn
+     gathers its parameters before its backward, module.post_bwd_fn releases them after): new-style too
+     (setup_context: `inspect.signature` in each apply, ~60 applies a step); here the same bookkeeping as
+     old-style Functions, per module.
 
 Not installed (DeepSpeed's own path) with hpZ (zero_hpz_partition_size > 1) or parameter offload.
 tests/train/test_deepspeed_fastpath.py checks both against DeepSpeed's own path, bitwise, on 2 ranks.
@@ -172,6 +177,81 @@ def partition_all_parameters(self):
             raise RuntimeError(f"{param.ds_summary()} expected to be released")
 
 
+def _backward_functions(offload, module):
+    """The autograd Functions DeepSpeedZeRoOffload._register_deepspeed_module (0.19.8) gives each module
+    (module.pre_bwd_fn: gather its parameters before its backward; module.post_bwd_fn: release them after),
+    the same bookkeeping written as old-style Functions (no signature binding in every apply)."""
+
+    class PreBackwardFunctionForModule(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, outputs):
+            ctx.module = module
+            if "applied_pre_backward_ref_cnt" not in module.__dict__:
+                module.applied_pre_backward_ref_cnt = 0
+            module.applied_pre_backward_ref_cnt += 1
+            return outputs.detach()
+
+        @staticmethod
+        def backward(ctx, *args):
+            # (DeepSpeed's _run_before_backward_function)
+            if module.applied_pre_backward_ref_cnt > 0:
+                offload.pre_sub_module_backward_function(module)
+                module.applied_pre_backward_ref_cnt -= 1
+            return args
+
+    class PostBackwardFunctionModule(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, output):
+            ctx.module = module
+            if output.requires_grad:
+                module.ds_grads_remaining += 1
+            return output.detach()
+
+        @staticmethod
+        def backward(ctx, *args):
+            module.ds_grads_remaining = module.ds_grads_remaining - 1
+            if module.ds_grads_remaining == 0:  # (and DeepSpeed's _run_after_backward_function)
+                offload.post_sub_module_backward_function(module)
+            return args
+
+    return PreBackwardFunctionForModule, PostBackwardFunctionModule
+
+
+def _install_backward_functions(offload) -> None:
+    for module in offload.module.modules():
+        fns = module.__dict__.get("pre_bwd_fn"), module.__dict__.get("post_bwd_fn")
+        if all(getattr(f, "__module__", None) == "deepspeed.runtime.zero.parameter_offload" for f in fns):
+            module._stock_pre_bwd_fn, module._stock_post_bwd_fn = fns
+            module.pre_bwd_fn, module.post_bwd_fn = _backward_functions(offload, module)
+
+
+def reduce_ready_partitions_and_remove_grads(self, param):
+    """DeepSpeedZeroOptimizer_Stage3.reduce_ready_partitions_and_remove_grads (0.19.8), each gradient's hook:
+    without contiguous_gradients (engine.zero_settings) and with room in the bucket, what it does is append
+    the parameter to the reduce bucket, here without its four nested calls and a no_grad context per
+    parameter. Anything else (a full bucket or another process group: a reduce now; contiguous gradients,
+    ZenFlow, AutoEP folding) takes DeepSpeed's own."""
+    if self._coalesce_grad_reduction:
+        return
+    bucket = self.ipg_buckets[self.get_param_comm_dtype(param)]
+    group = getattr(param, "ds_process_group", self.dp_process_group)  # _get_param_partition_group
+    if ((bucket.params and bucket.process_group != group) or self.contiguous_gradients or self.zenflow
+            or (bucket.elements > 0 and bucket.elements + param.ds_numel > self.reduce_bucket_size)
+            or self.autoep_folding_tp_group is not None or not getattr(param, "ds_grad_is_ready", True)):
+        return self._stock_reduce_ready_partitions_and_remove_grads(param)
+    # (__add_grad_to_ipg_bucket)
+    if not _RESOLVES_DATA_DEPENDENCY[0]:
+        from deepspeed.accelerator import get_accelerator
+
+        self.reduce_and_partition_stream.wait_stream(get_accelerator().current_stream())
+    bucket.params.append(param)
+    bucket.process_group = group
+    bucket.elements += param.grad.numel()
+
+
+_RESOLVES_DATA_DEPENDENCY = []
+
+
 def supported(optimizer) -> bool:
     """DeepSpeed's own path for what this was not written for: hpZ, parameter offload, no coordinator."""
     offload, cls = getattr(optimizer, "parameter_offload", None), type(optimizer)
@@ -182,13 +262,18 @@ def supported(optimizer) -> bool:
             and offload is not None and hasattr(offload, "param_coordinator"))
 
 
-OVERRIDES = {"_partition_all_parameters": partition_all_parameters}
+OVERRIDES = {"_partition_all_parameters": partition_all_parameters,
+             "reduce_ready_partitions_and_remove_grads": reduce_ready_partitions_and_remove_grads}
 
 
 def install(optimizer) -> bool:
     if not supported(optimizer):
         return False
+    from deepspeed.accelerator import get_accelerator
+
+    _RESOLVES_DATA_DEPENDENCY[:] = [get_accelerator().resolves_data_dependency()]
     _install_linear(optimizer.parameter_offload.module)
+    _install_backward_functions(optimizer.parameter_offload)
     return True
 
 
@@ -200,3 +285,7 @@ def uninstall(optimizer) -> None:
         for p in offload.module.parameters():
             if hasattr(p, FAST_MARK):
                 delattr(p, FAST_MARK)
+        for module in offload.module.modules():
+            if "_stock_pre_bwd_fn" in module.__dict__:
+                module.pre_bwd_fn, module.post_bwd_fn = module._stock_pre_bwd_fn, module._stock_post_bwd_fn
+                del module._stock_pre_bwd_fn, module._stock_post_bwd_fn
