@@ -17,11 +17,11 @@ pytestmark = pytest.mark.slow
 STEPS, CLIP, LR, B, T, V = 2, 0.1, 0.5, 2, 8, 40
 
 
-def _cfg(stage: int) -> TrainConfig:
+def _cfg(stage: int, precision: str = "fp32", accum: int = 1) -> TrainConfig:
     cfg = TrainConfig()
     cfg.model = ModelConfig(vocab_size=V, n_layers=2, d_model=16, n_heads=2, d_ffn=32, max_seq_len=T)
-    cfg.deepspeed.zero_stage, cfg.deepspeed.precision = stage, "fp32"
-    cfg.data.micro_batch_size, cfg.data.global_batch_size = B, 2 * B
+    cfg.deepspeed.zero_stage, cfg.deepspeed.precision = stage, precision
+    cfg.data.micro_batch_size, cfg.data.global_batch_size = B, 2 * B * accum
     # plain SGD: the update is lr x clipped gradient, so the weights show the norm the step clipped by
     cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip = "sgd", LR, 0.0, CLIP
     cfg.optim.schedule, cfg.optim.warmup_steps = "constant", 1
@@ -32,7 +32,7 @@ def _tokens(rank: int, step: int) -> torch.Tensor:
     return torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(100 * step + rank))
 
 
-def _engine_worker(rank, world_size, stage, fast):
+def _engine_worker(rank, world_size, stage, fast, precision="fp32", accum=1, info=None):
     import deepspeed
 
     from trime_dist.train import deepspeed_fastpath
@@ -40,22 +40,41 @@ def _engine_worker(rank, world_size, stage, fast):
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    cfg = _cfg(stage)
+    cfg = _cfg(stage, precision, accum)
     engine = build_engine(build_model(cfg.model, seed=0), cfg, world_size)
     installed = "get_grad_norm_direct" in vars(engine.optimizer)
     if not fast:
         deepspeed_fastpath.uninstall(engine.optimizer)
+    if info is not None:
+        info.update(_zero3_state(engine))
     norms = []
     for step in range(STEPS):
-        tokens = _tokens(rank, step).to(engine.device)
-        logits, _ = engine(tokens[:, :-1])
-        engine.backward(F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()))
-        engine.step()
+        for micro in range(accum):
+            tokens = _tokens(rank, step * accum + micro).to(engine.device)
+            logits, _ = engine(tokens[:, :-1])
+            engine.backward(F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()))
+            engine.step()
         norms.append(float(engine.get_global_grad_norm()))
     params = list(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
         weights = {n: p.detach().clone().cpu() for n, p in params}
-    return installed, norms, weights
+    return (installed, norms, weights, info) if info is not None else (installed, norms, weights)
+
+
+def _zero3_state(engine) -> dict:
+    """Which ZeRO-3 paths this engine takes, and what a plain (non-ZeRO) linear does next to it."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    from trime_dist.train import deepspeed_fastpath_zero3 as z3
+
+    torch.manual_seed(1)
+    x, w, b = torch.randn(3, 5, 4), torch.randn(6, 4, requires_grad=True), torch.randn(6, requires_grad=True)
+    out = torch.nn.functional.linear(x, w, b)
+    return {"partition_all": "_partition_all_parameters" in vars(engine.optimizer),
+            "linear_is_ours": torch.nn.functional.linear is z3.zero3_linear,
+            "marked": all(getattr(p, z3.FAST_MARK, False) for p in engine.module.parameters()),
+            "plain_linear_equal": torch.equal(out, InsertPostInitMethodToModuleSubClasses.linear_bk(x, w, b)),
+            "plain_linear_node": type(out.grad_fn).__name__}
 
 
 def _reference(world_size: int):
@@ -116,3 +135,25 @@ def test_other_deepspeed_versions_keep_the_stock_norm(monkeypatch):
 
     zero = DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer)  # (not initialised: only its type is read)
     assert deepspeed_fastpath.install(zero) is False and "get_grad_norm_direct" not in vars(zero)
+
+
+@pytest.mark.parametrize("precision,accum", [("bf16_autocast", 2)])
+def test_zero3_fast_path_matches_deepspeed(precision, accum):
+    """deepspeed_fastpath_zero3: the linear Function (under autocast: its backward's autocast rule) and the
+    one-walk re-partitioning at each step give DeepSpeed's own bits on 2 ranks, with gradient accumulation;
+    a linear over plain tensors next to a ZeRO-3 engine is torch's own. (fp32 with a float64 reference:
+    test_fast_norm_matches_deepspeed_and_float64[3], which takes the same paths.)"""
+    fast = run_distributed(_engine_worker, 2, args=(3, True, precision, accum, {}))
+    stock = run_distributed(_engine_worker, 2, args=(3, False, precision, accum, {}))
+    for rank in range(2):
+        _, norms, weights, info = fast[rank]
+        _, stock_norms, stock_weights, stock_info = stock[rank]
+        assert info["partition_all"] and info["linear_is_ours"] and info["marked"], info
+        assert not stock_info["partition_all"] and not stock_info["marked"], stock_info
+        for i in (info, stock_info):
+            assert i["plain_linear_equal"] and "ZeroStage3" not in i["plain_linear_node"] \
+                and "ZeroLinear" not in i["plain_linear_node"], i
+        assert norms == stock_norms and all(n > CLIP for n in norms)
+        for name, w in weights.items():
+            assert torch.equal(w, stock_weights[name]), name
+    assert fast[0][1] == fast[1][1]

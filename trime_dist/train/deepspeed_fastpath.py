@@ -30,6 +30,8 @@ import types
 
 import torch
 
+from trime_dist.train import deepspeed_fastpath_zero3
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_VERSIONS = ("0.19.8",)
@@ -146,6 +148,9 @@ def install(optimizer) -> bool:
     # DeepSpeed's own: defined in the class's module, or its nvtx wrapper (ZeRO-3's norm is decorated)
     if any(getattr(f, "__module__", None) not in (cls.__module__, "deepspeed.utils.nvtx") for f in stock.values()):
         return False
+    if cls.__name__ == "DeepSpeedZeroOptimizer_Stage3" and deepspeed_fastpath_zero3.install(optimizer):
+        overrides = {**overrides, **deepspeed_fastpath_zero3.OVERRIDES}  # (ZeRO-3 block: deepspeed_fastpath_zero3.py)
+        stock.update((name, vars(cls)[name]) for name in deepspeed_fastpath_zero3.OVERRIDES)
     for name, fast in overrides.items():
         setattr(optimizer, "_stock_" + name.lstrip("_"), types.MethodType(stock[name], optimizer))
         setattr(optimizer, name, types.MethodType(fast, optimizer))
@@ -154,6 +159,7 @@ def install(optimizer) -> bool:
 
 def uninstall(optimizer) -> None:
     """DeepSpeed's own methods again (tests and the benchmark compare the two paths)."""
-    for name in _overrides().get(type(optimizer), {}):
+    for name in [*_overrides().get(type(optimizer), {}), *deepspeed_fastpath_zero3.OVERRIDES]:
         for attr in (name, "_stock_" + name.lstrip("_")):
             vars(optimizer).pop(attr, None)
+    deepspeed_fastpath_zero3.uninstall(optimizer)

@@ -56,6 +56,10 @@ def zero_settings(stage: int) -> dict[str, Any]:
         # Not copying every gradient into a contiguous buffer in its backward hook and again into the
         # partition: the bucket is flattened once when it is reduced (ZeRO-1 fp32 on CPU: 1.5x -> 1.2x the bare loop).
         settings["contiguous_gradients"] = False
+    if stage == 3:
+        # The same for ZeRO-3 (its reduce-scatter flattens its list of gradients itself; deepspeed_fastpath_zero3's
+        # gradient hook is this case). Gradients wait for their reduce at most reduce_bucket_size elements either way.
+        settings["contiguous_gradients"] = False
     return settings
 
 

@@ -1,0 +1,291 @@
+"""ZeRO-3's per-parameter host work in DeepSpeed 0.19.8, done with fewer Python calls (issue 21).
+
+Installed by deepspeed_fastpath.install on a DeepSpeedZeroOptimizer_Stage3 instance (same version gate):
+  1. F.linear. ZeRO-3's engine replaces torch.nn.functional.linear for the whole process with
+     deepspeed.runtime.zero.linear.zero3_linear_wrap ("memory efficient linear": the autograd Function
+     saves the weight Parameter itself, not a view of its gathered data, so a released weight's full
+     storage is not kept alive until backward; that is ZeRO-3's parameter-memory saving at real width and
+     is kept). Its cost is the Function's new-style `setup_context`, whose `apply` binds the arguments with
+     `inspect.signature` on every call: ~100 us per linear on top of torch's ~20 us, 65 linears a step,
+     forward and backward ~10 ms a step, and it is paid by every other module in the process too (a bare
+     torch loop next to a ZeRO-3 engine ran ~9 ms a step slower). Here: a weight that is not a ZeRO-3
+     parameter takes torch's own linear; a ZeRO-3 weight of an engine with this fast path takes
+     `ZeroLinear`, the same forward and backward (same ops, same autocast rule, same gather of a
+     partitioned weight in backward) written as an old-style Function (ctx in forward: no signature
+     binding); a ZeRO-3 weight of any other engine (uninstalled, `--stock`) takes DeepSpeed's Function.
+  2. DeepSpeedZeroOptimizer_Stage3._partition_all_parameters, at the start of every step: DeepSpeed's
+     release_and_reset_all walks every parameter through ~8 nested calls (partition -> _partition ->
+     _partition_param -> free_param, each nvtx-wrapped, with debug f-strings built even when not printed),
+     then walks them twice more to check; ~0.1 ms a parameter under the profiler. Here one walk does the
+     same for a parameter whose partition is already in place (not offloaded to NVMe, no hpZ secondary
+     partition): wait for an in-flight gather, clear its active submodules, free its gathered data
+     (record_stream on a GPU first, as free_param does), mark it NOT_AVAILABLE, count it off the
+     coordinator's available numel; any other parameter goes through DeepSpeed's own __release_param.
+  3. DeepSpeedZeroOptimizer_Stage3.reduce_ready_partitions_and_remove_grads, each gradient's hook (see there).
+  4. The autograd Functions that ZeRO-3 puts on each hooked module's outputs and inputs (module.pre_bwd_fn
+     gathers its parameters before its backward, module.post_bwd_fn releases them after): new-style too
+     (setup_context: `inspect.signature` in each apply, ~60 applies a step); here the same bookkeeping as
+     old-style Functions, per module.
+
+Not installed (DeepSpeed's own path) with hpZ (zero_hpz_partition_size > 1) or parameter offload.
+tests/train/test_deepspeed_fastpath.py checks both against DeepSpeed's own path, bitwise, on 2 ranks.
+"""
+from __future__ import annotations
+
+import torch
+
+# set on a ZeRO-3 parameter of an engine with the fast path (uninstall removes it)
+FAST_MARK = "_trime_fast_linear"
+
+
+def _is_zero_param(t) -> bool:
+    return hasattr(t, "ds_id")
+
+
+class ZeroLinear(torch.autograd.Function):
+    """deepspeed.runtime.zero.linear.LinearFunctionForZeroStage3 (0.19.8) as an old-style Function."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias=None):
+        from deepspeed.runtime.zero.linear import _get_autocast_dtype, _is_autocast_enabled
+
+        device_type = _device_type()
+        ctx._dtype = _get_autocast_dtype(device_type)
+        ctx._fwd_used_autocast = _is_autocast_enabled(device_type)
+        ctx.save_for_backward(input, weight, bias)
+        if input.dim() == 2 and bias is not None:
+            return torch.addmm(bias, input, weight.t())
+        output = input.matmul(weight.t())
+        if bias is not None:
+            output += bias
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # (the body of LinearFunctionForZeroStage3.backward)
+        with torch.autocast(device_type=_device_type(), enabled=ctx._fwd_used_autocast, dtype=ctx._dtype):
+            input, weight, bias = ctx.saved_tensors
+            grad_input = grad_weight = grad_bias = None
+            weight_was_partitioned = (_is_zero_param(weight)
+                                      and getattr(weight.ds_status, "name", None) == "NOT_AVAILABLE")
+            if weight_was_partitioned:
+                weight.all_gather()
+            try:
+                dim = grad_output.dim()
+                if ctx.needs_input_grad[0]:
+                    grad_input = grad_output.matmul(weight)
+                if ctx.needs_input_grad[1]:
+                    if dim > 2:
+                        grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(
+                            input.reshape(-1, input.shape[-1]))
+                    elif dim == 1:
+                        grad_weight = grad_output.unsqueeze(-1) * input.unsqueeze(0)
+                    else:
+                        grad_weight = grad_output.t().matmul(input)
+                if bias is not None and ctx.needs_input_grad[2]:
+                    if dim > 2:
+                        grad_bias = grad_output.sum([i for i in range(dim - 1)])
+                    elif dim == 1:
+                        grad_bias = grad_output
+                    else:
+                        grad_bias = grad_output.sum(0)
+                return grad_input, grad_weight, grad_bias
+            finally:
+                if weight_was_partitioned:
+                    weight.partition()
+
+
+_DEVICE_TYPE = []
+
+
+def _device_type() -> str:
+    if not _DEVICE_TYPE:
+        from deepspeed.accelerator import get_accelerator
+
+        _DEVICE_TYPE.append(get_accelerator().device_name())
+    return _DEVICE_TYPE[0]
+
+
+def _torch_linear():
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    return InsertPostInitMethodToModuleSubClasses.linear_bk  # torch's, kept by DeepSpeed when it patched
+
+
+def zero3_linear(input, weight, bias=None):
+    """What torch.nn.functional.linear is while a ZeRO-3 engine exists (instead of DeepSpeed's zero3_linear_wrap)."""
+    if not _is_zero_param(weight):
+        return _TORCH_LINEAR[0](input, weight, bias)
+    if getattr(weight, FAST_MARK, False) and not torch._C._are_functorch_transforms_active():
+        return ZeroLinear.apply(input, weight, bias)
+    from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3
+
+    return LinearFunctionForZeroStage3.apply(input, weight, bias)
+
+
+_TORCH_LINEAR = []
+
+
+def _install_linear(module: torch.nn.Module) -> None:
+    """Mark this engine's parameters; put zero3_linear in place of DeepSpeed's wrap (only if it is DeepSpeed's)."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    for p in module.parameters():
+        if _is_zero_param(p):
+            setattr(p, FAST_MARK, True)
+    if torch.nn.functional.linear is zero3_linear_wrap:
+        _TORCH_LINEAR[:] = [_torch_linear()]
+        torch.nn.functional.linear = zero3_linear
+
+
+def partition_all_parameters(self):
+    """DeepSpeedZeroOptimizer_Stage3._partition_all_parameters (0.19.8): the coordinator's
+    release_and_reset_all and partition_all_parameters' check, in one walk (see the module docstring)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    offload = self.parameter_offload
+    coordinator = offload.get_param_coordinator()
+    inflight = coordinator._PartitionedParameterCoordinator__inflight_param_registry
+    accelerator = get_accelerator()
+    record_stream = not accelerator.is_synchronized_device()
+    available, not_available = ZeroParamStatus.AVAILABLE, ZeroParamStatus.NOT_AVAILABLE
+    params, freed = list(iter_params(offload.module, recurse=True)), 0
+    with torch.no_grad():
+        for param in params:
+            if inflight and param in inflight:
+                inflight.pop(param).wait()
+            param.ds_active_sub_modules.clear()
+            if param.ds_status is not available:
+                continue
+            partition = param.ds_tensor
+            if (partition is None or param.ds_secondary_tensor is not None
+                    or partition.final_location == OffloadDeviceEnum.nvme):
+                coordinator._PartitionedParameterCoordinator__release_param(param)
+                continue
+            # free_param: the gathered data means nothing once partitioned
+            if record_stream and accelerator.on_accelerator(param.data):
+                param.data.record_stream(accelerator.current_stream())
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            param.ds_status = not_available
+            freed += param.ds_numel
+    coordinator._PartitionedParameterCoordinator__n_available_params -= freed
+    for param in params:
+        if param.ds_status is not not_available:
+            raise RuntimeError(f"{param.ds_summary()} expected to be released")
+
+
+def _backward_functions(offload, module):
+    """The autograd Functions DeepSpeedZeRoOffload._register_deepspeed_module (0.19.8) gives each module
+    (module.pre_bwd_fn: gather its parameters before its backward; module.post_bwd_fn: release them after),
+    the same bookkeeping written as old-style Functions (no signature binding in every apply)."""
+
+    class PreBackwardFunctionForModule(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, outputs):
+            ctx.module = module
+            if "applied_pre_backward_ref_cnt" not in module.__dict__:
+                module.applied_pre_backward_ref_cnt = 0
+            module.applied_pre_backward_ref_cnt += 1
+            return outputs.detach()
+
+        @staticmethod
+        def backward(ctx, *args):
+            # (DeepSpeed's _run_before_backward_function)
+            if module.applied_pre_backward_ref_cnt > 0:
+                offload.pre_sub_module_backward_function(module)
+                module.applied_pre_backward_ref_cnt -= 1
+            return args
+
+    class PostBackwardFunctionModule(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, output):
+            ctx.module = module
+            if output.requires_grad:
+                module.ds_grads_remaining += 1
+            return output.detach()
+
+        @staticmethod
+        def backward(ctx, *args):
+            module.ds_grads_remaining = module.ds_grads_remaining - 1
+            if module.ds_grads_remaining == 0:  # (and DeepSpeed's _run_after_backward_function)
+                offload.post_sub_module_backward_function(module)
+            return args
+
+    return PreBackwardFunctionForModule, PostBackwardFunctionModule
+
+
+def _install_backward_functions(offload) -> None:
+    for module in offload.module.modules():
+        fns = module.__dict__.get("pre_bwd_fn"), module.__dict__.get("post_bwd_fn")
+        if all(getattr(f, "__module__", None) == "deepspeed.runtime.zero.parameter_offload" for f in fns):
+            module._stock_pre_bwd_fn, module._stock_post_bwd_fn = fns
+            module.pre_bwd_fn, module.post_bwd_fn = _backward_functions(offload, module)
+
+
+def reduce_ready_partitions_and_remove_grads(self, param):
+    """DeepSpeedZeroOptimizer_Stage3.reduce_ready_partitions_and_remove_grads (0.19.8), each gradient's hook:
+    without contiguous_gradients (engine.zero_settings) and with room in the bucket, what it does is append
+    the parameter to the reduce bucket, here without its four nested calls and a no_grad context per
+    parameter. Anything else (a full bucket or another process group: a reduce now; contiguous gradients,
+    ZenFlow, AutoEP folding) takes DeepSpeed's own."""
+    if self._coalesce_grad_reduction:
+        return
+    bucket = self.ipg_buckets[self.get_param_comm_dtype(param)]
+    group = getattr(param, "ds_process_group", self.dp_process_group)  # _get_param_partition_group
+    if ((bucket.params and bucket.process_group != group) or self.contiguous_gradients or self.zenflow
+            or (bucket.elements > 0 and bucket.elements + param.ds_numel > self.reduce_bucket_size)
+            or self.autoep_folding_tp_group is not None or not getattr(param, "ds_grad_is_ready", True)):
+        return self._stock_reduce_ready_partitions_and_remove_grads(param)
+    # (__add_grad_to_ipg_bucket)
+    if not _RESOLVES_DATA_DEPENDENCY[0]:
+        from deepspeed.accelerator import get_accelerator
+
+        self.reduce_and_partition_stream.wait_stream(get_accelerator().current_stream())
+    bucket.params.append(param)
+    bucket.process_group = group
+    bucket.elements += param.grad.numel()
+
+
+_RESOLVES_DATA_DEPENDENCY = []
+
+
+def supported(optimizer) -> bool:
+    """DeepSpeed's own path for what this was not written for: hpZ, parameter offload, no coordinator."""
+    offload, cls = getattr(optimizer, "parameter_offload", None), type(optimizer)
+    own = all(getattr(vars(cls).get(name), "__module__", None) in (cls.__module__, "deepspeed.utils.nvtx")
+              for name in OVERRIDES)  # not patched by someone else
+    return (own and getattr(optimizer, "zero_hpz_partition_size", None) == 1
+            and not getattr(optimizer, "offload_param", True)
+            and offload is not None and hasattr(offload, "param_coordinator"))
+
+
+OVERRIDES = {"_partition_all_parameters": partition_all_parameters,
+             "reduce_ready_partitions_and_remove_grads": reduce_ready_partitions_and_remove_grads}
+
+
+def install(optimizer) -> bool:
+    if not supported(optimizer):
+        return False
+    from deepspeed.accelerator import get_accelerator
+
+    _RESOLVES_DATA_DEPENDENCY[:] = [get_accelerator().resolves_data_dependency()]
+    _install_linear(optimizer.parameter_offload.module)
+    _install_backward_functions(optimizer.parameter_offload)
+    return True
+
+
+def uninstall(optimizer) -> None:
+    """This engine's ZeRO-3 weights take DeepSpeed's linear Function again (F.linear stays zero3_linear: it
+    is process-wide, and sends them to DeepSpeed's Function)."""
+    offload = getattr(optimizer, "parameter_offload", None)
+    if offload is not None:
+        for p in offload.module.parameters():
+            if hasattr(p, FAST_MARK):
+                delattr(p, FAST_MARK)
+        for module in offload.module.modules():
+            if "_stock_pre_bwd_fn" in module.__dict__:
+                module.pre_bwd_fn, module.post_bwd_fn = module._stock_pre_bwd_fn, module._stock_post_bwd_fn
+                del module._stock_pre_bwd_fn, module._stock_post_bwd_fn
