@@ -14,6 +14,8 @@ Replaces, on the ZeRO optimizer instance of an engine (never on the class), as t
      memory reports that print nothing.
   4. DeepSpeedZeroOptimizer.allreduce_and_copy (ZeRO-1/2 without overlap_comm): the all-reduced bucket copied
      back into its gradients in one `torch._foreach_copy_` instead of one copy_ per tensor.
+  5. DeepSpeedZeroOptimizer.independent_gradient_partition_epilogue (ZeRO-1/2, after every backward): the
+     reduced gradients accumulated over micro-batches in one `torch._foreach_add_` instead of one add_ each.
   The ZeRO-1/2 norm also casts inside `_foreach_norm` (no float64 copy of each gradient) and keeps which
   parameters count per params list.
 
@@ -203,6 +205,38 @@ def allreduce_and_copy(self, small_bucket, communication_data_type, rank=None, l
         torch._foreach_copy_(small_bucket, self.unflatten(allreduced, small_bucket))
 
 
+def independent_gradient_partition_epilogue(self):
+    """DeepSpeedZeroOptimizer.independent_gradient_partition_epilogue (0.19.8), run after every backward: this
+    rank's reduced gradients are added to the earlier micro-batches' in one `torch._foreach_add_` per group
+    instead of one add_ per tensor (gradient accumulation > 1), the reduced flags reset in one slice assignment.
+    The same steps in the same order otherwise; CPU offload, overlap_comm and the compact fp32 partition buffer
+    (bf16 weights) take DeepSpeed's own method."""
+    if self.cpu_offload or self.overlap_comm or any(self._use_compact_grad_partition_buffer(i)
+                                                    for i in range(len(self.bit16_groups))):
+        return self._stock_independent_gradient_partition_epilogue()
+    from deepspeed.accelerator import get_accelerator
+
+    self.reduce_ipg_grads()
+    self.params_already_reduced[:] = [False] * len(self.params_already_reduced)
+    boundary = self.is_gradient_accumulation_boundary()
+    for i in range(len(self.bit16_groups)):
+        new = self.get_all_grad_tensors(self.params_in_partition[i], dtype=self.gradient_accumulation_dtype)
+        if self.all_grad_tensors.get(i) is None:
+            self.all_grad_tensors[i] = new
+        else:
+            torch._foreach_add_(self.all_grad_tensors[i], new)
+        if boundary:
+            self.averaged_gradients[i] = self.get_flat_partition(
+                self.params_in_partition[i], self.first_offset[i], self.partition_size[i],
+                dtype=self.gradient_accumulation_dtype, device=get_accelerator().current_device_name(),
+                param_group_idx=i, return_tensor_list=True)
+            # (DeepSpeed: cleared after use, the epilogue may run once per reentrant checkpointing phase)
+            self.all_grad_tensors[i] = None
+    self._release_ipg_buffers()
+    self._clear_param_grad_only()
+    self._epilogue_ran_this_backward = True
+
+
 def _overrides() -> dict:
     """{DeepSpeed's ZeRO optimizer class: {method name: our replacement}}."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -212,7 +246,9 @@ def _overrides() -> dict:
                                      "_update_model_bit16_weights": update_model_bit16_weights,
                                      "reduce_independent_p_g_buckets_and_remove_grads":
                                          reduce_independent_p_g_buckets_and_remove_grads,
-                                     "allreduce_and_copy": allreduce_and_copy},
+                                     "allreduce_and_copy": allreduce_and_copy,
+                                     "independent_gradient_partition_epilogue":
+                                         independent_gradient_partition_epilogue},
             DeepSpeedZeroOptimizer_Stage3: {"get_grad_norm_direct": stage3_grad_norm}}
 
 
