@@ -1,5 +1,8 @@
-"""train/deepspeed_fastpath.py: ZeRO's gradient norm in one foreach call computes what DeepSpeed's own
-per-tensor loop computes (2 real gloo ranks, real DeepSpeed engines), and both match a float64 reference."""
+"""train/deepspeed_fastpath.py: its replacements of DeepSpeed's ZeRO methods (the gradient norm in one foreach
+call, the re-pointing after the step, the gradient bucket bookkeeping and the copy back after the all-reduce)
+compute what DeepSpeed's own methods compute: the reduced gradients, the norm and the weights after the steps
+bitwise equal on 2 real gloo ranks (real DeepSpeed engines), with gradient accumulation 1 and 2, fp32 and
+bf16_autocast (bf16 communication of the Linear layers' gradients), and the fp32 ones match a float64 reference."""
 import os
 
 import pytest
@@ -17,48 +20,54 @@ pytestmark = pytest.mark.slow
 STEPS, CLIP, LR, B, T, V = 2, 0.1, 0.5, 2, 8, 40
 
 
-def _cfg(stage: int, precision: str = "fp32", accum: int = 1) -> TrainConfig:
+def _cfg(stage: int, accum: int = 1, precision: str = "fp32", world_size: int = 2) -> TrainConfig:
     cfg = TrainConfig()
     cfg.model = ModelConfig(vocab_size=V, n_layers=2, d_model=16, n_heads=2, d_ffn=32, max_seq_len=T)
     cfg.deepspeed.zero_stage, cfg.deepspeed.precision = stage, precision
-    cfg.data.micro_batch_size, cfg.data.global_batch_size = B, 2 * B * accum
+    cfg.data.micro_batch_size, cfg.data.global_batch_size = B, world_size * accum * B
     # plain SGD: the update is lr x clipped gradient, so the weights show the norm the step clipped by
     cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip = "sgd", LR, 0.0, CLIP
     cfg.optim.schedule, cfg.optim.warmup_steps = "constant", 1
     return cfg
 
 
-def _tokens(rank: int, step: int) -> torch.Tensor:
-    return torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(100 * step + rank))
+def _tokens(rank: int, step: int, micro: int = 0) -> torch.Tensor:
+    return torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(1000 * step + 10 * micro + rank))
 
 
-def _engine_worker(rank, world_size, stage, fast, precision="fp32", accum=1, info=None):
+def _engine_worker(rank, world_size, stage, fast, accum=1, precision="fp32", info=None):
     import deepspeed
 
+    from trime_dist.core.device import bf16_autocast
     from trime_dist.train import deepspeed_fastpath
     from trime_dist.train.engine import build_engine
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    cfg = _cfg(stage, precision, accum)
+    cfg = _cfg(stage, accum, precision, world_size)
     engine = build_engine(build_model(cfg.model, seed=0), cfg, world_size)
     installed = "get_grad_norm_direct" in vars(engine.optimizer)
     if not fast:
         deepspeed_fastpath.uninstall(engine.optimizer)
     if info is not None:
         info.update(_zero3_state(engine))
-    norms = []
+    norms, grads = [], []
     for step in range(STEPS):
         for micro in range(accum):
-            tokens = _tokens(rank, step * accum + micro).to(engine.device)
-            logits, _ = engine(tokens[:, :-1])
+            tokens = _tokens(rank, step, micro).to(engine.device)
+            with bf16_autocast(engine.device, precision == "bf16_autocast"):
+                logits, _ = engine(tokens[:, :-1])
             engine.backward(F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()))
+            if stage in (1, 2) and micro == accum - 1:
+                # this rank's partition of the reduced (and accumulated) gradients, as the step will read them
+                grads.append([g.detach().clone() for group in engine.optimizer.averaged_gradients.values()
+                              for g in group])
             engine.step()
         norms.append(float(engine.get_global_grad_norm()))
     params = list(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
         weights = {n: p.detach().clone().cpu() for n, p in params}
-    return (installed, norms, weights, info) if info is not None else (installed, norms, weights)
+    return (installed, norms, weights, grads, info) if info is not None else (installed, norms, weights, grads)
 
 
 def _zero3_state(engine) -> dict:
@@ -77,18 +86,20 @@ def _zero3_state(engine) -> dict:
             "plain_linear_node": type(out.grad_fn).__name__}
 
 
-def _reference(world_size: int):
-    """float64: the gradient averaged over ranks, clipped as DeepSpeed clips (x clip / (norm + 1e-6) when
-    above clip), then SGD."""
+def _reference(world_size: int, accum: int = 1):
+    """float64: the gradient averaged over ranks and micro-batches, clipped as DeepSpeed clips (x clip /
+    (norm + 1e-6) when above clip), then SGD."""
     cfg = _cfg(0)
     model = build_model(cfg.model, seed=0).double()
     norms = []
     for step in range(STEPS):
         model.zero_grad()
         for rank in range(world_size):
-            tokens = _tokens(rank, step)
-            logits, _ = model(tokens[:, :-1])
-            (F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / world_size).backward()
+            for micro in range(accum):
+                tokens = _tokens(rank, step, micro)
+                logits, _ = model(tokens[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                (loss / (world_size * accum)).backward()
         grads = [p.grad for p in model.parameters()]
         norm = torch.sqrt(sum((g * g).sum() for g in grads))
         scale = min(1.0, CLIP / (float(norm) + 1e-6))
@@ -99,25 +110,45 @@ def _reference(world_size: int):
     return norms, {n: p.detach() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_fast_norm_matches_deepspeed_and_float64(stage):
-    fast = run_distributed(_engine_worker, 2, args=(stage, True))
-    stock = run_distributed(_engine_worker, 2, args=(stage, False))
-    ref_norms, ref_weights = _reference(2)
+def _assert_same_as_stock(fast, stock):
     assert all(r[0] for r in fast), "the fast path was not installed (DeepSpeed version or class changed?)"
-    assert all(n > CLIP for n in ref_norms)  # every step clips: the norm is in the update
     for rank in range(2):
-        installed, norms, weights = fast[rank]
-        _, stock_norms, stock_weights = stock[rank]
-        # on the CPU _foreach_norm runs the same per-tensor kernel: the same bits as DeepSpeed's loop
+        _, norms, weights, grads = fast[rank]
+        _, stock_norms, stock_weights, stock_grads = stock[rank]
+        # on the CPU every replacement runs the same kernels on the same values: the same bits
         assert norms == stock_norms
-        assert norms == pytest.approx(ref_norms, rel=1e-5)
+        assert len(grads) == len(stock_grads)
+        for step_grads, step_stock in zip(grads, stock_grads):
+            assert len(step_grads) == len(step_stock)
+            assert all(torch.equal(g, s) and g.dtype == s.dtype for g, s in zip(step_grads, step_stock))
         for name, w in weights.items():
             assert torch.equal(w, stock_weights[name]), name
-            torch.testing.assert_close(w.double(), ref_weights[name], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"{name}: {m}")
     # the two ranks agree
     assert fast[0][1] == fast[1][1]
+
+
+@pytest.mark.parametrize("stage,accum", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1)])
+def test_fast_path_matches_deepspeed_and_float64(stage, accum):
+    fast = run_distributed(_engine_worker, 2, args=(stage, True, accum))
+    stock = run_distributed(_engine_worker, 2, args=(stage, False, accum))
+    ref_norms, ref_weights = _reference(2, accum)
+    assert all(n > CLIP for n in ref_norms)  # every step clips: the norm is in the update
+    _assert_same_as_stock(fast, stock)
+    for rank in range(2):
+        _, norms, weights, _ = fast[rank]
+        assert norms == pytest.approx(ref_norms, rel=1e-5)
+        for name, w in weights.items():
+            torch.testing.assert_close(w.double(), ref_weights[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fast_path_matches_deepspeed_bf16_autocast(stage):
+    """bf16_autocast: DeepSpeed all-reduces the Linear weights' gradients in bf16 (a bucket of its own) and
+    copies them back into the fp32 gradients: the replacement's one foreach copy converts as copy_ does."""
+    fast = run_distributed(_engine_worker, 2, args=(stage, True, 2, "bf16_autocast"))
+    stock = run_distributed(_engine_worker, 2, args=(stage, False, 2, "bf16_autocast"))
+    _assert_same_as_stock(fast, stock)
 
 
 def test_other_deepspeed_versions_keep_the_stock_norm(monkeypatch):
@@ -142,12 +173,12 @@ def test_zero3_fast_path_matches_deepspeed(precision, accum):
     """deepspeed_fastpath_zero3: the linear Function (under autocast: its backward's autocast rule) and the
     one-walk re-partitioning at each step give DeepSpeed's own bits on 2 ranks, with gradient accumulation;
     a linear over plain tensors next to a ZeRO-3 engine is torch's own. (fp32 with a float64 reference:
-    test_fast_norm_matches_deepspeed_and_float64[3], which takes the same paths.)"""
-    fast = run_distributed(_engine_worker, 2, args=(3, True, precision, accum, {}))
-    stock = run_distributed(_engine_worker, 2, args=(3, False, precision, accum, {}))
+    test_fast_path_matches_deepspeed_and_float64[3-1], which takes the same paths.)"""
+    fast = run_distributed(_engine_worker, 2, args=(3, True, accum, precision, {}))
+    stock = run_distributed(_engine_worker, 2, args=(3, False, accum, precision, {}))
     for rank in range(2):
-        _, norms, weights, info = fast[rank]
-        _, stock_norms, stock_weights, stock_info = stock[rank]
+        _, norms, weights, _, info = fast[rank]
+        _, stock_norms, stock_weights, _, stock_info = stock[rank]
         assert info["partition_all"] and info["linear_is_ours"] and info["marked"], info
         assert not stock_info["partition_all"] and not stock_info["marked"], stock_info
         for i in (info, stock_info):

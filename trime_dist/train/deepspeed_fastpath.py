@@ -9,6 +9,15 @@ Replaces, on the ZeRO optimizer instance of an engine (never on the class), as t
      points every parameter's .data at its slice of the flat weight buffer again ("TODO: we probably don't
      need this? just to be safe"), ~1.6 ms per step for 196 tensors; here a parameter that already is exactly
      that slice (same storage, address, shape, dtype, contiguous) is left as it is, the rest are re-pointed.
+  3. DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads (ZeRO-1/2, once per parameter
+     per reducing backward, without contiguous_gradients): the same bucket bookkeeping without the per-parameter
+     memory reports that print nothing.
+  4. DeepSpeedZeroOptimizer.allreduce_and_copy (ZeRO-1/2 without overlap_comm): the all-reduced bucket copied
+     back into its gradients in one `torch._foreach_copy_` instead of one copy_ per tensor.
+  5. DeepSpeedZeroOptimizer.independent_gradient_partition_epilogue (ZeRO-1/2, after every backward): the
+     reduced gradients accumulated over micro-batches in one `torch._foreach_add_` instead of one add_ each.
+  The ZeRO-1/2 norm also casts inside `_foreach_norm` (no float64 copy of each gradient) and keeps which
+  parameters count per params list.
 
 Gradient norm: DeepSpeed takes `vector_norm` of each gradient in
 a Python loop (one cast, one norm and one device move per tensor: ~6 ms per step for the 247M layout's 196
@@ -20,7 +29,8 @@ pipeline-replicated, model-parallel rank) is decided as DeepSpeed decides it.
 
 Anything else (another norm type, ZeRO-3's AutoEP expert groups, a DeepSpeed whose method is not the one
 this was written against) takes DeepSpeed's own method. tests/train/test_deepspeed_fastpath.py checks
-the norm and the updated weights against DeepSpeed's own path and a float64 reference, on 2 ranks.
+the reduced gradients, the norm and the updated weights against DeepSpeed's own path (bitwise) and a float64
+reference, on 2 ranks, with gradient accumulation 1 and 2, fp32 and bf16_autocast.
 uninstall() puts DeepSpeed's own methods back (the tests and benchmarks/bench_host_overhead.py --stock).
 """
 from __future__ import annotations
@@ -43,22 +53,46 @@ def _norms(grads: list[torch.Tensor], norm_dtype: torch.dtype, device) -> list[t
     return list(torch._foreach_norm(grads, 2))
 
 
+def _norms_cast_in_kernel(grads: list[torch.Tensor], norm_dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """_norms without a norm_dtype (float64) copy of every gradient: the cast is `_foreach_norm`'s dtype
+    argument (the same bits on the CPU, tested), and a tensor is moved only when it is not on `device`
+    already (a `.to(device_name)` per tensor parses the name each time)."""
+    device = torch.device(device)
+    grads = [g.detach() if g.device == device else g.detach().to(device) for g in grads]
+    return list(torch._foreach_norm(grads, 2, dtype=norm_dtype))
+
+
+def _counts_in_norm(self, params) -> list[bool]:
+    """Which of `params` DeepSpeed's ZeRO-1/2 norm counts (not pipeline-replicated; model-parallel or on
+    model-parallel rank 0), decided as DeepSpeed decides it. Fixed once the optimizer is built, so kept per
+    params list (ZeRO's params_in_partition lists live as long as the optimizer): two attribute probes and a
+    call per tensor per step otherwise."""
+    from deepspeed.runtime.constants import PIPE_REPLICATED
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    cache = vars(self).setdefault("_fastpath_counts_in_norm", {})
+    hit = cache.get(id(params))
+    if hit is not None and hit[0] is params and len(hit[1]) == len(params):
+        return hit[1]
+    counts = [not (hasattr(p, PIPE_REPLICATED) and p.ds_pipe_replicated)
+              and (is_model_parallel_parameter(p) or self.model_parallel_rank == 0) for p in params]
+    cache[id(params)] = (params, counts)
+    return counts
+
+
 def stage_1_and_2_grad_norm(self, gradients, params, norm_type=2):
     """DeepSpeedZeroOptimizer.get_grad_norm_direct (0.19.8), L2 branch, one `_foreach_norm` for the loop."""
     from deepspeed import comm as dist
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.constants import PIPE_REPLICATED
-    from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     from deepspeed.runtime.zero.utils import get_norm_dtype
 
     if float(norm_type) != 2.0:
         return self._stock_get_grad_norm_direct(gradients, params, norm_type)
     param_gradients = (g for g in gradients if not getattr(g, "_zero_padding", False))
-    counted = [g.data for g, p in zip(param_gradients, params)
-               if not (hasattr(p, PIPE_REPLICATED) and p.ds_pipe_replicated)
-               and (is_model_parallel_parameter(p) or self.model_parallel_rank == 0)]
+    counted = [g.data for g, counts in zip(param_gradients, _counts_in_norm(self, params)) if counts]
     if counted:
-        norms = _norms(counted, get_norm_dtype(), get_accelerator().current_device_name())
+        norms = _norms_cast_in_kernel(counted, get_norm_dtype(), get_accelerator().current_device_name())
         total_norm = torch.stack(norms).pow(2.0).sum().float()
     else:
         total_norm = torch.tensor(0.0, dtype=torch.float32).to(self.device)
@@ -120,13 +154,103 @@ def update_model_bit16_weights(self, group_index):
             param.data = source.data
 
 
+def reduce_independent_p_g_buckets_and_remove_grads(self, param, i):
+    """DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads (0.19.8), the bookkeeping that
+    puts one gradient into its bucket (every parameter, every reducing backward: ZeRO-2's gradient hook, ZeRO-1's
+    loop after the last backward), without contiguous_gradients. The same steps in the same order, minus what
+    is a no-op there: two `report_ipg_memory_usage` calls per parameter (each formats a message for
+    `see_memory_usage`, which prints nothing unless forced), the stream/event records of offload and the
+    contiguous-buffer branch. Contiguous gradients, ZeRO-Offload's gradient safety, ZenFlow and AutoEP's
+    folded tensor-parallel reduction take DeepSpeed's own method."""
+    from deepspeed.moe.utils import is_moe_param
+
+    if (self.contiguous_gradients or self.zenflow or self._offload_gradient_safety_enabled
+            or getattr(self, "autoep_folding_tp_group", None) is not None):
+        return self._stock_reduce_independent_p_g_buckets_and_remove_grads(param, i)
+    numel = param.numel()
+    if numel == 0:
+        return
+    grad_reduc = self.get_gradient_for_reduction(param)
+    comm_dtype = self.get_param_comm_dtype(param)
+    bucket = self.ipg_buckets[comm_dtype]
+    if bucket.elements + numel > self.reduce_bucket_size:
+        self.reduce_ipg_grads(comm_dtype=comm_dtype)
+    if not getattr(param, "ds_grad_is_ready", True):
+        return
+    param_id = self.get_param_id(param)
+    assert not self.params_already_reduced[param_id], \
+        "Gradient computed twice for this partition. Multiple gradient reductions are currently not supported"
+    bucket.elements += numel
+    assert grad_reduc is not None, f"Invalid to reduce Param {param_id} with None gradient"
+    bucket.grads.append(grad_reduc)
+    bucket.params.append((i, param.param_idx_in_group, param_id))
+    if is_moe_param(param):
+        bucket.has_moe_params = True
+
+
+def allreduce_and_copy(self, small_bucket, communication_data_type, rank=None, log=None, divide=True,
+                       process_group=None, output_bucket=None):
+    """DeepSpeedZeroOptimizer.allreduce_and_copy (0.19.8) without overlap_comm: flatten, all-reduce (DeepSpeed's
+    own allreduce_bucket), then the reduced values back into the bucket's gradients in one `torch._foreach_copy_`
+    instead of a Python loop of one copy_ (and one empty partition-buffer add) per tensor. overlap_comm and the
+    compact fp32 partition buffer (bf16 weights) take DeepSpeed's own method."""
+    from deepspeed import comm as dist
+
+    if self.overlap_comm or (output_bucket is not None and any(o is not None for o in output_bucket)):
+        return self._stock_allreduce_and_copy(small_bucket, communication_data_type, rank=rank, log=log,
+                                              divide=divide, process_group=process_group,
+                                              output_bucket=output_bucket)
+    process_group = self.dp_process_group if process_group is None else process_group
+    allreduced = self.allreduce_bucket(small_bucket, communication_data_type, rank=rank, log=log, divide=divide,
+                                       process_group=process_group)
+    if rank is None or rank == dist.get_rank(group=process_group):
+        torch._foreach_copy_(small_bucket, self.unflatten(allreduced, small_bucket))
+
+
+def independent_gradient_partition_epilogue(self):
+    """DeepSpeedZeroOptimizer.independent_gradient_partition_epilogue (0.19.8), run after every backward: this
+    rank's reduced gradients are added to the earlier micro-batches' in one `torch._foreach_add_` per group
+    instead of one add_ per tensor (gradient accumulation > 1), the reduced flags reset in one slice assignment.
+    The same steps in the same order otherwise; CPU offload, overlap_comm and the compact fp32 partition buffer
+    (bf16 weights) take DeepSpeed's own method."""
+    if self.cpu_offload or self.overlap_comm or any(self._use_compact_grad_partition_buffer(i)
+                                                    for i in range(len(self.bit16_groups))):
+        return self._stock_independent_gradient_partition_epilogue()
+    from deepspeed.accelerator import get_accelerator
+
+    self.reduce_ipg_grads()
+    self.params_already_reduced[:] = [False] * len(self.params_already_reduced)
+    boundary = self.is_gradient_accumulation_boundary()
+    for i in range(len(self.bit16_groups)):
+        new = self.get_all_grad_tensors(self.params_in_partition[i], dtype=self.gradient_accumulation_dtype)
+        if self.all_grad_tensors.get(i) is None:
+            self.all_grad_tensors[i] = new
+        else:
+            torch._foreach_add_(self.all_grad_tensors[i], new)
+        if boundary:
+            self.averaged_gradients[i] = self.get_flat_partition(
+                self.params_in_partition[i], self.first_offset[i], self.partition_size[i],
+                dtype=self.gradient_accumulation_dtype, device=get_accelerator().current_device_name(),
+                param_group_idx=i, return_tensor_list=True)
+            # (DeepSpeed: cleared after use, the epilogue may run once per reentrant checkpointing phase)
+            self.all_grad_tensors[i] = None
+    self._release_ipg_buffers()
+    self._clear_param_grad_only()
+    self._epilogue_ran_this_backward = True
+
+
 def _overrides() -> dict:
     """{DeepSpeed's ZeRO optimizer class: {method name: our replacement}}."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     return {DeepSpeedZeroOptimizer: {"get_grad_norm_direct": stage_1_and_2_grad_norm,
-                                     "_update_model_bit16_weights": update_model_bit16_weights},
+                                     "_update_model_bit16_weights": update_model_bit16_weights,
+                                     "reduce_independent_p_g_buckets_and_remove_grads":
+                                         reduce_independent_p_g_buckets_and_remove_grads,
+                                     "allreduce_and_copy": allreduce_and_copy,
+                                     "independent_gradient_partition_epilogue":
+                                         independent_gradient_partition_epilogue},
             DeepSpeedZeroOptimizer_Stage3: {"get_grad_norm_direct": stage3_grad_norm}}
 
 
