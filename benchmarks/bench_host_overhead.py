@@ -7,6 +7,8 @@ gradient accumulation, `train_step` (trime_dist/train/loop.py) with the engine b
 trime_dist/train/engine.py builds it, against a bare loop over the same model: torch AdamW, clipping,
 the loss ÷ accumulation, no DeepSpeed. All variants run in interleaved rounds (noisy machines) and
 each reports the median over its timed steps; ratio = trime ÷ bare on process CPU time (wall in JSON).
+Each ZeRO stage runs in a process of its own with its own bare loop (--one-process: all in one): a ZeRO-3
+engine changes the whole process (torch.nn.functional.linear, ~15% on every other model in it).
 
     python benchmarks/bench_host_overhead.py [--stages 0,1,2,3] [--precisions fp32,bf16_autocast] \
         [--accums 1,6] [--rounds 5] [--steps 10] [--stock] [--out runs/benchmarks/host_overhead.json]
@@ -63,6 +65,9 @@ def parse_args():
                    "(train/deepspeed_fastpath.py uninstalled), interleaved: before/after side by side")
     p.add_argument("--ds-extra", default="{}", help="JSON merged into every engine's DeepSpeed config "
                    "(deepspeed.extra), e.g. to try ZeRO settings")
+    p.add_argument("--one-process", action="store_true", help="every stage in this process (default: one "
+                   "process per ZeRO stage, each with its own bare loop: a ZeRO-3 engine changes the process "
+                   "for every model in it, torch.nn.functional.linear included)")
     p.add_argument("overrides", nargs="*", help="more a.b=c config overrides (for every variant)")
     return p.parse_args()
 
@@ -155,6 +160,9 @@ class BareStep(Timed):
 
 def main():
     args = parse_args()
+    stages = args.stages.split(",")
+    if len(stages) > 1 and not args.one_process:
+        return main_process_per_stage(args, stages)
     init_deepspeed_distributed()
     torch.set_num_threads(1)
     stages = [int(s) for s in args.stages.split(",")]
@@ -180,6 +188,44 @@ def main():
     report(args, variants, stages, precisions, accums, n_tensors)
 
 
+def main_process_per_stage(args, stages: list[str]) -> None:
+    """Each ZeRO stage in a process of its own (this script with --stages S --one-process), its rounds
+    interleaved with its own bare loop; the rows joined into one table."""
+    import subprocess
+    import tempfile
+
+    rows, n_tensors = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in stages:
+            out = os.path.join(tmp, f"zero{stage}.json")
+            rest = _drop_option(_drop_option(sys.argv[1:], "--stages"), "--out")
+            cmd = [sys.executable, os.path.abspath(__file__), "--one-process", "--stages", stage, "--out", out,
+                   *[a for a in rest if a != "--one-process"]]
+            print(f"== ZeRO-{stage}: {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            with open(out) as f:
+                result = json.load(f)
+            rows += result["rows"]
+            n_tensors = result["tensors"]
+    order = {p: i for i, p in enumerate(args.precisions.split(","))}
+    rows.sort(key=lambda r: (order[r["precision"]], r["accum"], r["zero_stage"]))
+    print_table(args, rows, n_tensors, "one process per ZeRO stage, each with its own bare loop")
+    write_json(args, rows, n_tensors)
+
+
+def _drop_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` and `name=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def report(args, variants, stages, precisions, accums, n_tensors):
     med = {k: {"cpu_ms": 1e3 * statistics.median(v.cpu), "wall_ms": 1e3 * statistics.median(v.wall)}
            for k, v in variants.items()}
@@ -196,9 +242,14 @@ def report(args, variants, stages, precisions, accums, n_tensors):
                 stock = med.get(("stock", stage, precision, accum))
                 if stock is not None:
                     rows[-1].update(stock_cpu_ms=stock["cpu_ms"], stock_ratio=stock["cpu_ms"] / bare["cpu_ms"])
+    print_table(args, rows, n_tensors, "all stages in one process")
+    write_json(args, rows, n_tensors)
+
+
+def print_table(args, rows: list[dict], n_tensors: int, how: str) -> None:
     print(f"\nHost time per optimizer step, {n_tensors} tensors (16 blocks, d 64, {SEQ}-token segments, CE, one "
           f"rank); median of {args.rounds} interleaved rounds x {args.steps} steps after {args.warmup} warm-up; "
-          f"process CPU time (wall in the last column's ratio). Target: ratio <= 1.10\n")
+          f"{how}; process CPU time (wall in the last column's ratio). Target: ratio <= 1.10\n")
     stock_cols = ("| stock DeepSpeed ms | stock ratio ", "|---:|---:") if args.stock else ("", "")
     print(f"| ZeRO | precision | accum | bare ms {stock_cols[0]}| trime ms | ratio | wall ratio |")
     print(f"|---:|---|---:|---:{stock_cols[1]}|---:|---:|---:|")
@@ -209,6 +260,9 @@ def report(args, variants, stages, precisions, accums, n_tensors):
                      "- | - | ")
         print(f"| {row['zero_stage']} | {row['precision']} | {row['accum']} | {row['bare_cpu_ms']:.1f} | {stock}"
               f"{row['trime_cpu_ms']:.1f} | {row['ratio']:.2f} | {row['wall_ratio']:.2f} |")
+
+
+def write_json(args, rows: list[dict], n_tensors: int) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"rows": rows, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
