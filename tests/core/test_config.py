@@ -78,7 +78,7 @@ def test_deepspeed_json_follows_config():
 
 def test_who_clips_and_the_zero_settings_per_stage():
     """ZeRO-0 in fp32 weights is clipped by the loop (DeepSpeed's clipping off), every other case by DeepSpeed;
-    ZeRO-1/2 reduce without the contiguous gradient copies (issue 21), and deepspeed.extra still wins."""
+    ZeRO-1/2/3 reduce without the contiguous gradient copies (issue 21), and deepspeed.extra still wins."""
     from trime_dist.train.engine import clips_in_loop
 
     for stage, precision, in_loop in ((0, "fp32", True), (0, "bf16_autocast", True), (0, "bf16", False),
@@ -86,7 +86,7 @@ def test_who_clips_and_the_zero_settings_per_stage():
         cfg = _valid(**{"deepspeed.zero_stage": stage, "deepspeed.precision": precision, "optim.grad_clip": 0.5})
         ds = build_ds_config(cfg, world_size=1)
         assert clips_in_loop(cfg) == in_loop and ds["gradient_clipping"] == (0.0 if in_loop else 0.5)
-        assert ds["zero_optimization"].get("contiguous_gradients", True) == (stage not in (1, 2))
+        assert ds["zero_optimization"].get("contiguous_gradients", True) == (stage == 0)
     cfg = _valid(**{"deepspeed.zero_stage": 2})
     cfg.deepspeed.extra = {"zero_optimization": {"contiguous_gradients": True}}
     assert build_ds_config(cfg, world_size=1)["zero_optimization"] == {"stage": 2, "contiguous_gradients": True}
