@@ -198,9 +198,9 @@ def main_process_per_stage(args, stages: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for stage in stages:
             out = os.path.join(tmp, f"zero{stage}.json")
-            rest = _drop_option(_drop_option(sys.argv[1:], "--stages"), "--out")
-            cmd = [sys.executable, os.path.abspath(__file__), "--one-process", "--stages", stage, "--out", out,
-                   *[a for a in rest if a != "--one-process"]]
+            # (argparse keeps the last of a repeated option: these override the caller's --stages / --out)
+            cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--one-process", "--stages", stage,
+                   "--out", out]
             print(f"== ZeRO-{stage}: {' '.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             with open(out) as f:
@@ -211,19 +211,6 @@ def main_process_per_stage(args, stages: list[str]) -> None:
     rows.sort(key=lambda r: (order[r["precision"]], r["accum"], r["zero_stage"]))
     print_table(args, rows, n_tensors, "one process per ZeRO stage, each with its own bare loop")
     write_json(args, rows, n_tensors)
-
-
-def _drop_option(argv: list[str], name: str) -> list[str]:
-    """argv without `name VALUE` and `name=VALUE`."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == name:
-            skip = True
-        elif not a.startswith(name + "="):
-            out.append(a)
-    return out
 
 
 def report(args, variants, stages, precisions, accums, n_tensors):

@@ -622,7 +622,6 @@ def main():
     try:
         if "train_zero" in args.only:
             bench_zero(args)
-            torch.cuda.empty_cache() if CUDA else None
         if "train_variants" in args.only:
             bench_variants(args)
         if "profile" in args.only:
