@@ -1,8 +1,9 @@
-"""train/deepspeed_fastpath.py: its replacements of DeepSpeed's ZeRO methods (the gradient norm in one foreach
-call, the re-pointing after the step, the gradient bucket bookkeeping and the copy back after the all-reduce)
-compute what DeepSpeed's own methods compute: the reduced gradients, the norm and the weights after the steps
-bitwise equal on 2 real gloo ranks (real DeepSpeed engines), with gradient accumulation 1 and 2, fp32 and
-bf16_autocast (bf16 communication of the Linear layers' gradients), and the fp32 ones match a float64 reference."""
+"""train/deepspeed_fastpath.py and deepspeed_flat_grads.py: their replacements of DeepSpeed's ZeRO methods (the
+gradient norm in one foreach call, the re-pointing after the step, ZeRO-1/2 gradients as views of flat buffers,
+the lean ZeRO-2 hooks and bucket bookkeeping where the buckets are smaller than the model, ZeRO-3's linear,
+hooks and re-partitioning) on 2 real gloo ranks (real DeepSpeed engines), with gradient accumulation 1 and 2,
+fp32 and bf16_autocast: DeepSpeed's own bits where the sums run in the same order, a float64 reference (fp32
+under autocast) everywhere."""
 import os
 
 import pytest
@@ -20,8 +21,9 @@ pytestmark = pytest.mark.slow
 STEPS, CLIP, LR, B, T, V = 2, 0.1, 0.5, 2, 8, 40
 
 
-def _cfg(stage: int, accum: int = 1, precision: str = "fp32", world_size: int = 2) -> TrainConfig:
+def _cfg(stage: int, accum: int = 1, precision: str = "fp32", world_size: int = 2, extra=None) -> TrainConfig:
     cfg = TrainConfig()
+    cfg.deepspeed.extra = extra or {}
     cfg.model = ModelConfig(vocab_size=V, n_layers=2, d_model=16, n_heads=2, d_ffn=32, max_seq_len=T)
     cfg.deepspeed.zero_stage, cfg.deepspeed.precision = stage, precision
     cfg.data.micro_batch_size, cfg.data.global_batch_size = B, world_size * accum * B
@@ -35,7 +37,7 @@ def _tokens(rank: int, step: int, micro: int = 0) -> torch.Tensor:
     return torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(1000 * step + 10 * micro + rank))
 
 
-def _engine_worker(rank, world_size, stage, fast, accum=1, precision="fp32", info=None):
+def _engine_worker(rank, world_size, stage, fast, accum=1, precision="fp32", info=None, extra=None):
     import deepspeed
 
     from trime_dist.core.device import bf16_autocast
@@ -44,9 +46,12 @@ def _engine_worker(rank, world_size, stage, fast, accum=1, precision="fp32", inf
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    cfg = _cfg(stage, accum, precision, world_size)
+    cfg = _cfg(stage, accum, precision, world_size, extra)
     engine = build_engine(build_model(cfg.model, seed=0), cfg, world_size)
-    installed = "get_grad_norm_direct" in vars(engine.optimizer)
+    # which fast path: ZeRO-1/2 with flat gradient buffers ("flat"), or with the lean hooks ("hooks", ZeRO-2)
+    opt = vars(engine.optimizer)
+    installed = "get_grad_norm_direct" in opt and (
+        "flat" if "_flat_grads" in opt else "hooks" if opt.get("_fastpath_grad_hooks") else True)
     if not fast:
         deepspeed_fastpath.uninstall(engine.optimizer)
     if info is not None:
@@ -86,32 +91,37 @@ def _zero3_state(engine) -> dict:
             "plain_linear_node": type(out.grad_fn).__name__}
 
 
-def _reference(world_size: int, accum: int = 1):
-    """float64: the gradient averaged over ranks and micro-batches, clipped as DeepSpeed clips (x clip /
-    (norm + 1e-6) when above clip), then SGD."""
+def _reference(world_size: int, accum: int = 1, precision: str = "fp32"):
+    """float64 (fp32 under bf16_autocast, which runs its matmuls in bf16): the gradient averaged over ranks
+    and micro-batches, clipped as DeepSpeed clips (x clip / (norm + 1e-6) when above clip), then SGD."""
+    from trime_dist.core.device import bf16_autocast
+
     cfg = _cfg(0)
-    model = build_model(cfg.model, seed=0).double()
+    autocast = precision == "bf16_autocast"
+    model = build_model(cfg.model, seed=0).to(torch.float32 if autocast else torch.float64)
     norms = []
     for step in range(STEPS):
         model.zero_grad()
         for rank in range(world_size):
             for micro in range(accum):
                 tokens = _tokens(rank, step, micro)
-                logits, _ = model(tokens[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                with bf16_autocast(torch.device("cpu"), autocast):
+                    logits, _ = model(tokens[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
                 (loss / (world_size * accum)).backward()
-        grads = [p.grad for p in model.parameters()]
+        grads = [p.grad.double() for p in model.parameters()]
         norm = torch.sqrt(sum((g * g).sum() for g in grads))
         scale = min(1.0, CLIP / (float(norm) + 1e-6))
         with torch.no_grad():
             for p in model.parameters():
                 p -= LR * scale * p.grad
         norms.append(float(norm))
-    return norms, {n: p.detach() for n, p in model.named_parameters()}
+    return norms, {n: p.detach().double() for n, p in model.named_parameters()}
 
 
-def _assert_same_as_stock(fast, stock):
-    assert all(r[0] for r in fast), "the fast path was not installed (DeepSpeed version or class changed?)"
+def _assert_same_as_stock(fast, stock, path=True):
+    assert all(r[0] == path for r in fast), \
+        f"the fast path {path} was not installed (DeepSpeed version or class changed?): {[r[0] for r in fast]}"
     for rank in range(2):
         _, norms, weights, grads = fast[rank]
         _, stock_norms, stock_weights, stock_grads = stock[rank]
@@ -127,28 +137,64 @@ def _assert_same_as_stock(fast, stock):
     assert fast[0][1] == fast[1][1]
 
 
-@pytest.mark.parametrize("stage,accum", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1)])
-def test_fast_path_matches_deepspeed_and_float64(stage, accum):
-    fast = run_distributed(_engine_worker, 2, args=(stage, True, accum))
-    stock = run_distributed(_engine_worker, 2, args=(stage, False, accum))
-    ref_norms, ref_weights = _reference(2, accum)
+def _assert_matches_reference(results, ref_norms, ref_weights, rtol_norm=1e-5, rtol=1e-5, atol=1e-6):
     assert all(n > CLIP for n in ref_norms)  # every step clips: the norm is in the update
-    _assert_same_as_stock(fast, stock)
     for rank in range(2):
-        _, norms, weights, _ = fast[rank]
-        assert norms == pytest.approx(ref_norms, rel=1e-5)
+        _, norms, weights, _ = results[rank]
+        assert norms == pytest.approx(ref_norms, rel=rtol_norm)
         for name, w in weights.items():
-            torch.testing.assert_close(w.double(), ref_weights[name], rtol=1e-5, atol=1e-6,
+            torch.testing.assert_close(w.double(), ref_weights[name], rtol=rtol, atol=atol,
                                        msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("stage,accum", [(1, 1), (1, 2), (2, 1), (3, 1)])
+def test_fast_path_matches_deepspeed_and_float64(stage, accum):
+    """Bitwise DeepSpeed's own where the sums are taken in the same order: ZeRO-1 (both sum the micro-batches
+    locally, then reduce once), ZeRO-2 at accumulation 1, ZeRO-3."""
+    fast = run_distributed(_engine_worker, 2, args=(stage, True, accum))
+    stock = run_distributed(_engine_worker, 2, args=(stage, False, accum))
+    _assert_same_as_stock(fast, stock, "flat" if stage < 3 else True)
+    _assert_matches_reference(fast, *_reference(2, accum))
+
+
+def test_zero2_flat_gradients_accumulate_then_reduce():
+    """ZeRO-2 with accumulation: the flat buffers sum the micro-batches and reduce once per step, where
+    DeepSpeed reduces after each micro-batch and then sums: the same to fp32 rounding, and the float64 reference."""
+    fast = run_distributed(_engine_worker, 2, args=(2, True, 2))
+    stock = run_distributed(_engine_worker, 2, args=(2, False, 2))
+    assert all(r[0] == "flat" for r in fast)
+    _assert_matches_reference(fast, *_reference(2, 2))
+    for rank in range(2):
+        assert fast[rank][1] == pytest.approx(stock[rank][1], rel=1e-6)
+        for name, w in fast[rank][2].items():
+            torch.testing.assert_close(w, stock[rank][2][name], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
-def test_fast_path_matches_deepspeed_bf16_autocast(stage):
-    """bf16_autocast: DeepSpeed all-reduces the Linear weights' gradients in bf16 (a bucket of its own) and
-    copies them back into the fp32 gradients: the replacement's one foreach copy converts as copy_ does."""
+def test_fast_path_bf16_autocast_reduces_in_fp32(stage):
+    """bf16_autocast: the flat buffers reduce the fp32 gradients in fp32 (DeepSpeed would send the Linear
+    weights' gradients in bf16): the norm and weights match a plain single-process autocast loop to fp32
+    rounding, closer than DeepSpeed's own bf16-communicated path does."""
     fast = run_distributed(_engine_worker, 2, args=(stage, True, 2, "bf16_autocast"))
     stock = run_distributed(_engine_worker, 2, args=(stage, False, 2, "bf16_autocast"))
-    _assert_same_as_stock(fast, stock)
+    assert all(r[0] == "flat" for r in fast)
+    ref_norms, ref_weights = _reference(2, 2, "bf16_autocast")
+    _assert_matches_reference(fast, ref_norms, ref_weights, rtol_norm=1e-5, rtol=1e-4, atol=1e-5)
+    fast_err = max(abs(a / b - 1) for a, b in zip(fast[0][1], ref_norms))
+    stock_err = max(abs(a / b - 1) for a, b in zip(stock[0][1], ref_norms))
+    assert fast_err < stock_err, (fast_err, stock_err)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast"])
+def test_zero2_buckets_smaller_than_the_model_keep_deepspeeds_reduction(precision):
+    """A model with more elements than reduce_bucket_size: DeepSpeed's bucketing (full buckets reduced from
+    the gradient hooks, during backward) with the lean hooks (install_grad_hooks): DeepSpeed's own bits."""
+    extra = {"zero_optimization": {"reduce_bucket_size": 600}}
+    fast = run_distributed(_engine_worker, 2, args=(2, True, 2, precision, None, extra))
+    stock = run_distributed(_engine_worker, 2, args=(2, False, 2, precision, None, extra))
+    _assert_same_as_stock(fast, stock, "hooks")
+    if precision == "fp32":
+        _assert_matches_reference(fast, *_reference(2, 2))
 
 
 def test_other_deepspeed_versions_keep_the_stock_norm(monkeypatch):

@@ -16,6 +16,9 @@ Replaces, on the ZeRO optimizer instance of an engine (never on the class), as t
      back into its gradients in one `torch._foreach_copy_` instead of one copy_ per tensor.
   5. DeepSpeedZeroOptimizer.independent_gradient_partition_epilogue (ZeRO-1/2, after every backward): the
      reduced gradients accumulated over micro-batches in one `torch._foreach_add_` instead of one add_ each.
+  6. ZeRO-2's gradient hooks (create_gradient_handling_hooks): the same steps with the per-parameter lookups
+     bound once and no count of the backward's parameters while the engine's post-backward callback is queued
+     (install_grad_hooks).
   The ZeRO-1/2 norm also casts inside `_foreach_norm` (no float64 copy of each gradient) and keeps which
   parameters count per params list.
 
@@ -40,7 +43,7 @@ import types
 
 import torch
 
-from trime_dist.train import deepspeed_fastpath_zero3
+from trime_dist.train import deepspeed_fastpath_zero3, deepspeed_flat_grads
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +191,78 @@ def reduce_independent_p_g_buckets_and_remove_grads(self, param, i):
         bucket.has_moe_params = True
 
 
+def install_grad_hooks(self) -> bool:
+    """ZeRO-2's gradient hooks (DeepSpeedZeroOptimizer.create_gradient_handling_hooks, 0.19.8) replaced by
+    leaner ones: the same steps per gradient (hook state, micro-step count, the bucket bookkeeping of
+    reduce_independent_p_g_buckets_and_remove_grads above, a full bucket reduced from the hook), with what
+    DeepSpeed looks up per call (parameter id, size, MoE flag) bound once, and without
+    `count_used_parameters_in_backward` (196 autograd-node lookups in the first hook of every backward)
+    when the engine has queued its post-backward callback: the epilogue then runs from that callback and the
+    count only sets the hook state's remaining-hooks figure, which nothing reads while the backward is active.
+    Only the plain case (ZeRO-2 without overlap_comm, contiguous_gradients, fp32 gradient accumulation
+    attribute, ZenFlow, offload gradient safety, AutoEP folding): False and DeepSpeed's hooks otherwise."""
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.zero.stage_1_and_2 import count_used_parameters_in_backward
+
+    if (not self.partition_gradients or self.overlap_comm or self.contiguous_gradients
+            or self.use_grad_accum_attribute or self.zenflow or self._offload_gradient_safety_enabled
+            or getattr(self, "autoep_folding_tp_group", None) is not None):
+        return False
+    params = [(p, i) for i, group in enumerate(self.bit16_groups) for p in group if p.requires_grad]
+    if len(params) != len(self._grad_acc_hooks):
+        return False
+    all_params = [p for p, _ in params]
+    state = self._backward_hook_state
+
+    def make_hook(param, i):
+        param_id, numel, moe = self.get_param_id(param), param.numel(), is_moe_param(param)
+
+        def hook(*_):
+            refresh = state.should_refresh_expected_hook_count()  # (before re-entering, as DeepSpeed)
+            state.reenter_backward_if_needed()
+            if not self._coalesce_grad_reduction:
+                if not self.ready_for_gradients:  # setup_buckets without contiguous gradients
+                    self.micro_step_id += 1
+                    self.ready_for_gradients = True
+                if numel > 0:
+                    _bucket_gradient(self, param, i, param_id, numel, moe)
+            if not refresh:
+                expected = state.max_expected_hooks_seen
+            elif state.post_backward_callback_queued:
+                expected = len(all_params)
+            else:
+                expected = count_used_parameters_in_backward(all_params)
+            state.update_hook_state_and_maybe_run_epilogue(expected)
+
+        return hook
+
+    for handle in self._grad_acc_hooks:
+        handle.remove()
+    self._grad_acc_hooks = [p.register_post_accumulate_grad_hook(make_hook(p, i)) for p, i in params]
+    self._fastpath_grad_hooks = True
+    return True
+
+
+def _bucket_gradient(self, param, i, param_id, numel, moe):
+    """reduce_independent_p_g_buckets_and_remove_grads's plain case (above) for a parameter whose id, size and
+    MoE flag the hook already holds."""
+    grad_reduc = param.grad
+    comm_dtype = self.get_param_comm_dtype(param)
+    bucket = self.ipg_buckets[comm_dtype]
+    if bucket.elements + numel > self.reduce_bucket_size:
+        self.reduce_ipg_grads(comm_dtype=comm_dtype)
+    if not getattr(param, "ds_grad_is_ready", True):
+        return
+    assert not self.params_already_reduced[param_id], \
+        "Gradient computed twice for this partition. Multiple gradient reductions are currently not supported"
+    bucket.elements += numel
+    assert grad_reduc is not None, f"Invalid to reduce Param {param_id} with None gradient"
+    bucket.grads.append(grad_reduc)
+    bucket.params.append((i, param.param_idx_in_group, param_id))
+    if moe:
+        bucket.has_moe_params = True
+
+
 def allreduce_and_copy(self, small_bucket, communication_data_type, rank=None, log=None, divide=True,
                        process_group=None, output_bucket=None):
     """DeepSpeedZeroOptimizer.allreduce_and_copy (0.19.8) without overlap_comm: flatten, all-reduce (DeepSpeed's
@@ -278,6 +353,8 @@ def install(optimizer) -> bool:
     for name, fast in overrides.items():
         setattr(optimizer, "_stock_" + name.lstrip("_"), types.MethodType(stock[name], optimizer))
         setattr(optimizer, name, types.MethodType(fast, optimizer))
+    if cls.__name__ == "DeepSpeedZeroOptimizer" and not deepspeed_flat_grads.install(optimizer):
+        install_grad_hooks(optimizer)
     return True
 
 
@@ -286,4 +363,10 @@ def uninstall(optimizer) -> None:
     for name in [*_overrides().get(type(optimizer), {}), *deepspeed_fastpath_zero3.OVERRIDES]:
         for attr in (name, "_stock_" + name.lstrip("_")):
             vars(optimizer).pop(attr, None)
+    deepspeed_flat_grads.uninstall(optimizer)
+    if vars(optimizer).pop("_fastpath_grad_hooks", False):
+        for handle in optimizer._grad_acc_hooks:
+            handle.remove()
+        optimizer._grad_acc_hooks = []
+        optimizer.create_gradient_handling_hooks()
     deepspeed_fastpath_zero3.uninstall(optimizer)
