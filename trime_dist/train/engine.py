@@ -54,7 +54,8 @@ def zero_settings(stage: int) -> dict[str, Any]:
     settings: dict[str, Any] = {"stage": stage}
     if stage in (1, 2):
         # Not copying every gradient into a contiguous buffer in its backward hook and again into the
-        # partition: the bucket is flattened once when it is reduced (ZeRO-1 fp32 on CPU: 1.5x -> 1.2x the bare loop).
+        # partition: a model within reduce_bucket_size gets gradients that are views of one flat buffer per group
+        # (deepspeed_flat_grads, which needs this off); a larger one is flattened once per bucket when reduced.
         settings["contiguous_gradients"] = False
     if stage == 3:
         # The same for ZeRO-3 (its reduce-scatter flattens its list of gradients itself; deepspeed_fastpath_zero3's
