@@ -179,7 +179,8 @@ def partition_all_parameters(self):
     accelerator = get_accelerator()
     record_stream = not accelerator.is_synchronized_device()
     available, not_available = ZeroParamStatus.AVAILABLE, ZeroParamStatus.NOT_AVAILABLE
-    params, freed = list(iter_params(offload.module, recurse=True)), 0
+    cached = _module_params(offload.module, True)  # (the model's parameters, listed once)
+    params, freed = list(cached[1] if cached else iter_params(offload.module, recurse=True)), 0
     with torch.no_grad():
         for param in params:
             if inflight and param in inflight:
@@ -255,10 +256,11 @@ def _module_params(module, is_leaf: bool):
     (external parameters: registered as ZeRO-3 meets them)."""
     if getattr(module, "_external_params", None):
         return None
-    cached = module.__dict__.get("_trime_z3_params")
-    if cached is None or cached[0] != is_leaf:
+    cache = module.__dict__.setdefault("_trime_z3_params", {})
+    cached = cache.get(is_leaf)
+    if cached is None:
         params = tuple(p for _, p in module.named_parameters(recurse=is_leaf))
-        cached = module._trime_z3_params = (is_leaf, params, frozenset(params))
+        cached = cache[is_leaf] = (is_leaf, params, frozenset(params))
     return cached
 
 
@@ -447,6 +449,96 @@ def reduce_ready_partitions_and_remove_grads(self, param):
 _RESOLVES_DATA_DEPENDENCY = []
 
 
+def reduce_scatter_coalesced(tensors, group):
+    """deepspeed.runtime.comm.coalesced_collectives.reduce_scatter_coalesced (0.19.8), the interleave in one
+    cat: each tensor flattened, padded to world x ceil(numel / world) and viewed as (world, chunk), the rows
+    concatenated along dim 1 = DeepSpeed's rank-major list of chunks (its padding is uninitialised memory
+    here zeros: padded positions are reduced but never read). Same buffer, same pre-division, same call."""
+    from deepspeed import comm as dist
+    from deepspeed.runtime.comm.coalesced_collectives import _torch_reduce_scatter_fn
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    numels = [t.numel() for t in tensors]
+    chunks = [-(-n // world) for n in numels]
+    if len(tensors) == 1 and numels[0] % world == 0:
+        flat = tensors[0].view(-1)
+    else:
+        rows = []
+        for t, n, c in zip(tensors, numels, chunks):
+            f = t.view(-1)
+            if n != c * world:
+                f = torch.nn.functional.pad(f, (0, c * world - n))
+            rows.append(f.view(world, c))
+        flat = torch.cat(rows, dim=1).view(-1)
+    flat.div_(world)  # pre-divide
+    total = sum(chunks)
+    mine = flat.narrow(0, rank * total, total)  # (torch.chunk(flat, world)[rank])
+    _torch_reduce_scatter_fn(flat, mine, group=group)
+    out, offset = [], 0
+    for n, c in zip(numels, chunks):
+        out.append(mine.narrow(0, offset, max(0, min(c, n - rank * c))))
+        offset += c
+    return out
+
+
+def avg_scatter_grads(self, params, communication_data_type):
+    """DeepSpeedZeroOptimizer_Stage3.__avg_scatter_grads (0.19.8) with reduce_scatter_coalesced above, in the
+    plain case (no gradient pre-division, no quantized all-to-all, no expert-parallel averaging); else
+    DeepSpeed's own."""
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    group = self._get_param_partition_group(params[0])
+    if ((self.postscale_gradients and self.gradient_predivide_factor != 1.0)
+            or (self.all2all_process_group is not None
+                and dist.get_world_size() // get_accelerator().device_count() > 1)
+            or self._gradient_averaging_world_size(params, dist.get_world_size(group=group))
+            != dist.get_world_size(group=group)):
+        return self._stock_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads(params, communication_data_type)
+    self._assert_same_partition_group(params)
+    grads = [p.grad for p in params]
+    if communication_data_type != self.dtype:
+        grads = [g.to(communication_data_type) for g in grads]
+    partitions = reduce_scatter_coalesced(grads, group)
+    if communication_data_type != self.gradient_accumulation_dtype:
+        partitions = [g.to(self.gradient_accumulation_dtype) for g in partitions]
+    return partitions
+
+
+def partition_grads(self, params, grad_partitions):
+    """DeepSpeedZeroOptimizer_Stage3.partition_grads (0.19.8) without optimizer offload: each reduced
+    partition copied into (first micro-batch) or added to its gradient buffer, in one foreach call for the
+    bucket instead of one copy_/add_ per tensor; the full gradients freed. Offload: DeepSpeed's own."""
+    if self.offload_optimizer or not params:
+        return self._stock_partition_grads(params, grad_partitions)
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    record_stream = not accelerator.is_synchronized_device()
+    rank = self._get_param_partition_rank(params[0])  # (one partition group per bucket: asserted by the caller)
+    to_grad = getattr(self, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition")
+    boundary_ids = self._offload_boundary_param_ids
+    buffers, partitions = [], []
+    for param, partition in zip(params, grad_partitions):
+        if param.partition_numel() * rank >= param.ds_numel:
+            param.grad = None  # (an empty partition)
+            continue
+        boundary_ids.add(param.ds_id)
+        buffers.append(to_grad[param.ds_id].narrow(0, 0, partition.numel()))
+        partitions.append(partition)
+        if record_stream and param.grad is not None:
+            param.grad.record_stream(accelerator.current_stream())
+        param.grad = None
+    if not buffers:
+        return buffers
+    if self.micro_step_id == 0:  # don't accumulate
+        torch._foreach_copy_(buffers, partitions, non_blocking=True)
+    else:
+        dtype = self.gradient_accumulation_dtype
+        torch._foreach_add_(buffers, [g.to(dtype).view(b.shape) for g, b in zip(partitions, buffers)])
+    return buffers
+
+
 def supported(optimizer) -> bool:
     """DeepSpeed's own path for what this was not written for: hpZ, parameter offload, no coordinator."""
     offload, cls = getattr(optimizer, "parameter_offload", None), type(optimizer)
@@ -458,7 +550,9 @@ def supported(optimizer) -> bool:
 
 
 OVERRIDES = {"_partition_all_parameters": partition_all_parameters,
-             "reduce_ready_partitions_and_remove_grads": reduce_ready_partitions_and_remove_grads}
+             "reduce_ready_partitions_and_remove_grads": reduce_ready_partitions_and_remove_grads,
+             "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads": avg_scatter_grads,
+             "partition_grads": partition_grads}
 
 
 def install(optimizer) -> bool:
