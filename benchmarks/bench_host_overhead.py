@@ -9,6 +9,10 @@ the loss ÷ accumulation, no DeepSpeed. All variants run in interleaved rounds (
 each reports the median over its timed steps; ratio = trime ÷ bare on process CPU time (wall in JSON).
 Each ZeRO stage runs in a process of its own with its own bare loop (--one-process: all in one): a ZeRO-3
 engine changes the whole process (torch.nn.functional.linear, ~15% on every other model in it).
+ZeRO-3 partitions the tensors the real width partitions (--no-scaled-persistence: DeepSpeed's default): its
+stage3_param_persistence_threshold (1e5 elements: a smaller tensor stays gathered on every rank) scaled by
+(64 / the config's d_model)^2, so the block matrices and embeddings are partitioned and the vectors persistent,
+as at d 1024; at width 64 with the default every tensor would be persistent (nothing gathered or released).
 
     python benchmarks/bench_host_overhead.py [--stages 0,1,2,3] [--precisions fp32,bf16_autocast] \
         [--accums 1,6] [--rounds 5] [--steps 10] [--stock] [--out runs/benchmarks/host_overhead.json]
@@ -44,9 +48,10 @@ from trime_dist.train.engine import build_engine, build_optimizer, init_deepspee
 from trime_dist.train.loop import TrainState, train_step  # noqa: E402
 from trime_dist.train.loss import build_loss_spec  # noqa: E402
 
-SEQ, VOCAB, N_BATCHES = 16, 256, 8
+SEQ, VOCAB, N_BATCHES, WIDTH = 16, 256, 8, 64
+PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default (0.19.8)
 # the 247M layout, narrow: 16 blocks, d 64, FFN 4 x d, segments of 16 tokens
-SHAPE = ["model.d_model=64", "model.n_heads=8", "model.d_ffn=256", f"model.max_seq_len={SEQ}",
+SHAPE = [f"model.d_model={WIDTH}", "model.n_heads=8", "model.d_ffn=256", f"model.max_seq_len={SEQ}",
          f"model.vocab_size={VOCAB}", "data.micro_batch_size=1", "objective.name=ce", "data.train=unused",
          "data.valid=", "run.max_steps=1000000", "optim.warmup_steps=1"]
 
@@ -68,6 +73,9 @@ def parse_args():
     p.add_argument("--one-process", action="store_true", help="every stage in this process (default: one "
                    "process per ZeRO stage, each with its own bare loop: a ZeRO-3 engine changes the process "
                    "for every model in it, torch.nn.functional.linear included)")
+    p.add_argument("--no-scaled-persistence", dest="scaled_persistence", action="store_false",
+                   help="ZeRO-3 with DeepSpeed's default persistence threshold (at width 64: every tensor "
+                   "persistent, nothing partitioned) instead of the threshold scaled to the real width's layout")
     p.add_argument("overrides", nargs="*", help="more a.b=c config overrides (for every variant)")
     return p.parse_args()
 
@@ -76,8 +84,44 @@ def make_cfg(args, stage: int, precision: str, accum: int) -> TrainConfig:
     cfg = load_config(TrainConfig, args.config, [*SHAPE, f"data.global_batch_size={accum}",
                                                  f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
                                                  *args.overrides])
-    cfg.deepspeed.extra.update(json.loads(args.ds_extra))
+    if stage == 3 and args.scaled_persistence:
+        cfg.deepspeed.extra["zero_optimization"] = {"stage3_param_persistence_threshold": scaled_threshold(args)}
+    cfg.deepspeed.extra = _merge(cfg.deepspeed.extra, json.loads(args.ds_extra))
     return cfg
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def real_width(args) -> int:
+    return load_config(TrainConfig, args.config, ["data.train=unused", *args.overrides]).model.d_model
+
+
+def scaled_threshold(args) -> int:
+    """The persistence threshold for width 64 that keeps the same tensors persistent as the default does at
+    the config's width: a matrix's numel scales with the width squared, a vector's with the width."""
+    return int(PERSISTENCE_THRESHOLD * (WIDTH / real_width(args)) ** 2)
+
+
+def check_partitioned_layout(args) -> dict:
+    """Which tensors ZeRO-3 partitions: the config's model (on the meta device, default threshold) against
+    this benchmark's narrow one (scaled threshold). Raises when they differ."""
+    real = load_config(TrainConfig, args.config, ["data.train=unused", f"model.vocab_size={VOCAB}",
+                                                  *args.overrides]).model
+    narrow = load_config(TrainConfig, args.config, [*SHAPE, *args.overrides]).model
+    real.max_seq_len = max(real.max_seq_len, SEQ)
+    with torch.device("meta"):
+        big = {n for n, p in build_model(real).named_parameters() if p.numel() > PERSISTENCE_THRESHOLD}
+    small_model = build_model(narrow, seed=0)
+    small = {n for n, p in small_model.named_parameters() if p.numel() > scaled_threshold(args)}
+    if big != small:
+        raise SystemExit(f"scaled persistence threshold partitions {sorted(small ^ big)} differently")
+    return {"partitioned": len(small), "persistent": len(list(small_model.parameters())) - len(small),
+            "threshold": scaled_threshold(args)}
 
 
 def make_batches(cfg: TrainConfig) -> list[Batch]:
@@ -166,6 +210,8 @@ def main():
     init_deepspeed_distributed()
     torch.set_num_threads(1)
     stages = [int(s) for s in args.stages.split(",")]
+    if 3 in stages and args.scaled_persistence:
+        print(f"ZeRO-3 layout: {check_partitioned_layout(args)}", flush=True)
     precisions, accums = args.precisions.split(","), [int(a) for a in args.accums.split(",")]
     variants = {}
     for precision in precisions:
@@ -236,7 +282,10 @@ def report(args, variants, stages, precisions, accums, n_tensors):
 def print_table(args, rows: list[dict], n_tensors: int, how: str) -> None:
     print(f"\nHost time per optimizer step, {n_tensors} tensors (16 blocks, d 64, {SEQ}-token segments, CE, one "
           f"rank); median of {args.rounds} interleaved rounds x {args.steps} steps after {args.warmup} warm-up; "
-          f"{how}; process CPU time (wall in the last column's ratio). Target: ratio <= 1.10\n")
+          f"{how}; process CPU time (wall in the last column's ratio). ZeRO-3 persistence threshold: "
+          f"{scaled_threshold(args) if args.scaled_persistence else PERSISTENCE_THRESHOLD}"
+          f"{' (scaled: the real width layout)' if args.scaled_persistence else ' (default: all persistent at d 64)'}. "
+          f"Target: ratio <= 1.10\n")
     stock_cols = ("| stock DeepSpeed ms | stock ratio ", "|---:|---:") if args.stock else ("", "")
     print(f"| ZeRO | precision | accum | bare ms {stock_cols[0]}| trime ms | ratio | wall ratio |")
     print(f"|---:|---|---:|---:{stock_cols[1]}|---:|---:|---:|")
@@ -252,7 +301,7 @@ def print_table(args, rows: list[dict], n_tensors: int, how: str) -> None:
 def write_json(args, rows: list[dict], n_tensors: int) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"rows": rows, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+        json.dump({"rows": rows, "rounds": args.rounds, "scaled_persistence": args.scaled_persistence, "steps": args.steps, "warmup": args.warmup,
                    "tensors": n_tensors, "torch": torch.__version__, "python": platform.python_version(),
                    "machine": platform.machine(), "cpus": os.cpu_count(), "load": os.getloadavg(),
                    "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"}, f, indent=2)

@@ -21,10 +21,18 @@ pytestmark = pytest.mark.slow
 STEPS, CLIP, LR, B, T, V = 2, 0.1, 0.5, 2, 8, 40
 
 
-def _cfg(stage: int, accum: int = 1, precision: str = "fp32", world_size: int = 2, extra=None) -> TrainConfig:
+def _cfg(stage: int, accum: int = 1, precision: str = "fp32", world_size: int = 2,
+         partitioned: bool = False, extra=None) -> TrainConfig:
+    """partitioned: ZeRO-3 keeps only the vectors persistent (as the real width does with DeepSpeed's default
+    threshold; at d 16 every tensor would be under it), so the blocks' matrices are gathered and released
+    by each module's hooks; FFN 33 gives tensors of odd size (the reduce-scatter pads them on 2 ranks).
+    extra: more DeepSpeed config (deepspeed.extra)."""
     cfg = TrainConfig()
-    cfg.deepspeed.extra = extra or {}
-    cfg.model = ModelConfig(vocab_size=V, n_layers=2, d_model=16, n_heads=2, d_ffn=32, max_seq_len=T)
+    cfg.model = ModelConfig(vocab_size=V, n_layers=2, d_model=16, n_heads=2, d_ffn=33 if partitioned else 32,
+                            max_seq_len=T)
+    cfg.deepspeed.extra = dict(extra or {})
+    if partitioned:
+        cfg.deepspeed.extra["zero_optimization"] = {"stage3_param_persistence_threshold": 100}
     cfg.deepspeed.zero_stage, cfg.deepspeed.precision = stage, precision
     cfg.data.micro_batch_size, cfg.data.global_batch_size = B, world_size * accum * B
     # plain SGD: the update is lr x clipped gradient, so the weights show the norm the step clipped by
@@ -37,7 +45,8 @@ def _tokens(rank: int, step: int, micro: int = 0) -> torch.Tensor:
     return torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(1000 * step + 10 * micro + rank))
 
 
-def _engine_worker(rank, world_size, stage, fast, accum=1, precision="fp32", info=None, extra=None):
+def _engine_worker(rank, world_size, stage, fast, accum=1, precision="fp32", info=None, partitioned=False,
+                   extra=None):
     import deepspeed
 
     from trime_dist.core.device import bf16_autocast
@@ -46,7 +55,7 @@ def _engine_worker(rank, world_size, stage, fast, accum=1, precision="fp32", inf
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    cfg = _cfg(stage, accum, precision, world_size, extra)
+    cfg = _cfg(stage, accum, precision, world_size, partitioned, extra)
     engine = build_engine(build_model(cfg.model, seed=0), cfg, world_size)
     # which fast path: ZeRO-1/2 with flat gradient buffers ("flat"), or with the lean hooks ("hooks", ZeRO-2)
     opt = vars(engine.optimizer)
@@ -69,6 +78,8 @@ def _engine_worker(rank, world_size, stage, fast, accum=1, precision="fp32", inf
                               for g in group])
             engine.step()
         norms.append(float(engine.get_global_grad_norm()))
+    if info is not None:
+        info.update(_zero3_after(engine))
     params = list(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
         weights = {n: p.detach().clone().cpu() for n, p in params}
@@ -91,12 +102,25 @@ def _zero3_state(engine) -> dict:
             "plain_linear_node": type(out.grad_fn).__name__}
 
 
-def _reference(world_size: int, accum: int = 1, precision: str = "fp32"):
+def _zero3_after(engine) -> dict:
+    """After training: how many parameters were partitioned, whether the coordinator's fast fetch/release
+    ran (it lists each module's parameters once), and that every gathered, non-persistent one was freed."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    params = list(engine.module.parameters())
+    return {"partitioned": sum(not p.ds_persist for p in params),
+            "coordinator_fast": "_fetch_sub_module_impl" in vars(coordinator),
+            "fast_fetch_ran": any("_trime_z3_params" in m.__dict__ for m in engine.module.modules()),
+            "released": all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in params if not p.ds_persist)}
+
+
+def _reference(world_size: int, accum: int = 1, precision: str = "fp32", partitioned: bool = False):
     """float64 (fp32 under bf16_autocast, which runs its matmuls in bf16): the gradient averaged over ranks
     and micro-batches, clipped as DeepSpeed clips (x clip / (norm + 1e-6) when above clip), then SGD."""
     from trime_dist.core.device import bf16_autocast
 
-    cfg = _cfg(0)
+    cfg = _cfg(0, partitioned=partitioned)
     autocast = precision == "bf16_autocast"
     model = build_model(cfg.model, seed=0).to(torch.float32 if autocast else torch.float64)
     norms = []
@@ -190,8 +214,8 @@ def test_zero2_buckets_smaller_than_the_model_keep_deepspeeds_reduction(precisio
     """A model with more elements than reduce_bucket_size: DeepSpeed's bucketing (full buckets reduced from
     the gradient hooks, during backward) with the lean hooks (install_grad_hooks): DeepSpeed's own bits."""
     extra = {"zero_optimization": {"reduce_bucket_size": 600}}
-    fast = run_distributed(_engine_worker, 2, args=(2, True, 2, precision, None, extra))
-    stock = run_distributed(_engine_worker, 2, args=(2, False, 2, precision, None, extra))
+    fast = run_distributed(_engine_worker, 2, args=(2, True, 2, precision, None, False, extra))
+    stock = run_distributed(_engine_worker, 2, args=(2, False, 2, precision, None, False, extra))
     _assert_same_as_stock(fast, stock, "hooks")
     if precision == "fp32":
         _assert_matches_reference(fast, *_reference(2, 2))
@@ -214,23 +238,39 @@ def test_other_deepspeed_versions_keep_the_stock_norm(monkeypatch):
     assert deepspeed_fastpath.install(zero) is False and "get_grad_norm_direct" not in vars(zero)
 
 
-@pytest.mark.parametrize("precision,accum", [("bf16_autocast", 2)])
-def test_zero3_fast_path_matches_deepspeed(precision, accum):
-    """deepspeed_fastpath_zero3: the linear Function (under autocast: its backward's autocast rule) and the
-    one-walk re-partitioning at each step give DeepSpeed's own bits on 2 ranks, with gradient accumulation;
-    a linear over plain tensors next to a ZeRO-3 engine is torch's own. (fp32 with a float64 reference:
-    test_fast_path_matches_deepspeed_and_float64[3-1], which takes the same paths.)"""
-    fast = run_distributed(_engine_worker, 2, args=(3, True, accum, precision, {}))
-    stock = run_distributed(_engine_worker, 2, args=(3, False, accum, precision, {}))
+@pytest.mark.parametrize("precision,accum,partitioned", [("bf16_autocast", 2, False), ("bf16_autocast", 2, True),
+                                                         ("fp32", 2, True), ("fp32", 1, True)])
+def test_zero3_fast_path_matches_deepspeed(precision, accum, partitioned):
+    """deepspeed_fastpath_zero3: the linear Function (under autocast: its backward's autocast rule), the
+    one-walk re-partitioning at each step, the coordinator's per-module fetch/release, the reduce-scatter
+    and the gradient partitions (copied, then accumulated) give DeepSpeed's own bits on 2 ranks, with the
+    block matrices persistent (every tensor under the threshold) or partitioned (gathered by each module's
+    hooks, freed after); fp32 also against the float64 reference; a linear over plain tensors next to a
+    ZeRO-3 engine is torch's own. (Persistent fp32: test_fast_path_matches_deepspeed_and_float64[3-1].)"""
+    fast = run_distributed(_engine_worker, 2, args=(3, True, accum, precision, {}, partitioned))
+    stock = run_distributed(_engine_worker, 2, args=(3, False, accum, precision, {}, partitioned))
     for rank in range(2):
         _, norms, weights, _, info = fast[rank]
         _, stock_norms, stock_weights, _, stock_info = stock[rank]
         assert info["partition_all"] and info["linear_is_ours"] and info["marked"], info
+        assert info["coordinator_fast"] and info["fast_fetch_ran"], info
         assert not stock_info["partition_all"] and not stock_info["marked"], stock_info
+        assert not stock_info["coordinator_fast"] and not stock_info["fast_fetch_ran"], stock_info
         for i in (info, stock_info):
             assert i["plain_linear_equal"] and "ZeroStage3" not in i["plain_linear_node"] \
                 and "ZeroLinear" not in i["plain_linear_node"], i
+            assert i["released"], i
+            # (2 blocks x qkv, proj, up, down weights + the two embeddings; the vectors stay persistent)
+            assert i["partitioned"] == (10 if partitioned else 0), i
         assert norms == stock_norms and all(n > CLIP for n in norms)
         for name, w in weights.items():
             assert torch.equal(w, stock_weights[name]), name
     assert fast[0][1] == fast[1][1]
+    if precision == "fp32":
+        ref_norms, ref_weights = _reference(2, accum, partitioned=partitioned)
+        for rank in range(2):
+            _, norms, weights, _, _ = fast[rank]
+            assert norms == pytest.approx(ref_norms, rel=1e-5)
+            for name, w in weights.items():
+                torch.testing.assert_close(w.double(), ref_weights[name], rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{name}: {m}")
